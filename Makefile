@@ -1,0 +1,39 @@
+# recsys-moe: `make demo` and `make test` on a fresh machine (each runs `setup` when .venv is
+# missing or older than the requirements).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-stamp
+# CUDA variant where nvidia-smi finds a GPU, else the CPU stack (DESIGN.md, version matrix).
+VARIANT := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/*.txt Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11+" >&2; exit 1; }
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# 1. the pinned torch/fbgemm pair, 2. torchrec without its CUDA fbgemm requirement,
+	# 3. the rest, 4. the project itself without re-resolving (keeps fbgemm-gpu-cpu in place).
+	$(BIN)/pip install --quiet -r requirements/$(VARIANT).txt
+	$(BIN)/pip install --quiet --no-deps -r requirements/torchrec.txt
+	$(BIN)/pip install --quiet -r requirements/base.txt -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/python -c "import torchrec, fbgemm_gpu, polars, mlflow, recsys_moe; print('setup ok:', '$(VARIANT)')"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/recsys-moe demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) demo-run

@@ -1,0 +1,224 @@
+"""One config tree, loaded from TOML, overridable with ``key=value`` (``--set train.epochs=3``).
+
+Relative paths in ``[data]`` resolve against ``workdir``; ``features`` resolves against the
+config file's own folder (feature definitions travel with the configs).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from feature_store import FeatureSet
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+
+
+@dataclass
+class DataConfig:
+    store: str = "data"  # offline store root: raw Parquet tables (events, users, items)
+    dataset: str = "dataset"  # training-set output: train/valid/test Parquet + mappings
+    valid_days: int = 1  # the day(s) before the test days
+    test_days: int = 1  # the last day(s) of events
+
+
+@dataclass
+class SynthConfig:
+    users: int = 4000
+    items: int = 800
+    days: int = 14
+    seed: int = 0
+    requests_per_user_day: float = 0.7
+    items_per_request: int = 10
+
+
+@dataclass
+class ModelConfig:
+    mixture: str = "mmoe"
+    num_experts: int = 4
+    expert_dims: list[int] = field(default_factory=lambda: [64, 32])
+    tower_dims: list[int] = field(default_factory=lambda: [32])
+    gate_dropout: float = 0.0
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    kind: str  # binary | regression
+    label: str
+    weight: float = 1.0
+    transform: str = "none"  # regression target transform: none | log1p
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 512
+    epochs: int = 3
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 50
+    eval_batch_size: int = 8192
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
+    experiment: str = "recsys-moe"
+    registered_model: str = "recsys-moe"
+
+
+@dataclass
+class ScoreConfig:
+    top_k: int = 10
+    # combined score = p_click ** click_exponent * (1 + watch_time_s) ** watch_exponent
+    click_exponent: float = 1.0
+    watch_exponent: float = 1.0
+
+
+def _default_tasks() -> list[TaskConfig]:
+    return [
+        TaskConfig(name="click", kind="binary", label="click"),
+        TaskConfig(name="watch_time", kind="regression", label="watch_time_s", transform="log1p"),
+    ]
+
+
+@dataclass
+class Config:
+    features: str = "features/synth.toml"
+    workdir: str = "."
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: list[TaskConfig] = field(default_factory=_default_tasks)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    config_dir: str = field(default=".", metadata={"internal": True})
+
+    # ---- paths ---------------------------------------------------------------------------------
+    def path(self, rel: str | Path) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else Path(self.workdir) / p
+
+    @property
+    def store_dir(self) -> Path:
+        return self.path(self.data.store)
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.path(self.data.dataset)
+
+    @property
+    def features_path(self) -> Path:
+        p = Path(self.features)
+        return p if p.is_absolute() else Path(self.config_dir) / p
+
+    def feature_set(self) -> FeatureSet:
+        return FeatureSet.load(self.features_path)
+
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{self.path('mlflow.db').resolve()}"
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise ValueError(f"no task {name!r} in config; tasks: {[t.name for t in self.tasks]}")
+
+    # ---- (de)serialization ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("config_dir")
+        d["features"] = str(self.features_path.resolve())
+        return d
+
+    def flat(self) -> dict[str, str]:
+        """Flattened ``section.key -> value`` strings (MLflow params)."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, v: Any) -> None:
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}" if prefix else k, x)
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for x in v:
+                    walk(f"{prefix}.{x.get('name', len(out))}", x)
+            else:
+                out[prefix] = str(v)
+
+        walk("", self.to_dict())
+        return out
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        default = getattr(cls(), name) if cls is not TaskConfig else None
+        if is_dataclass(default) and isinstance(value, dict):
+            value = _build(type(default), value, f"{where}.{name}")
+        elif name == "tasks":
+            value = [_build(TaskConfig, t, f"{where}.tasks[{i}]") for i, t in enumerate(value)]
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare strings need no quotes: --set mlflow.experiment=foo
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a raw TOML dict (value parsed as TOML, else string)."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {item!r}: {p!r} is not a section")
+    node[parts[-1]] = _parse_value(value.strip())
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    workdir: str | Path | None = None,
+) -> Config:
+    """Load a config TOML (default: the embedded ``configs/demo.toml``) and apply overrides."""
+    path = Path(path) if path else DEMO_CONFIG
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"config {path}: cannot read ({e.strerror})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config {path}: invalid TOML: {e}") from e
+    for item in overrides:
+        apply_override(raw, item)
+    if workdir is not None:
+        raw["workdir"] = str(workdir)
+    cfg: Config = _build(Config, raw, f"config {path}")
+    cfg.config_dir = str(path.resolve().parent)
+    for t in cfg.tasks:
+        if t.kind not in ("binary", "regression"):
+            raise ValueError(f"config {path}: task {t.name!r} kind {t.kind!r}: binary|regression")
+    return cfg
