@@ -74,9 +74,8 @@ class MlflowConfig:
 @dataclass
 class ScoreConfig:
     top_k: int = 10
-    # combined score = p_click ** click_exponent * (1 + watch_time_s) ** watch_exponent
-    click_exponent: float = 1.0
-    watch_exponent: float = 1.0
+    # combined score = prod over tasks of p_task ** w (binary) or (1 + prediction) ** w (regression)
+    weights: dict[str, float] = field(default_factory=lambda: {"click": 1.0, "watch_time": 1.0})
 
 
 def _default_tasks() -> list[TaskConfig]:
@@ -221,4 +220,11 @@ def load_config(
     for t in cfg.tasks:
         if t.kind not in ("binary", "regression"):
             raise ValueError(f"config {path}: task {t.name!r} kind {t.kind!r}: binary|regression")
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], *, config_dir: str | Path, where: str) -> Config:
+    """Rebuild a ``Config`` from ``Config.to_dict()`` output (e.g. a model bundle's config.json)."""
+    cfg: Config = _build(Config, raw, where)
+    cfg.config_dir = str(config_dir)
     return cfg

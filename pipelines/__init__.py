@@ -1,0 +1,1 @@
+"""Polars lazy jobs: synthetic data, training-set builder, id mappings."""

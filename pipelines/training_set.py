@@ -1,0 +1,214 @@
+"""Training-set builder: events + point-in-time features + labels, split by day, mapped ids.
+
+One lazy chain per split (scan → validate → point-in-time join → split by day → sink), then the
+id / numeric mappings are fitted on the written training split. Output (``out/``)::
+
+    train.parquet valid.parquet test.parquet   raw feature values + keys, event time, labels
+    mappings/                                 vocab_<feature>.parquet ..., numeric.json
+    manifest.json                             fingerprint, rows, split days, label stats, sources
+
+Everything is written into a hidden sibling directory and renamed into place at the end, so
+``out`` is either the complete new dataset or (after any error) whatever was there before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from feature_store import DataError, FeatureSet, OfflineStore, join_features, validate_events
+from pipelines.mappings import fit_mappings
+
+SPLITS = ("train", "valid", "test")
+LABEL_KINDS = ("binary", "regression")
+MANIFEST = "manifest.json"
+MAPPINGS_DIR = "mappings"
+
+
+def build_training_set(
+    *,
+    store: OfflineStore,
+    out: str | Path,
+    features: FeatureSet,
+    labels: dict[str, str],
+    valid_days: int,
+    test_days: int,
+) -> dict[str, Any]:
+    """Build ``out/`` (see the module docstring) atomically and return its manifest.
+
+    ``labels`` maps label column → "binary" (must be 0/1) or "regression" (finite, >= 0). The
+    last ``test_days`` calendar days present in the events are the test split, the ``valid_days``
+    days before them the validation split, all earlier days the training split.
+    """
+    for column, kind in labels.items():
+        if kind not in LABEL_KINDS:
+            raise ValueError(f"label {column!r}: kind {kind!r} is not one of {LABEL_KINDS}")
+    if valid_days < 0 or test_days < 0:
+        raise ValueError(f"valid_days ({valid_days}) and test_days ({test_days}) must be >= 0")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        manifest = _build(store, tmp, features, labels, valid_days, test_days)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def load_split(dataset_dir: str | Path, split: str) -> pl.LazyFrame:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    path = Path(dataset_dir) / f"{split}.parquet"
+    if not path.is_file():
+        raise ValueError(f"dataset {dataset_dir}: no {path.name}; build it with build_training_set")
+    return pl.scan_parquet(path)
+
+
+def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"dataset {dataset_dir}: no {MANIFEST}; build it with build_training_set")
+    return json.loads(path.read_text())
+
+
+# ---- steps ---------------------------------------------------------------------------------------
+
+
+def _build(
+    store: OfflineStore,
+    tmp: Path,
+    features: FeatureSet,
+    labels: dict[str, str],
+    valid_days: int,
+    test_days: int,
+) -> dict[str, Any]:
+    ev = features.events
+    events_path = store.path(ev.table)
+    events = store.scan(ev.table)
+    entity_keys = [e.key for e in features.entities.values()]
+    required = {k: "event key" for k in ev.keys}
+    required |= {e.key: f"join key of entity {e.name}" for e in features.entities.values()}
+    required[ev.time] = "event time"
+    required |= {c: f"{kind} label {c!r}" for c, kind in labels.items()}
+    validate_events(
+        events,
+        path=str(events_path),
+        required=required,
+        int_ids=list(dict.fromkeys([*ev.keys, *entity_keys])),
+        binary_labels=[c for c, k in labels.items() if k == "binary"],
+        nonneg_labels=[c for c, k in labels.items() if k == "regression"],
+        time_column=ev.time,
+    )
+
+    days = _split_days(events, ev.time, str(events_path), valid_days, test_days)
+    joined = join_features(events, store, features, event_time=ev.time)
+    columns = list(dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *labels]))
+    day = pl.col(ev.time).dt.date()
+    conditions = {
+        "train": day < days["valid"][0],
+        "valid": (day >= days["valid"][0]) & (day < days["test"][0]),
+        "test": day >= days["test"][0],
+    }
+    sinks = [
+        joined.filter(cond).select(columns).sink_parquet(tmp / f"{split}.parquet", lazy=True)
+        for split, cond in conditions.items()
+    ]
+    pl.collect_all(sinks)  # one plan: the scan and join are shared by the three sinks
+
+    fit_mappings(pl.scan_parquet(tmp / "train.parquet"), features).save(tmp / MAPPINGS_DIR)
+    manifest = _manifest(store, tmp, features, labels, days)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _manifest(
+    store: OfflineStore,
+    tmp: Path,
+    features: FeatureSet,
+    labels: dict[str, str],
+    days: dict[str, tuple[date, date]],
+) -> dict[str, Any]:
+    ev = features.events
+    train = pl.scan_parquet(tmp / "train.parquet")
+    return {
+        "feature_set_fingerprint": features.fingerprint(),
+        "created_at": datetime.now(UTC).isoformat(),
+        "event_time": ev.time,
+        "keys": list(ev.keys),
+        "feature_columns": list(dict.fromkeys(features.input_columns)),
+        "labels": _label_stats(train, labels),
+        "rows": {
+            s: pl.scan_parquet(tmp / f"{s}.parquet").select(pl.len()).collect().item()
+            for s in SPLITS
+        },
+        "splits": {s: {"start": a.isoformat(), "end": b.isoformat()} for s, (a, b) in days.items()},
+        "split_rule": "calendar days of the event time; start inclusive, end exclusive",
+        "sources": {
+            t: str(store.path(t).resolve())
+            for t in [ev.table, *(e.table for e in features.entities.values())]
+        },
+    }
+
+
+def _split_days(
+    events: pl.LazyFrame, time: str, path: str, valid_days: int, test_days: int
+) -> dict[str, tuple[date, date]]:
+    """[start, end) calendar days of each split: test = the last ``test_days`` days present,
+    valid = the ``valid_days`` days present before them, train = everything earlier."""
+    present = events.select(pl.col(time).dt.date().unique().sort()).collect().to_series().to_list()
+    if len(present) <= valid_days + test_days:
+        raise DataError(
+            f"events file {path}: {len(present)} distinct days of data, but valid_days="
+            f"{valid_days} + test_days={test_days} leave none for training; "
+            "use fewer validation / test days or more data"
+        )
+    end = present[-1] + timedelta(days=1)
+    test_start = present[-test_days] if test_days else end
+    valid_start = present[-(test_days + valid_days)] if valid_days else test_start
+    return {
+        "train": (present[0], valid_start),
+        "valid": (valid_start, test_start),
+        "test": (test_start, end),
+    }
+
+
+def _label_stats(train: pl.LazyFrame, labels: dict[str, str]) -> dict[str, dict[str, Any]]:
+    aggs = [pl.col(c).cast(pl.Float64).mean().alias(f"{c}:mean") for c in labels]
+    aggs += [
+        pl.col(c).cast(pl.Float64).log1p().mean().alias(f"{c}:log1p")
+        for c, kind in labels.items()
+        if kind == "regression"
+    ]
+    row = train.select(aggs).collect().row(0, named=True) if aggs else {}
+    stats: dict[str, dict[str, Any]] = {}
+    for c, kind in labels.items():
+        stats[c] = {"kind": kind, "train_mean": row[f"{c}:mean"]}
+        if kind == "regression":
+            stats[c]["train_mean_log1p"] = row[f"{c}:log1p"]
+    return stats
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; an existing ``out`` is moved aside first and removed only once
+    the new directory is in place (restored if the rename fails)."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

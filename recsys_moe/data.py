@@ -1,0 +1,188 @@
+"""Mapped feature frames → tensors → batches of (dense, ``KeyedJaggedTensor``, labels).
+
+Notation: N rows, B batch, Dn dense features, F sparse features.
+
+``to_tensor_data`` converts once, vectorised through Arrow/NumPy: numeric columns → ``dense
+[N, Dn]`` float32; each sparse column → jagged ``values`` (int64) and ``offsets [N + 1]`` (a
+categorical column is the jagged case with every length 1). ``iterate_batches`` gathers rows by
+index with offset arithmetic (no Python loop over rows) and packs the F features into one KJT,
+keys in ``features.sparse`` order.
+
+Input contract (``pipelines.mappings.apply_mappings``): one column per feature, named
+``feature.name``: categorical Int64 in ``[0, num_embeddings)``, multi_categorical List(Int64),
+numeric Float32. Null ids (and null lists) read as row 0 / empty, the unknown value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor
+from torchrec import KeyedJaggedTensor
+
+from feature_store.definitions import Feature, FeatureSet
+
+
+@dataclass
+class JaggedColumn:
+    values: Tensor  # [nnz] int64
+    offsets: Tensor  # [N + 1] int64, offsets[0] == 0
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+@dataclass
+class TensorData:
+    dense: Tensor  # [N, Dn] float32
+    sparse: dict[str, JaggedColumn]  # feature name -> jagged column, in features.sparse order
+    labels: dict[str, Tensor] = field(default_factory=dict)  # label column -> [N] float32
+    num_rows: int = 0
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.sparse)
+
+
+@dataclass
+class Batch:
+    dense: Tensor  # [B, Dn]
+    sparse: KeyedJaggedTensor  # F keys x B bags
+    labels: dict[str, Tensor]  # label column -> [B]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            sparse=self.sparse.to(torch.device(device), non_blocking=non_blocking),
+            labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
+        )
+
+    def __len__(self) -> int:
+        return self.dense.shape[0]
+
+
+# ---- frame -> tensors --------------------------------------------------------------------------
+def _arrow(series: pl.Series) -> pa.Array:
+    arr = series.to_arrow()
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _jagged(series: pl.Series, feature: Feature) -> JaggedColumn:
+    arr = _arrow(series)
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        # list_value_length / flatten respect the array's slice offset and skip null lists.
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+        flat = pc.fill_null(arr.flatten(), 0)
+    elif feature.kind == "categorical":
+        lengths = np.ones(len(arr), dtype=np.int64)
+        flat = pc.fill_null(arr, 0)
+    else:
+        raise ValueError(
+            f"feature {feature.name!r} ({feature.kind}): expected a List column, "
+            f"got {series.dtype}; map it with pipelines.mappings first"
+        )
+    if not (pa.types.is_integer(flat.type) or pa.types.is_null(flat.type)):
+        raise ValueError(
+            f"feature {feature.name!r}: expected integer ids after mapping, got "
+            f"{series.dtype}; map it with pipelines.mappings first"
+        )
+    values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.int64)
+    if not values.flags.writeable:  # a zero-copy view of Arrow memory; torch wants its own
+        values = values.copy()
+    if values.size and (values.min() < 0 or values.max() >= feature.num_embeddings):
+        raise ValueError(
+            f"feature {feature.name!r}: ids must lie in [0, {feature.num_embeddings})"
+            f", found [{values.min()}, {values.max()}]"
+        )
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return JaggedColumn(values=torch.from_numpy(values), offsets=torch.from_numpy(offsets))
+
+
+def to_tensor_data(
+    mapped: pl.DataFrame, features: FeatureSet, labels: pl.DataFrame | None = None
+) -> TensorData:
+    """Tensors of a mapped frame (and of its raw label columns, all as float32; nulls → NaN)."""
+    missing = [f.name for f in features.features if f.name not in mapped.columns]
+    if missing:
+        raise ValueError(f"mapped frame lacks feature column(s) {missing}; has {mapped.columns}")
+    n = mapped.height
+    names = [f.name for f in features.dense]
+    if names:
+        block = mapped.select(pl.col(names).cast(pl.Float32))
+        if block.null_count().sum_horizontal().item():
+            raise ValueError(f"numeric feature(s) {names} contain nulls; impute them when mapping")
+        dense = torch.from_numpy(np.array(block.to_numpy(), dtype=np.float32, order="C"))
+    else:
+        dense = torch.zeros(n, 0)
+    sparse = {f.name: _jagged(mapped.get_column(f.name), f) for f in features.sparse}
+    out_labels: dict[str, Tensor] = {}
+    if labels is not None:
+        if labels.height != n:
+            raise ValueError(f"labels have {labels.height} rows, the mapped frame {n}")
+        for name in labels.columns:
+            col = labels.get_column(name).cast(pl.Float32).to_numpy()
+            out_labels[name] = torch.from_numpy(np.array(col, dtype=np.float32))
+    return TensorData(dense=dense, sparse=sparse, labels=out_labels, num_rows=n)
+
+
+# ---- tensors -> batches ------------------------------------------------------------------------
+def make_kjt(keys: list[str], values: Tensor, lengths: Tensor) -> KeyedJaggedTensor:
+    """A KJT from key-major ``lengths [F * B]`` and the matching ``values``."""
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+
+
+def gather_jagged(starts: Tensor, lengths: Tensor, values: Tensor) -> Tensor:
+    """Concatenation of ``values[starts[i] : starts[i] + lengths[i]]`` over i, without a loop."""
+    total = int(lengths.sum())
+    out_starts = torch.cumsum(lengths, 0) - lengths  # where each run begins in the output
+    index = torch.arange(total, dtype=torch.int64) + torch.repeat_interleave(
+        starts - out_starts, lengths, output_size=total
+    )
+    return values[index]
+
+
+def iterate_batches(
+    data: TensorData,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> Iterator[Batch]:
+    """Batches of ``batch_size`` rows, in order or by a permutation seeded with ``seed``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = data.num_rows
+    keys = data.keys
+    # All features' values in one tensor; starts/lengths [F, N] index into it (key-major KJT).
+    cols = list(data.sparse.values())
+    values = torch.cat([c.values for c in cols]) if cols else torch.zeros(0, dtype=torch.int64)
+    bases = np.cumsum([0] + [c.values.numel() for c in cols])[:-1]
+    starts = (
+        torch.stack([c.offsets[:-1] + int(b) for c, b in zip(cols, bases, strict=True)])
+        if cols
+        else torch.zeros(0, n, dtype=torch.int64)
+    )
+    lengths = torch.stack([c.lengths for c in cols]) if cols else torch.zeros_like(starts)
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    else:
+        order = torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for begin in range(0, stop, batch_size):
+        idx = order[begin : begin + batch_size]
+        batch_lengths = lengths[:, idx].reshape(-1)
+        batch_values = gather_jagged(starts[:, idx].reshape(-1), batch_lengths, values)
+        yield Batch(
+            dense=data.dense[idx],
+            sparse=make_kjt(keys, batch_values, batch_lengths),
+            labels={k: v[idx] for k, v in data.labels.items()},
+        )

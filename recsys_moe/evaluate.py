@@ -1,0 +1,106 @@
+"""Offline evaluation of a training run's model on a split of the training set.
+
+    recsys-moe evaluate --config configs/demo.toml [--run-id ID] [--split test] [--output FILE]
+
+Loads the model bundle from the run's artifacts (so it works against a remote tracking server as
+well), predicts the split, computes per-task metrics, logs them to the run as ``<split>/...`` and
+writes them to a JSON file. Where the data set carries an oracle (the synthetic data's true click
+probabilities and expected watch times, ``oracle.parquet`` in the store), the same metrics of the
+oracle on the same rows are reported beside them as ``bayes_optimal_...``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+
+from pipelines.training_set import load_split
+from recsys_moe.bundle import Bundle, load_bundle
+from recsys_moe.config import Config
+from recsys_moe.metrics import task_metrics
+from recsys_moe.predict import output_name, predict_frame
+from recsys_moe.tracking import client_for, latest_train_run
+from recsys_moe.train import label_means
+
+ORACLE = "oracle.parquet"
+
+
+def load_run_bundle(cfg: Config, run_id: str) -> Bundle:
+    client_for(cfg)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")
+    return load_bundle(path)
+
+
+def oracle_columns(cfg: Config) -> dict[str, str]:
+    """Task name → oracle column holding the Bayes-optimal prediction of that task."""
+    return {
+        t.name: f"p_{t.name}" if t.kind == "binary" else f"expected_{t.label}" for t in cfg.tasks
+    }
+
+
+def evaluate(
+    cfg: Config, *, run_id: str | None = None, split: str = "test", output: Path | None = None
+) -> dict:
+    run_id = run_id or latest_train_run(cfg)
+    bundle = load_run_bundle(cfg, run_id)
+    rows = load_split(cfg.dataset_dir, split).collect()
+    if rows.height == 0:
+        raise ValueError(f"split {split!r} of {cfg.dataset_dir} is empty; nothing to evaluate")
+    preds = predict_frame(
+        bundle.model, bundle.features, bundle.mappings, cfg.tasks, rows,
+        batch_size=cfg.train.eval_batch_size,
+    )  # fmt: skip
+    means = label_means(bundle.manifest)
+    metrics: dict[str, float] = {}
+    for t in cfg.tasks:
+        label = rows[t.label].to_numpy().astype(np.float64)
+        metrics |= task_metrics(t, preds[output_name(t)], label, train_mean=means.get(t.label))
+    metrics |= _oracle_metrics(cfg, rows, means)
+
+    client = client_for(cfg)
+    for k, v in metrics.items():
+        if np.isfinite(v):
+            client.log_metric(run_id, f"{split}/{k}", v)
+    report = {"run_id": run_id, "split": split, "rows": rows.height, "metrics": metrics}
+    output = output or cfg.path("eval") / f"{run_id}-{split}.json"
+    _write_json(output, report)
+    client.log_artifact(run_id, str(output), artifact_path="eval")
+    report["output"] = str(output)
+    return report
+
+
+def _oracle_metrics(cfg: Config, rows: pl.DataFrame, means: dict) -> dict[str, float]:
+    path = cfg.store_dir / ORACLE
+    keys = list(cfg.feature_set().events.keys)
+    if not path.is_file() or not keys:
+        return {}
+    cols = oracle_columns(cfg)
+    oracle = pl.read_parquet(path, columns=keys + list(cols.values()))
+    joined = rows.select(keys + [t.label for t in cfg.tasks]).join(
+        oracle, on=keys, how="left", maintain_order="left"
+    )
+    out: dict[str, float] = {}
+    for t in cfg.tasks:
+        pred = joined[cols[t.name]]
+        if pred.null_count():
+            return {}  # the oracle does not cover these rows (another data set)
+        m = task_metrics(
+            t, pred.to_numpy(), joined[t.label].to_numpy().astype(np.float64),
+            train_mean=means.get(t.label),
+        )  # fmt: skip
+        out |= {f"bayes_optimal_{k}": v for k, v in m.items() if "mean_predictor" not in k}
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,64 @@
+"""Offline metrics per task, on predictions in natural units (probability, seconds).
+
+Binary tasks: AUC (torchmetrics), logloss, normalized entropy, calibration (predicted / observed).
+Regression tasks: RMSE and MAE in label units, RMSE on the log1p scale, and the RMSE of predicting
+a constant (the training mean), the baseline any model must beat.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from recsys_moe.config import TaskConfig
+
+EPS = 1e-7
+
+
+def auc(pred: np.ndarray, label: np.ndarray) -> float:
+    if label.min() == label.max():
+        return float("nan")  # AUC is undefined with one class
+    return float(binary_auroc(torch.as_tensor(pred), torch.as_tensor(label).long()))
+
+
+def binary_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    p = np.clip(pred.astype(np.float64), EPS, 1 - EPS)
+    y = label.astype(np.float64)
+    logloss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    rate = float(np.clip(y.mean(), EPS, 1 - EPS))
+    base = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    return {
+        "auc": auc(p, y),
+        "logloss": logloss,
+        "ne": logloss / base,
+        "calibration": float(p.mean() / max(y.mean(), EPS)),
+    }
+
+
+def regression_metrics(
+    pred: np.ndarray, label: np.ndarray, *, train_mean: float | None = None
+) -> dict[str, float]:
+    y = label.astype(np.float64)
+    p = pred.astype(np.float64)
+    out = {
+        "rmse": float(np.sqrt(np.mean((p - y) ** 2))),
+        "mae": float(np.mean(np.abs(p - y))),
+        "rmse_log": float(np.sqrt(np.mean((np.log1p(np.maximum(p, 0)) - np.log1p(y)) ** 2))),
+    }
+    if train_mean is not None:
+        out["rmse_mean_predictor"] = float(np.sqrt(np.mean((train_mean - y) ** 2)))
+    return out
+
+
+def task_metrics(
+    task: TaskConfig, pred: np.ndarray, label: np.ndarray, *, train_mean: float | None = None
+) -> dict[str, float]:
+    """Metrics of one task, keyed ``<task>_<metric>`` (e.g. ``click_auc``)."""
+    if task.kind == "binary":
+        m = binary_metrics(pred, label)
+    else:
+        m = regression_metrics(pred, label, train_mean=train_mean)
+    return {f"{task.name}_{k}": v for k, v in m.items()}

@@ -1,0 +1,61 @@
+"""Batch inference on raw feature rows: mappings → tensors → model → natural units.
+
+The one path from a frame of raw feature values to predictions, used by evaluation, the registry's
+pyfunc and scoring, so that all three score a row identically.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+
+from feature_store import FeatureSet
+from pipelines.mappings import Mappings, apply_mappings
+from recsys_moe.config import TaskConfig
+from recsys_moe.data import TensorData, iterate_batches, to_tensor_data
+from recsys_moe.losses import to_natural
+from recsys_moe.model import MultiTaskModel
+
+
+def output_name(task: TaskConfig) -> str:
+    """Prediction column of a task: ``p_<task>`` for binary tasks, the label's name otherwise."""
+    return f"p_{task.name}" if task.kind == "binary" else task.label
+
+
+@torch.no_grad()
+def predict_frame(
+    model: MultiTaskModel,
+    features: FeatureSet,
+    mappings: Mappings,
+    tasks: list[TaskConfig],
+    frame: pl.DataFrame,
+    *,
+    batch_size: int = 8192,
+) -> dict[str, np.ndarray]:
+    """Predictions in natural units (probability, seconds) for each row of ``frame``.
+
+    ``frame`` holds the raw feature columns (as the training set and point-in-time joins give
+    them); the result maps ``output_name(task)`` to a float64 array of ``len(frame)``.
+    """
+    missing = [c for c in features.input_columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"input lacks feature column(s) {missing}; columns: {frame.columns}")
+    data = to_tensor_data(apply_mappings(frame.lazy(), features, mappings).collect(), features)
+    return predict_tensors(model, data, tasks, batch_size=batch_size)
+
+
+@torch.no_grad()
+def predict_tensors(
+    model: MultiTaskModel, data: TensorData, tasks: list[TaskConfig], *, batch_size: int = 8192
+) -> dict[str, np.ndarray]:
+    """``predict_frame`` on already mapped tensors (rows in order)."""
+    was_training = model.training
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {output_name(t): [] for t in tasks}
+    for batch in iterate_batches(data, batch_size):
+        logits = model(batch.dense, batch.sparse).logits
+        for t in tasks:
+            chunks[output_name(t)].append(to_natural(t, logits[t.name]).double().numpy())
+    model.train(was_training)
+    return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.float64) for k, v in chunks.items()}

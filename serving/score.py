@@ -1,0 +1,156 @@
+"""Candidate scoring, a batch job over a registered model.
+
+    recsys-moe score --config configs/demo.toml --model models:/recsys-moe-demo@champion \\
+        --candidates demo-run/data/candidates.parquet --output demo-run/scores --top-k 10
+
+Candidates (``user_id``, ``item_id``, optional ``request_id``, optional event-time column) get
+their features as of the scoring time from the offline store (the same point-in-time join as the
+training set), then the registry model's predictions (``p_click``, ``watch_time_s``) and a combined
+score ``prod_t p_t ** w_t`` (binary tasks) ``* (1 + y_t) ** w_t`` (regression tasks). The top K per
+request (or per user, without ``request_id``) are written, ranked, to ``OUTPUT/part-00000.parquet``
+with ``OUTPUT/_manifest.json``; the folder is written under a temporary name and renamed when
+complete, so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+import polars as pl
+
+from feature_store import DataError, OfflineStore, join_features
+from recsys_moe.config import Config
+from recsys_moe.tracking import client_for
+
+PART = "part-00000.parquet"
+MANIFEST = "_manifest.json"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str]:
+    """``models:/NAME@ALIAS`` → (NAME, ALIAS)."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        raise ValueError(
+            f"--model {uri!r}: expected models:/NAME@ALIAS, e.g. models:/demo@champion"
+        )
+    name, alias = uri.removeprefix("models:/").rsplit("@", 1)
+    return name, alias
+
+
+def read_candidates(path: Path, *, time_column: str) -> pl.LazyFrame:
+    if not path.exists():
+        raise DataError(f"candidates {path}: no such file")
+    try:
+        lf = pl.scan_parquet(path)
+        schema = lf.collect_schema()
+    except Exception as e:  # a truncated or non-Parquet file
+        raise DataError(f"candidates {path}: not a readable Parquet file ({e})") from e
+    for col in ("user_id", "item_id"):
+        if col not in schema:
+            raise DataError(
+                f"candidates {path}: missing required column {col!r}; columns: {schema.names()}"
+            )
+        if not schema[col].is_integer():
+            raise DataError(
+                f"candidates {path}: column {col!r} has dtype {schema[col]}, expected an integer "
+                "id (cast to Int64 where the file is written)"
+            )
+    if "request_id" in schema and not schema["request_id"].is_integer():
+        raise DataError(f"candidates {path}: column 'request_id' must be an integer id")
+    if time_column in schema and not isinstance(schema[time_column], pl.Datetime):
+        raise DataError(f"candidates {path}: column {time_column!r} must be a Datetime")
+    return lf
+
+
+def combined_score(preds: pl.DataFrame, cfg: Config) -> pl.Expr:
+    from recsys_moe.predict import output_name
+
+    expr = pl.lit(1.0)
+    for t in cfg.tasks:
+        w = cfg.score.weights.get(t.name, 0.0)
+        if w == 0.0:
+            continue
+        col = pl.col(output_name(t))
+        expr = expr * (col.clip(lower_bound=0.0) if t.kind == "binary" else 1.0 + col).pow(w)
+    return expr
+
+
+def score(
+    *,
+    model_uri: str,
+    candidates: str | Path,
+    output: str | Path,
+    top_k: int,
+    cfg: Config,
+    as_of: datetime | None = None,
+    store_dir: str | Path | None = None,
+) -> dict:
+    """Score ``candidates`` with the registry model ``model_uri``; write the top ``top_k``."""
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    name, alias = parse_model_uri(model_uri)
+    client = client_for(cfg)
+    version = client.get_model_version_by_alias(name, alias).version
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    model = pyfunc.unwrap_python_model()
+    features = model.bundle.features
+    mcfg = model.bundle.config
+    time_col = features.events.time
+    candidates, output = Path(candidates), Path(output)
+    lf = read_candidates(candidates, time_column=time_col)
+    has_time = time_col in lf.collect_schema()
+    if as_of is not None or not has_time:
+        stamp = (as_of or datetime.now(UTC)).replace(tzinfo=None)
+        lf = lf.with_columns(pl.lit(stamp).cast(pl.Datetime("us")).alias(time_col))
+    store = OfflineStore(store_dir or cfg.store_dir)
+    rows = join_features(lf, store, features, event_time=time_col).collect()
+
+    preds = model.predict_polars(rows)
+    group = "request_id" if "request_id" in rows.columns else "user_id"
+    keys = [c for c in ("request_id", "user_id", "item_id") if c in rows.columns]
+    ranked = (
+        pl.concat([rows.select(keys + [time_col]), preds], how="horizontal")
+        .with_columns(score=combined_score(preds, mcfg))
+        .sort([group, "score", "item_id"], descending=[False, True, False])
+        .with_columns(rank=pl.int_range(1, pl.len() + 1).over(group).cast(pl.Int32))
+        .filter(pl.col("rank") <= top_k)
+    )
+    manifest = {
+        "model_uri": model_uri,
+        "model_name": name,
+        "model_version": version,
+        "candidates": str(candidates.resolve()),
+        "candidate_rows": rows.height,
+        "groups": int(ranked[group].n_unique()),
+        "group_by": group,
+        "top_k": top_k,
+        "rows": ranked.height,
+        "as_of": None if as_of is None and has_time else str(ranked[time_col].min()),
+        "files": [PART],
+        "written_at": datetime.now(UTC).isoformat(),
+    }
+    _write_atomic(output, ranked, manifest)
+    return manifest | {"output": str(output)}
+
+
+def _write_atomic(output: Path, frame: pl.DataFrame, manifest: dict) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        frame.write_parquet(tmp / PART)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

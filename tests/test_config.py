@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsys_moe.config import DEMO_CONFIG, config_from_dict, load_config
+
+
+def test_demo_config_loads_with_its_feature_definitions() -> None:
+    cfg = load_config()
+    assert Path(cfg.features_path).is_file()
+    fs = cfg.feature_set()
+    assert {t.name for t in cfg.tasks} == {"click", "watch_time"}
+    assert fs.sparse and fs.dense
+
+
+def test_overrides_parse_toml_values_and_nested_keys(tmp_path: Path) -> None:
+    cfg = load_config(
+        DEMO_CONFIG,
+        [
+            "train.epochs=7",
+            "model.expert_dims=[8, 4]",
+            "mlflow.experiment=exp-x",
+            "score.weights.click=2.5",
+        ],
+        workdir=tmp_path,
+    )
+    assert cfg.train.epochs == 7
+    assert cfg.model.expert_dims == [8, 4]
+    assert cfg.mlflow.experiment == "exp-x"
+    assert cfg.score.weights["click"] == 2.5
+    assert cfg.store_dir == tmp_path / "data"
+    assert cfg.tracking_uri().startswith("sqlite:///") or cfg.tracking_uri()
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("train.epocs=3", "epocs"), ("nonsense", "key=value"), ("tasks=[{name='x'}]", "tasks")],
+)
+def test_bad_config_values_are_named(override: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        load_config(DEMO_CONFIG, [override])
+
+
+def test_config_round_trips_through_dict() -> None:
+    cfg = load_config(DEMO_CONFIG, ["train.lr=0.01"])
+    back = config_from_dict(cfg.to_dict(), config_dir=cfg.config_dir, where="test")
+    assert back.to_dict() == cfg.to_dict()

@@ -1,0 +1,241 @@
+"""Model parts on a tiny feature set: shapes, gates, batched experts, gradients, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+
+from feature_store.definitions import FeatureSet
+from recsys_moe.config import ModelConfig, TaskConfig
+from recsys_moe.heads import TaskHead
+from recsys_moe.losses import task_losses, to_natural, total_loss
+from recsys_moe.mixture import Experts, MMoE
+from recsys_moe.model import ModelOutput, MultiTaskModel, build_model, count_parameters
+from recsys_moe.tower import EmbeddingTower
+
+FEATURES_TOML = """
+[entities.user]
+key = "user_id"
+table = "users"
+
+[entities.item]
+key = "item_id"
+table = "items"
+
+[events]
+table = "impressions"
+time = "ts"
+keys = ["user_id", "item_id"]
+
+[[features]]
+name = "user_id"
+entity = "user"
+kind = "categorical"
+num_embeddings = 10
+embedding_dim = 4
+
+[[features]]
+name = "item_id"
+entity = "item"
+kind = "categorical"
+num_embeddings = 12
+embedding_dim = 6
+
+[[features]]
+name = "tags"
+entity = "item"
+kind = "multi_categorical"
+num_embeddings = 8
+embedding_dim = 3
+
+[[features]]
+name = "duration_s"
+entity = "item"
+kind = "numeric"
+"""
+
+TASKS = [
+    TaskConfig(name="click", kind="binary", label="click"),
+    TaskConfig(name="watch_time", kind="regression", label="watch_time_s", transform="log1p"),
+]
+CFG = ModelConfig(num_experts=3, expert_dims=[16, 8], tower_dims=[8])
+B, T, E, H = 4, 2, 3, 8
+D_IN = 4 + 6 + 3 + 1
+
+
+@pytest.fixture
+def features() -> FeatureSet:
+    return FeatureSet.from_toml(FEATURES_TOML)
+
+
+def make_sparse() -> KeyedJaggedTensor:
+    # 4 examples; tags lengths 2, 0, 1, 3 (one empty bag).
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id", "tags"],
+        values=torch.tensor([1, 2, 3, 9, 0, 5, 11, 7, 1, 2, 4, 5, 6, 7]),
+        lengths=torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 2, 0, 1, 3]),
+    )
+
+
+def make_model(features: FeatureSet, **overrides: object) -> MultiTaskModel:
+    cfg = ModelConfig(**{**CFG.__dict__, **overrides})
+    return build_model(features, cfg, [t.name for t in TASKS])
+
+
+def test_shapes_of_every_part(features: FeatureSet) -> None:
+    torch.manual_seed(0)
+    dense, sparse = torch.randn(B, 1), make_sparse()
+    ebc = EmbeddingBagCollection(tables=features.embedding_bag_configs())
+    tower = EmbeddingTower(ebc=ebc, num_dense=1)
+    x = tower(dense, sparse)
+    assert tower.out_dim == D_IN and x.shape == (B, D_IN)
+    assert torch.equal(x[:, -1:], dense)  # dense features come last
+    experts = Experts(E, D_IN, [16, H])
+    assert experts(x).shape == (E, B, H)
+    mmoe = MMoE(experts=experts, in_dim=D_IN, num_tasks=T)
+    mixed, gates = mmoe(x)
+    assert mixed.shape == (T, B, H) and gates.shape == (T, B, E) and mmoe.out_dim == H
+    assert TaskHead(H, [8]).forward(mixed[0]).shape == (B,)
+    out = make_model(features)(dense, sparse)
+    assert isinstance(out, ModelOutput)
+    assert list(out.logits) == ["click", "watch_time"]
+    assert all(v.shape == (B,) for v in out.logits.values())
+    assert out.gates.shape == (T, B, E)
+
+
+def test_empty_bag_pools_to_zero(features: FeatureSet) -> None:
+    ebc = EmbeddingBagCollection(tables=features.embedding_bag_configs())
+    x = EmbeddingTower(ebc=ebc, num_dense=1)(torch.zeros(B, 1), make_sparse())
+    assert torch.all(x[1, 10:13] == 0)  # example 1 has no tags; mean pooling of nothing is 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5, 0.9])
+def test_gates_sum_to_one(dropout: float) -> None:
+    torch.manual_seed(0)
+    mmoe = MMoE(experts=Experts(E, D_IN, [H]), in_dim=D_IN, num_tasks=T, gate_dropout=dropout)
+    x = torch.randn(2048, D_IN)
+    for train in (True, False):
+        mmoe.train(train)
+        _, gates = mmoe(x)
+        assert torch.isfinite(gates).all()
+        torch.testing.assert_close(gates.sum(-1), torch.ones(T, 2048))
+        dropped = (gates == 0).float().mean().item()
+        if train and dropout > 0:
+            assert (gates > 0).any(-1).all()  # never all experts masked
+            # each gate masked with prob. p, except that an all-masked example gets one back
+            expected = dropout - dropout**E / E
+            assert abs(dropped - expected) < 0.02
+        else:
+            assert dropped == 0.0
+
+
+def test_experts_equal_per_expert_loop() -> None:
+    torch.manual_seed(0)
+    experts = Experts(E, D_IN, [16, H])
+    x = torch.randn(B, D_IN)
+    expected = []
+    for e in range(E):
+        h = x
+        for w, b in zip(experts.weights, experts.biases, strict=True):
+            h = torch.relu(h @ w[e] + b[e, 0])
+        expected.append(h)
+    torch.testing.assert_close(experts(x), torch.stack(expected))
+    assert [tuple(w.shape) for w in experts.weights] == [(E, D_IN, 16), (E, 16, H)]
+
+
+def test_task_losses_are_isolated_to_their_heads(features: FeatureSet) -> None:
+    torch.manual_seed(0)
+    model = make_model(features)
+    labels = {"click": torch.tensor([1.0, 0, 1, 0]), "watch_time_s": torch.tensor([3.0, 0, 40, 0])}
+    for task, other in (("click", "watch_time"), ("watch_time", "click")):
+        model.zero_grad(set_to_none=True)
+        losses = task_losses(model(torch.randn(B, 1), make_sparse()), labels, TASKS)
+        losses[task].backward()
+        assert all(p.grad is None or not p.grad.any() for p in model.heads[other].parameters())
+        assert any(p.grad is not None and p.grad.any() for p in model.heads[task].parameters())
+        assert any(p.grad is not None and p.grad.any() for p in model.mixture.parameters())
+
+
+def test_losses_and_natural_units() -> None:
+    out = ModelOutput(
+        logits={"click": torch.zeros(3), "watch_time": torch.log1p(torch.tensor([0.0, 1, 9]))},
+        gates=torch.zeros(T, 3, E),
+    )
+    labels = {"click": torch.tensor([1.0, 0, 1]), "watch_time_s": torch.tensor([0.0, 1, 9])}
+    losses = task_losses(out, labels, TASKS)
+    torch.testing.assert_close(losses["click"], torch.log(torch.tensor(2.0)))
+    torch.testing.assert_close(losses["watch_time"], torch.tensor(0.0))
+    torch.testing.assert_close(total_loss(losses, TASKS), torch.log(torch.tensor(2.0)))
+    torch.testing.assert_close(to_natural(TASKS[0], torch.zeros(2)), torch.full((2,), 0.5))
+    torch.testing.assert_close(
+        to_natural(TASKS[1], out.logits["watch_time"]), labels["watch_time_s"]
+    )
+    assert to_natural(TASKS[1], torch.tensor([-5.0])).item() == 0.0
+    with pytest.raises(ValueError, match="watch_time_s"):
+        task_losses(out, {"click": labels["click"]}, TASKS)
+
+
+def test_loss_falls_on_learnable_problem(features: FeatureSet) -> None:
+    torch.manual_seed(0)
+    n = 512
+    user, item = torch.randint(0, 10, (n,)), torch.randint(0, 12, (n,))
+    tag_len = torch.randint(0, 3, (n,))
+    tags = torch.randint(0, 8, (int(tag_len.sum()),))
+    dense = torch.randn(n, 1)
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id", "tags"],
+        values=torch.cat([user, item, tags]),
+        lengths=torch.cat(
+            [torch.ones(n, dtype=torch.long), torch.ones(n, dtype=torch.long), tag_len]
+        ),
+    )
+    affinity = torch.randn(10, 12)
+    score = affinity[user, item] + dense[:, 0]
+    labels = {"click": (score > 0).float(), "watch_time_s": torch.expm1(score.abs() + 1)}
+    model = make_model(features, gate_dropout=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    history = []
+    for _ in range(300):
+        loss = total_loss(task_losses(model(dense, sparse), labels, TASKS), TASKS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert sum(history[-10:]) / 10 < 0.3 * sum(history[:10]) / 10
+
+
+def test_build_model_on_meta_device(features: FeatureSet) -> None:
+    model = build_model(features, CFG, ["click", "watch_time"], device="meta")
+    assert all(p.is_meta for p in model.tower.ebc.parameters())
+    assert not any(p.is_meta for p in model.mixture.parameters())
+    tables = 10 * 4 + 12 * 6 + 8 * 3
+    assert count_parameters(model) > tables
+    assert count_parameters(model.tower) == tables
+
+
+def test_unknown_mixture_is_rejected(features: FeatureSet) -> None:
+    with pytest.raises(ValueError, match="mmoe"):
+        build_model(features, ModelConfig(mixture="nope"), ["click"])
+
+
+def test_model_modules_import_no_distributed_polars_mlflow() -> None:
+    # Statically: `import torchrec` itself loads torchrec.distributed, so sys.modules can't tell.
+    import ast
+    from pathlib import Path
+
+    import recsys_moe
+
+    banned = ("torchrec.distributed", "polars", "mlflow")
+    root = Path(recsys_moe.__file__).parent
+    for name in ("tower", "mixture", "heads", "model", "losses"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for mod in mods:
+                assert not any(mod == b or mod.startswith(b + ".") for b in banned), (name, mod)
