@@ -57,8 +57,11 @@ class TaskConfig:
 class TrainConfig:
     batch_size: int = 512
     epochs: int = 3
-    lr: float = 2e-3
+    lr: float = 2e-3  # dense parameters: Adam
     weight_decay: float = 0.0
+    embedding_lr: float = 0.05  # embedding tables: Adagrad (row-wise / fused under DMP)
+    embedding_weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | linear (decays every learning rate to 0 at the end)
     seed: int = 0
     log_every: int = 50
     eval_batch_size: int = 8192

@@ -26,7 +26,6 @@ from recsys_moe.config import Config
 from recsys_moe.metrics import task_metrics
 from recsys_moe.predict import output_name, predict_frame
 from recsys_moe.tracking import client_for, latest_train_run
-from recsys_moe.train import label_means
 
 ORACLE = "oracle.parquet"
 
@@ -56,12 +55,12 @@ def evaluate(
         bundle.model, bundle.features, bundle.mappings, cfg.tasks, rows,
         batch_size=cfg.train.eval_batch_size,
     )  # fmt: skip
-    means = label_means(bundle.manifest)
+    stats = bundle.manifest.get("labels", {})
     metrics: dict[str, float] = {}
     for t in cfg.tasks:
         label = rows[t.label].to_numpy().astype(np.float64)
-        metrics |= task_metrics(t, preds[output_name(t)], label, train_mean=means.get(t.label))
-    metrics |= _oracle_metrics(cfg, rows, means)
+        metrics |= task_metrics(t, preds[output_name(t)], label, label_stats=stats.get(t.label))
+    metrics |= _oracle_metrics(cfg, rows)
 
     client = client_for(cfg)
     for k, v in metrics.items():
@@ -75,7 +74,7 @@ def evaluate(
     return report
 
 
-def _oracle_metrics(cfg: Config, rows: pl.DataFrame, means: dict) -> dict[str, float]:
+def _oracle_metrics(cfg: Config, rows: pl.DataFrame) -> dict[str, float]:
     path = cfg.store_dir / ORACLE
     keys = list(cfg.feature_set().events.keys)
     if not path.is_file() or not keys:
@@ -90,11 +89,8 @@ def _oracle_metrics(cfg: Config, rows: pl.DataFrame, means: dict) -> dict[str, f
         pred = joined[cols[t.name]]
         if pred.null_count():
             return {}  # the oracle does not cover these rows (another data set)
-        m = task_metrics(
-            t, pred.to_numpy(), joined[t.label].to_numpy().astype(np.float64),
-            train_mean=means.get(t.label),
-        )  # fmt: skip
-        out |= {f"bayes_optimal_{k}": v for k, v in m.items() if "mean_predictor" not in k}
+        m = task_metrics(t, pred.to_numpy(), joined[t.label].to_numpy().astype(np.float64))
+        out |= {f"bayes_optimal_{k}": v for k, v in m.items()}
     return out
 
 

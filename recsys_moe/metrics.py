@@ -39,7 +39,11 @@ def binary_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
 
 
 def regression_metrics(
-    pred: np.ndarray, label: np.ndarray, *, train_mean: float | None = None
+    pred: np.ndarray,
+    label: np.ndarray,
+    *,
+    train_mean: float | None = None,
+    train_mean_log1p: float | None = None,
 ) -> dict[str, float]:
     y = label.astype(np.float64)
     p = pred.astype(np.float64)
@@ -50,15 +54,27 @@ def regression_metrics(
     }
     if train_mean is not None:
         out["rmse_mean_predictor"] = float(np.sqrt(np.mean((train_mean - y) ** 2)))
+    if train_mean_log1p is not None:
+        out["rmse_log_mean_predictor"] = float(
+            np.sqrt(np.mean((train_mean_log1p - np.log1p(y)) ** 2))
+        )
     return out
 
 
 def task_metrics(
-    task: TaskConfig, pred: np.ndarray, label: np.ndarray, *, train_mean: float | None = None
+    task: TaskConfig, pred: np.ndarray, label: np.ndarray, *, label_stats: dict | None = None
 ) -> dict[str, float]:
-    """Metrics of one task, keyed ``<task>_<metric>`` (e.g. ``click_auc``)."""
+    """Metrics of one task, keyed ``<task>_<metric>`` (e.g. ``click_auc``).
+
+    ``label_stats``: the training split's ``train_mean`` (and ``train_mean_log1p``) of the label,
+    from the training set's manifest, for the constant-predictor baselines.
+    """
+    stats = label_stats or {}
     if task.kind == "binary":
         m = binary_metrics(pred, label)
     else:
-        m = regression_metrics(pred, label, train_mean=train_mean)
+        m = regression_metrics(
+            pred, label,
+            train_mean=stats.get("train_mean"), train_mean_log1p=stats.get("train_mean_log1p"),
+        )  # fmt: skip
     return {f"{task.name}_{k}": v for k, v in m.items()}

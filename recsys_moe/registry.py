@@ -56,7 +56,8 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
     run_id = run_id or latest_train_run(cfg)
     bundle_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")
     features = cfg.feature_set()
-    schema = dict(load_split(cfg.dataset_dir, "train").collect_schema())
+    example = load_split(cfg.dataset_dir, "train").select(features.input_columns).head(3).collect()
+    schema = dict(example.schema)
     signature = model_signature(features, schema, [output_name(t) for t in cfg.tasks])
     root = Path(__file__).resolve().parents[1]
     name = cfg.mlflow.registered_model
@@ -67,6 +68,7 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
             artifacts={"bundle": bundle_dir},
             code_paths=[str(root / p) for p in PACKAGES],
             signature=signature,
+            input_example=example.to_pandas(),
             pip_requirements=_requirements(),
             registered_model_name=name,
         )

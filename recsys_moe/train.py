@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import polars as pl
 import torch
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from pipelines.mappings import Mappings, apply_mappings
 from pipelines.training_set import load_manifest, load_split
@@ -64,20 +65,50 @@ def check_dataset(cfg: Config) -> dict:
     return manifest
 
 
-def label_means(manifest: dict) -> dict[str, float]:
-    """Training-split mean of each label (the constant predictor's value)."""
-    return {k: v["train_mean"] for k, v in manifest.get("labels", {}).items()}
-
-
 def validation_metrics(
     cfg: Config, model: torch.nn.Module, data: TensorData, manifest: dict
 ) -> dict[str, float]:
     preds = predict_tensors(model, data, cfg.tasks, batch_size=cfg.train.eval_batch_size)
+    stats = manifest.get("labels", {})
     out: dict[str, float] = {}
     for t in cfg.tasks:
-        mean = label_means(manifest).get(t.label)
-        out |= task_metrics(t, preds[output_name(t)], data.labels[t.label].numpy(), train_mean=mean)
+        label = data.labels[t.label].numpy()
+        out |= task_metrics(t, preds[output_name(t)], label, label_stats=stats.get(t.label))
     return out
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> CombinedOptimizer:
+    """Adagrad for the embedding tables, Adam for the dense part (DESIGN.md, Training).
+
+    Adam's moments keep moving embedding rows long after their last gradient, which overfits
+    the id tables; Adagrad leaves rows without gradient alone.
+    """
+    params = dict(model.named_parameters())
+    sparse = {n: p for n, p in params.items() if ".ebc." in f".{n}"}
+    dense = {n: p for n, p in params.items() if n not in sparse}
+    return CombinedOptimizer(
+        [
+            ("sparse", KeyedOptimizerWrapper(
+                sparse, lambda ps: torch.optim.Adagrad(
+                    ps, lr=cfg.train.embedding_lr,
+                    weight_decay=cfg.train.embedding_weight_decay))),
+            ("dense", KeyedOptimizerWrapper(
+                dense, lambda ps: torch.optim.Adam(
+                    ps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))),
+        ]
+    )  # fmt: skip
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.train.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if cfg.train.lr_schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
+        )
+    raise ValueError(f"train.lr_schedule {cfg.train.lr_schedule!r}: use constant or linear")
 
 
 def train(cfg: Config) -> TrainResult:
@@ -93,9 +124,9 @@ def train(cfg: Config) -> TrainResult:
     # ---- model and optimizer -----------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
     model = build_model(features, cfg.model, [t.name for t in cfg.tasks])
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
+    optimizer = build_optimizer(model, cfg)
+    total_steps = cfg.train.epochs * -(-train_data.num_rows // cfg.train.batch_size)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
 
     # ---- run ---------------------------------------------------------------------------------
     tags = {
@@ -122,6 +153,7 @@ def train(cfg: Config) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                scheduler.step()
                 step += 1
                 seen += batch.dense.shape[0]
                 result.losses.append(loss.item())
