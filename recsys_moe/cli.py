@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -233,10 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # our pyfunc takes untyped DataFrames on purpose (list columns); the signature validates them
-    warnings.filterwarnings(
-        "ignore", category=UserWarning, module=r"mlflow\.pyfunc\.utils\.data_validation"
-    )
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(message)s",

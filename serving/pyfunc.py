@@ -35,7 +35,8 @@ class RecsysModel(PythonModel):
         )  # fmt: skip
         return pl.DataFrame(preds)
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:  # noqa: ANN001
+    # the logged signature (generated from the feature definitions) validates the columns
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
         if isinstance(model_input, pl.DataFrame):
             frame = model_input
         else:  # pandas after MLflow's schema enforcement: list cells may be numpy arrays

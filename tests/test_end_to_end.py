@@ -106,6 +106,14 @@ def test_registered_pyfunc_scores_exactly_as_the_in_process_model(run: SimpleNam
         np.testing.assert_array_equal(got[col].to_numpy(), want)
 
 
+def test_registered_model_holds_code_and_weights_not_pickles(run: SimpleNamespace) -> None:
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=run.reg.uri))
+    files = [p.name for p in local.rglob("*") if p.is_file()]
+    assert "weights.pt" in files and "features.toml" in files and "pyfunc.py" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    assert "model_code_path" in (local / "MLmodel").read_text()
+
+
 def test_second_registration_is_the_challenger(run: SimpleNamespace) -> None:
     assert run.reg.alias == "champion"
     again = register(run.cfg, python_model=CODE_PATH, run_id=run.result.run_id)
