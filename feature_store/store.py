@@ -10,6 +10,8 @@ from pathlib import Path
 
 import polars as pl
 
+from feature_store.validate import DataError
+
 
 class OfflineStore:
     """Parquet tables under ``root``; ``scan(table)`` returns a ``LazyFrame``."""
@@ -34,14 +36,27 @@ class OfflineStore:
         return path.is_file() or (path.is_dir() and any(path.rglob("*.parquet")))
 
     def scan(self, table: str) -> pl.LazyFrame:
+        """The table, lazily; its Parquet footer is read now so a broken file fails here."""
         path = self.path(table)
         if path.is_file():
-            return pl.scan_parquet(path)
+            return _readable(pl.scan_parquet(path), path)
         if path.is_dir() and any(path.rglob("*.parquet")):
-            return pl.scan_parquet(path / "**" / "*.parquet", hive_partitioning=True)
+            lf = pl.scan_parquet(path / "**" / "*.parquet", hive_partitioning=True)
+            return _readable(lf, path)
         raise ValueError(
             f"offline store {self.root}: table {table!r} not found (looked for "
             f"{self.root / f'{table}.parquet'} and a directory {self.root / table}/ of Parquet "
             f"files); write it first, e.g. `recsys-moe data synth --out {self.root}`, or point "
             "the store at the directory that holds it"
         )
+
+
+def _readable(lf: pl.LazyFrame, path: Path) -> pl.LazyFrame:
+    try:
+        lf.collect_schema()
+    except Exception as e:  # polars raises ComputeError / OSError subclasses for broken files
+        raise DataError(
+            f"offline store: {path} is not a readable Parquet file (truncated or not Parquet: "
+            f"{str(e).splitlines()[0]}); rewrite it from its source"
+        ) from e
+    return lf

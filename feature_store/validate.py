@@ -7,6 +7,8 @@ rows) and what to do about it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
 
@@ -60,12 +62,14 @@ def validate_events(
     binary_labels: list[str],
     nonneg_labels: list[str],
     time_column: str,
+    unique_keys: Sequence[str] = (),
 ) -> None:
     """Raise ``DataError`` unless the events frame can be used.
 
     ``required`` maps each required column to why it is needed. Checks: required columns exist;
     ``int_ids`` are integer and never null; ``time_column`` is Datetime and never null; binary
-    labels are 0 or 1; ``nonneg_labels`` are finite and >= 0 (nulls count as bad in both).
+    labels are 0 or 1; ``nonneg_labels`` are finite and >= 0 (nulls count as bad in both); the
+    frame has rows; no two rows share the same ``unique_keys`` (an event's identity).
     """
     schema = lf.collect_schema()
     _check_columns(schema, required, path=path, what="events")
@@ -97,17 +101,27 @@ def validate_events(
         bad = x.is_null() | ~x.is_finite() | (x < 0.0)
         checks.append((f"nonneg:{column}", column, "finite and >= 0"))
         aggs += [bad.sum().alias(f"nonneg:{column}"), _example(column, bad, f"nonneg:{column}")]
+    keys = list(unique_keys)
+    if keys:
+        dup = pl.struct(keys).is_duplicated()
+        checks.append(("dup", ", ".join(keys), "unique per event"))
+        aggs += [dup.sum().alias("dup"), pl.struct(keys).filter(dup).first().alias("dup:example")]
     stats = lf.select(aggs).collect().row(0, named=True)
 
     rows = stats["__rows"]
+    if rows == 0:
+        raise DataError(
+            f"events file {path}: has no rows; write the events before building a training set"
+        )
     for alias, column, good in checks:
         n_bad = stats[alias]
         if not n_bad:
             continue
         example = stats.get(f"{alias}:example")
         shown = "null" if example is None else repr(example)
+        what = f"column {column!r}" if alias != "dup" else f"the key ({column})"
         raise DataError(
-            f"events file {path}: column {column!r} must be {good}, but {n_bad} of {rows} rows "
+            f"events file {path}: {what} must be {good}, but {n_bad} of {rows} rows "
             f"are not (e.g. {shown}); fix or drop those rows at the source"
         )
 

@@ -2,6 +2,7 @@
 
     recsys-moe demo [--workdir DIR]
     recsys-moe data synth --out DIR [--users N --items N --days N --seed S]
+    recsys-moe data import {census,movielens,kuairand} --out DIR [--src DIR]
     recsys-moe features build --config FILE [--set key=value ...]
     recsys-moe train --config FILE [--set key=value ...]
     recsys-moe evaluate --config FILE [--run-id ID] [--split test] [--output FILE]
@@ -40,6 +41,15 @@ def cmd_synth(args: argparse.Namespace) -> dict:
         test_days=args.test_days,
     )  # fmt: skip
     print(f"wrote {args.out}: {meta['rows']}")
+    return meta
+
+
+def cmd_import(args: argparse.Namespace) -> dict:
+    from pipelines.importers import DEFAULT_SRC, import_dataset
+
+    src = args.src or Path("..") / "shared" / "data" / DEFAULT_SRC[args.name]
+    meta = import_dataset(args.name, src=src, out=args.out)
+    print(f"imported {args.name} from {src} into {args.out}: {meta.get('rows', '')}")
     return meta
 
 
@@ -192,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
     p.add_argument("--test-days", type=int, default=1, help="days the Bayes AUC is reported on")
     p.set_defaults(func=cmd_synth)
+
+    p = data.add_parser("import", help="import a real public data sample into the store layout")
+    p.add_argument("name", choices=["census", "movielens", "kuairand"], help="which data set")
+    p.add_argument("--src", type=Path, help="source folder (default: ../shared/data/<its folder>)")
+    p.add_argument("--out", required=True, type=Path, help="output store folder")
+    p.set_defaults(func=cmd_import)
 
     feats = sub.add_parser("features", help="feature store jobs")
     fsub = feats.add_subparsers(dest="features_cmd", required=True)

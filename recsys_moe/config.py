@@ -37,11 +37,20 @@ class SynthConfig:
 
 @dataclass
 class ModelConfig:
+    # single_task | shared_bottom | omoe | mmoe | topk_mmoe | cgc | ple (recsys_moe/model.py)
     mixture: str = "mmoe"
-    num_experts: int = 4
+    num_experts: int = 4  # omoe, mmoe, topk_mmoe
     expert_dims: list[int] = field(default_factory=lambda: [64, 32])
     tower_dims: list[int] = field(default_factory=lambda: [32])
     gate_dropout: float = 0.0
+    bottom_dims: list[int] = field(default_factory=list)  # *_bottom, single_task; [] = expert_dims
+    top_k: int = 2  # topk_mmoe: experts used per example and task
+    capacity_factor: float = 0.0  # topk_mmoe, training: rows per expert ≤ cf·B·k/E; 0 = no cap
+    aux_loss_weight: float = 0.01  # topk_mmoe: weight of the load-balancing loss (aux_loss)
+    num_task_experts: int = 1  # cgc/ple: experts owned by each task, per level
+    num_shared_experts: int = 2  # cgc/ple: experts shared by all tasks, per level
+    num_levels: int = 2  # ple: stacked CGC levels (cgc is one level)
+    loss_weighting: str = "fixed"  # fixed (TaskConfig.weight) | uncertainty (Kendall et al. 2018)
 
 
 @dataclass
@@ -51,6 +60,33 @@ class TaskConfig:
     label: str
     weight: float = 1.0
     transform: str = "none"  # regression target transform: none | log1p
+    # "" = from kind/transform (bce; mse_log1p or mse) | mse_log1p | mse | weighted_logistic |
+    # duration_quantile (recsys_moe/losses.py)
+    objective: str = ""
+    mask: str = ""  # label column: the loss counts only rows where it is 1 ("" = all non-null rows)
+    positive: str = ""  # weighted_logistic: column that is 1 for positives ("" = label > 0)
+    quantile_of: str = ""  # duration_quantile: the duration column (target = label / duration)
+
+
+@dataclass
+class ShardingConfig:
+    """Embedding sharding by TorchRec's planner (``[train.sharding]``).
+
+    Names are TorchRec ``ShardingType`` values: table_wise, column_wise, row_wise,
+    table_row_wise, table_column_wise, data_parallel. Row-wise has no CPU kernel.
+    """
+
+    types: list[str] = field(default_factory=list)  # allowed for every table; [] = device default
+    constraints: dict[str, list[str]] = field(default_factory=dict)  # table -> allowed types
+
+
+@dataclass
+class CheckpointConfig:
+    """``[train.checkpoint]``: ``<dir>/<run id>/ckpt-<step>``; ``LATEST`` names the current."""
+
+    dir: str = "checkpoints"  # relative to workdir
+    every: int = 0  # steps between checkpoints; 0 = none
+    keep: int = 2  # complete checkpoints kept per run (older ones deleted); 0 = all
 
 
 @dataclass
@@ -65,6 +101,13 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     eval_batch_size: int = 8192
+    # training-set columns to break expert usage down by (validation split; absent ones skipped)
+    heatmap_by: list[str] = field(default_factory=lambda: ["segment", "category"])
+    # false; true / "latest" = the newest complete checkpoint under checkpoint.dir; or a path to
+    # a run's checkpoint folder (its LATEST) or to one ckpt-<step> folder
+    resume: bool | str = False
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 @dataclass

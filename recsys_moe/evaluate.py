@@ -63,9 +63,10 @@ def evaluate(
     metrics |= _oracle_metrics(cfg, rows)
 
     client = client_for(cfg)
+    prefix = "test" if split == "test" else f"eval_{split}"  # valid/... is training's own
     for k, v in metrics.items():
         if np.isfinite(v):
-            client.log_metric(run_id, f"{split}/{k}", v)
+            client.log_metric(run_id, f"{prefix}/{k}", v)
     report = {"run_id": run_id, "split": split, "rows": rows.height, "metrics": metrics}
     output = output or cfg.path("eval") / f"{run_id}-{split}.json"
     _write_json(output, report)

@@ -20,5 +20,9 @@ class TaskHead(nn.Module):
         layers.append(nn.Linear(in_dim, 1))
         self.mlp = nn.Sequential(*layers)
 
+    def flops_per_example(self) -> int:
+        """Multiply-adds × 2 of the tower on one example."""
+        return sum(2 * m.in_features * m.out_features for m in self.mlp if isinstance(m, nn.Linear))
+
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x).squeeze(-1)

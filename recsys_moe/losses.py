@@ -1,10 +1,26 @@
-"""Per-task losses and the inverse of the target transforms.
+"""Per-task losses (masked means), their combination, and the inverse of the target transforms.
 
-Notation: B batch. ``out.logits[name]`` is ``[B]``; labels are ``[B]`` in natural units
-(click 0/1, watch time in seconds), looked up by ``TaskConfig.label``.
+Notation: B batch. ``out.logits[name]`` is ``[B]``; labels are ``[B]`` float in natural units
+(click 0/1, watch time in seconds; null → NaN), looked up by column name (``label_columns``).
 
-- binary: BCE with logits against the label.
-- regression: MSE between the raw output and ``transform(label)`` (``log1p`` or ``none``).
+Objectives (``TaskConfig.objective``; "" derives it from ``kind`` and ``transform``):
+
+    bce                binary: BCE with logits against the 0/1 label.
+    mse_log1p          regression: MSE of the raw output against log1p(label); natural = expm1.
+    mse                regression: MSE against the label itself; natural = raw.
+    weighted_logistic  Covington et al. 2016 (YouTube): a logistic head, positives (``positive``
+                       column = 1, default label > 0) weighted by the label (watch time),
+                       negatives by 1. At the optimum the odds exp(logit) = Σ_pos T / N_neg ≈ E[T]
+                       when positives are rare; natural = exp(raw).
+    duration_quantile  target = clip(label / duration, 0, 1) with duration from ``quantile_of``
+                       (the watched share of the item), fitted by BCE with logits on that soft
+                       target, whose minimiser is E[share | x]; natural = sigmoid(raw) (the
+                       share), or seconds when ``to_natural`` is given the durations.
+
+Masks, not row filters: a row counts in its task's loss only where the label is not NaN, the
+``mask`` column (if any) is 1 and (duration_quantile) the duration is positive; each loss is the
+mean over counted rows (0 with no such row). ``combine_losses`` adds the tasks' losses with fixed
+weights or ``UncertaintyWeighting`` (Kendall et al. 2018), and the mixture's auxiliary loss.
 """
 
 from __future__ import annotations
@@ -13,51 +29,100 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:  # config imports the feature store (and through it Polars); types only here
     from recsys_moe.config import TaskConfig
     from recsys_moe.model import ModelOutput
 
 TRANSFORMS: tuple[str, ...] = ("none", "log1p")
+REGRESSION_OBJECTIVES: tuple[str, ...] = (
+    "mse_log1p",
+    "mse",
+    "weighted_logistic",
+    "duration_quantile",
+)
+WEIGHTINGS: tuple[str, ...] = ("fixed", "uncertainty")
 
 
-def _check_transform(task: TaskConfig) -> None:
+def objective(task: TaskConfig) -> str:
+    """The task's objective, after checking it against ``kind``, ``transform`` and its columns."""
+    where = f"task {task.name!r}"
+    if task.kind == "binary":
+        if task.objective not in ("", "bce"):
+            raise ValueError(f"{where}: a binary task's objective is bce, not {task.objective!r}")
+        return "bce"
+    if task.kind != "regression":
+        raise ValueError(f"{where}: kind {task.kind!r} is not binary|regression")
     if task.transform not in TRANSFORMS:
+        raise ValueError(f"{where}: transform {task.transform!r} is not one of {TRANSFORMS}")
+    if not task.objective:
+        return "mse_log1p" if task.transform == "log1p" else "mse"
+    if task.objective not in REGRESSION_OBJECTIVES:
         raise ValueError(
-            f"task {task.name!r}: transform {task.transform!r} is not one of {TRANSFORMS}"
+            f"{where}: objective {task.objective!r} is not one of {REGRESSION_OBJECTIVES}"
         )
+    if task.transform == "log1p" and task.objective != "mse_log1p":
+        raise ValueError(
+            f"{where}: transform log1p goes with objective mse_log1p; drop the transform for "
+            f"{task.objective}"
+        )
+    if task.objective == "duration_quantile" and not task.quantile_of:
+        raise ValueError(f"{where}: duration_quantile needs quantile_of = the duration column")
+    return task.objective
+
+
+def label_columns(tasks: list[TaskConfig]) -> list[str]:
+    """Every column the losses read (labels, masks, positives, durations), first-seen order."""
+    cols = [c for t in tasks for c in (t.label, t.mask, t.positive, t.quantile_of) if c]
+    return list(dict.fromkeys(cols))
 
 
 def target(task: TaskConfig, label: Tensor) -> Tensor:
-    """The label on the scale the head predicts (``[B]`` float)."""
+    """The label on the scale the MSE objectives fit (``[B]`` float); the label otherwise."""
     label = label.float()
-    if task.kind == "binary":
-        return label
-    _check_transform(task)
-    return torch.log1p(label) if task.transform == "log1p" else label
+    return torch.log1p(label) if objective(task) == "mse_log1p" else label
+
+
+def _column(labels: dict[str, Tensor], name: str, task: TaskConfig) -> Tensor:
+    if name not in labels:
+        raise ValueError(
+            f"task {task.name!r}: column {name!r} not in batch labels {sorted(labels)}; "
+            "load losses.label_columns(tasks)"
+        )
+    return labels[name].float()
+
+
+def task_loss(task: TaskConfig, raw: Tensor, labels: dict[str, Tensor]) -> Tensor:
+    """Scalar loss of one task: the mean of its per-row loss over counted rows (module doc)."""
+    obj = objective(task)
+    y = _column(labels, task.label, task).to(raw.dtype)
+    valid = ~torch.isnan(y)
+    if task.mask:
+        valid &= _column(labels, task.mask, task) == 1
+    if obj == "duration_quantile":
+        duration = _column(labels, task.quantile_of, task).to(raw.dtype)
+        valid &= duration > 0
+        y = (y / torch.where(valid, duration, 1.0)).clamp(0.0, 1.0)
+    y = torch.where(valid, y, 0.0)  # NaN * 0 is NaN: clear masked labels before the loss
+    if obj == "bce" or obj == "duration_quantile":
+        per_row = F.binary_cross_entropy_with_logits(raw, y, reduction="none")
+    elif obj == "weighted_logistic":
+        pos = _column(labels, task.positive, task) == 1 if task.positive else y > 0
+        weight = torch.where(pos, y, 1.0)
+        bce = F.binary_cross_entropy_with_logits(raw, pos.to(raw.dtype), reduction="none")
+        per_row = weight * bce
+    else:
+        per_row = (raw - target(task, y)) ** 2
+    valid_f = valid.to(raw.dtype)
+    return (per_row * valid_f).sum() / valid_f.sum().clamp_min(1.0)
 
 
 def task_losses(
     out: ModelOutput, labels: dict[str, Tensor], tasks: list[TaskConfig]
 ) -> dict[str, Tensor]:
     """Scalar loss per task name."""
-    losses: dict[str, Tensor] = {}
-    for task in tasks:
-        if task.label not in labels:
-            raise ValueError(
-                f"task {task.name!r}: label column {task.label!r} not in batch labels "
-                f"{sorted(labels)}"
-            )
-        raw = out.logits[task.name]
-        y = target(task, labels[task.label]).to(raw.dtype)
-        if task.kind == "binary":
-            losses[task.name] = F.binary_cross_entropy_with_logits(raw, y)
-        elif task.kind == "regression":
-            losses[task.name] = F.mse_loss(raw, y)
-        else:
-            raise ValueError(f"task {task.name!r}: kind {task.kind!r} is not binary|regression")
-    return losses
+    return {t.name: task_loss(t, out.logits[t.name], labels) for t in tasks}
 
 
 def total_loss(losses: dict[str, Tensor], tasks: list[TaskConfig]) -> Tensor:
@@ -65,9 +130,68 @@ def total_loss(losses: dict[str, Tensor], tasks: list[TaskConfig]) -> Tensor:
     return torch.stack([t.weight * losses[t.name] for t in tasks]).sum()
 
 
-def to_natural(task: TaskConfig, raw: Tensor) -> Tensor:
-    """Raw head output → prediction in natural units (probability; seconds for ``log1p``)."""
-    if task.kind == "binary":
+class UncertaintyWeighting(nn.Module):
+    """Kendall et al. 2018: a learned log-variance s_t per task.
+
+    ``forward(losses, tasks) -> Σ_t weight_t · (c_t · exp(-s_t) · L_t + s_t / 2)`` with c = 1 for
+    binary tasks and 1/2 for regression (the paper's σ⁻² and (2σ²)⁻¹, s = log σ²). s starts at 0.
+    Its parameters belong to the model, so the dense optimizer trains them; keep weight decay off
+    them, it would pull every s to 0.
+    """
+
+    def __init__(self, task_names: list[str]) -> None:
+        super().__init__()
+        self.task_names = list(task_names)
+        self.log_vars = nn.Parameter(torch.zeros(len(task_names)))
+
+    def scales(self, tasks: list[TaskConfig]) -> dict[str, Tensor]:
+        """The effective multiplier of each task's loss, c_t · exp(-s_t) (for logging)."""
+        out = {}
+        for t in tasks:
+            c = 1.0 if t.kind == "binary" else 0.5
+            out[t.name] = c * torch.exp(-self.log_vars[self.task_names.index(t.name)])
+        return out
+
+    def forward(self, losses: dict[str, Tensor], tasks: list[TaskConfig]) -> Tensor:
+        scales = self.scales(tasks)
+        terms = [
+            t.weight
+            * (scales[t.name] * losses[t.name] + 0.5 * self.log_vars[self.task_names.index(t.name)])
+            for t in tasks
+        ]
+        return torch.stack(terms).sum()
+
+
+def combine_losses(
+    losses: dict[str, Tensor],
+    tasks: list[TaskConfig],
+    weighting_module: nn.Module | None = None,
+    *,
+    aux_loss: Tensor | None = None,
+) -> Tensor:
+    """The training loss: fixed weights (``total_loss``) or ``weighting_module(losses, tasks)``,
+    plus ``aux_loss`` (``ModelOutput.aux_loss``, already weighted) when given."""
+    if weighting_module is None:
+        loss = total_loss(losses, tasks)
+    else:
+        loss = weighting_module(losses, tasks)
+    return loss if aux_loss is None else loss + aux_loss
+
+
+def to_natural(task: TaskConfig, raw: Tensor, *, duration: Tensor | None = None) -> Tensor:
+    """Raw head output → prediction in natural units (probability; seconds).
+
+    duration_quantile gives the watched share unless ``duration`` ([B], the ``quantile_of``
+    column) is given, then seconds.
+    """
+    obj = objective(task)
+    if obj == "bce":
         return torch.sigmoid(raw)
-    _check_transform(task)
-    return torch.expm1(raw).clamp_min(0.0) if task.transform == "log1p" else raw
+    if obj == "mse_log1p":
+        return torch.expm1(raw).clamp_min(0.0)
+    if obj == "weighted_logistic":
+        return torch.exp(raw)
+    if obj == "duration_quantile":
+        share = torch.sigmoid(raw)
+        return share if duration is None else share * duration.to(share.dtype)
+    return raw

@@ -8,10 +8,18 @@ Notation: B batch, T tasks, E experts, Dn dense features, D_in tower output, H m
 Composition as in torchrec's ``DLRM`` and torchtune's ``MoE``: parts are built by
 ``build_model`` and passed in by keyword. The model is a plain ``nn.Module``; sharding is applied
 to it elsewhere (``DistributedModelParallel`` over the tower's ``EmbeddingBagCollection``).
+
+Matched compute: ``model_cost`` counts the dense FLOPs per example (multiply-adds × 2) and the
+parameters of mixture + heads (embeddings excluded); ``match_compute`` rescales a config's expert
+(or bottom) widths so that its FLOPs meet a budget, e.g. the demo MMoE's:
+
+    budget = model_cost(mmoe_cfg, features, tasks)["flops_per_example"]
+    sb_cfg = match_compute(replace(mmoe_cfg, mixture="shared_bottom"), features, tasks, budget)
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -19,26 +27,57 @@ from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
 from recsys_moe.heads import TaskHead
-from recsys_moe.mixture import Experts, MMoE
+from recsys_moe.losses import WEIGHTINGS, UncertaintyWeighting
+from recsys_moe.mixture import (
+    PLE,
+    CGCLevel,
+    Experts,
+    Gate,
+    MMoE,
+    OMoE,
+    SharedBottom,
+    SingleTask,
+    TopKMMoE,
+)
 from recsys_moe.tower import EmbeddingTower
 
 if TYPE_CHECKING:  # the feature store and config pull in Polars; types only here
     from feature_store.definitions import FeatureSet
     from recsys_moe.config import ModelConfig
 
-MIXTURES: tuple[str, ...] = ("mmoe",)
+MIXTURES: tuple[str, ...] = (
+    "single_task",
+    "shared_bottom",
+    "omoe",
+    "mmoe",
+    "topk_mmoe",
+    "cgc",
+    "ple",
+)
 
 
 class ModelOutput(NamedTuple):
     logits: dict[str, Tensor]  # task name -> [B]: a logit (binary) or a transformed-scale value
-    gates: Tensor  # [T, B, E]
+    gates: Tensor  # [T, B, E]: each task's weights over the mixture's experts (mixture.py)
+    aux_loss: Tensor | None = None  # weighted load-balancing loss, to add to the training loss
+    drop_rate: Tensor | None = None  # topk_mmoe: share of routed (row, expert) pairs dropped
 
 
 class MultiTaskModel(nn.Module):
-    """``forward(dense [B, Dn], sparse KJT) -> ModelOutput``; task order = ``heads`` order."""
+    """``forward(dense [B, Dn], sparse KJT) -> ModelOutput``; task order = ``heads`` order.
+
+    ``loss_weighting`` (optional, e.g. ``UncertaintyWeighting``) is held here so that its
+    parameters train with the model; pass it to ``losses.combine_losses``.
+    """
 
     def __init__(
-        self, *, tower: nn.Module, mixture: nn.Module, heads: dict[str, nn.Module]
+        self,
+        *,
+        tower: nn.Module,
+        mixture: nn.Module,
+        heads: dict[str, nn.Module],
+        loss_weighting: nn.Module | None = None,
+        aux_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         num_tasks = getattr(mixture, "num_tasks", len(heads))
@@ -47,15 +86,63 @@ class MultiTaskModel(nn.Module):
         self.tower = tower
         self.mixture = mixture
         self.heads = nn.ModuleDict(heads)
+        self.loss_weighting = loss_weighting
+        self.aux_loss_weight = aux_loss_weight
 
     @property
     def tasks(self) -> list[str]:
         return list(self.heads.keys())
 
+    def gate_support(self) -> Tensor:
+        """``[T, E]`` bool: the experts each task's gate ranges over."""
+        return self.mixture.gate_support()
+
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> ModelOutput:
-        mixed, gates = self.mixture(self.tower(dense, sparse))
+        mixed, gates, balance, drop_rate = self.mixture(self.tower(dense, sparse))
         logits = {name: head(mixed[t]) for t, (name, head) in enumerate(self.heads.items())}
-        return ModelOutput(logits=logits, gates=gates)
+        aux = None if balance is None else self.aux_loss_weight * balance
+        return ModelOutput(logits=logits, gates=gates, aux_loss=aux, drop_rate=drop_rate)
+
+
+def build_mixture(cfg: ModelConfig, in_dim: int, num_tasks: int) -> nn.Module:
+    """The mixture named by ``cfg.mixture``, its parts built here and passed in."""
+    t, drop = num_tasks, cfg.gate_dropout
+    if cfg.mixture in ("single_task", "shared_bottom"):
+        dims = cfg.bottom_dims or cfg.expert_dims
+        if cfg.mixture == "single_task":
+            return SingleTask(bottoms=Experts(t, in_dim, dims))
+        return SharedBottom(bottom=Experts(1, in_dim, dims), num_tasks=t)
+    if cfg.mixture in ("cgc", "ple"):
+        levels = 1 if cfg.mixture == "cgc" else cfg.num_levels
+        if levels < 1 or cfg.num_task_experts < 0 or cfg.num_shared_experts < 0:
+            raise ValueError("model.num_levels must be >= 1 and expert counts >= 0")
+        nt, ns = cfg.num_task_experts, cfg.num_shared_experts
+        if nt + ns < 1 or (levels > 1 and ns < 1):
+            raise ValueError("CGC needs >= 1 expert per task gate; PLE needs shared experts")
+        cgc_levels, d = [], in_dim
+        for level in range(levels):
+            last = level == levels - 1
+            experts = Experts(t * nt + ns, d, cfg.expert_dims)
+            cgc_levels.append(
+                CGCLevel(
+                    experts=experts,
+                    task_gates=Gate(d, t, nt + ns, drop),
+                    shared_gate=None if last else Gate(d, 1, experts.num_experts, drop),
+                    num_task_experts=nt,
+                    num_shared_experts=ns,
+                )
+            )
+            d = experts.out_dim
+        return PLE(levels=cgc_levels)
+    experts = Experts(cfg.num_experts, in_dim, cfg.expert_dims)
+    if cfg.mixture == "omoe":
+        return OMoE(experts=experts, gate=Gate(in_dim, 1, cfg.num_experts, drop), num_tasks=t)
+    gate = Gate(in_dim, t, cfg.num_experts, drop)
+    if cfg.mixture == "topk_mmoe":
+        return TopKMMoE(
+            experts=experts, gate=gate, top_k=cfg.top_k, capacity_factor=cfg.capacity_factor
+        )
+    return MMoE(experts=experts, gate=gate)
 
 
 def build_model(
@@ -74,6 +161,8 @@ def build_model(
         raise ValueError(
             f"model.mixture {cfg.mixture!r} is not supported; choose one of {MIXTURES}"
         )
+    if cfg.loss_weighting not in WEIGHTINGS:
+        raise ValueError(f"model.loss_weighting {cfg.loss_weighting!r}: one of {WEIGHTINGS}")
     if not tasks:
         raise ValueError("build_model needs at least one task")
     if not features.sparse:
@@ -85,14 +174,64 @@ def build_model(
         device=torch.device(device) if device is not None else None,
     )
     tower = EmbeddingTower(ebc=ebc, num_dense=len(features.dense))
-    experts = Experts(cfg.num_experts, tower.out_dim, cfg.expert_dims)
-    mixture = MMoE(
-        experts=experts, in_dim=tower.out_dim, num_tasks=len(tasks), gate_dropout=cfg.gate_dropout
-    )
+    mixture = build_mixture(cfg, tower.out_dim, len(tasks))
     heads = {name: TaskHead(mixture.out_dim, cfg.tower_dims) for name in tasks}
-    return MultiTaskModel(tower=tower, mixture=mixture, heads=heads)
+    weighting = UncertaintyWeighting(tasks) if cfg.loss_weighting == "uncertainty" else None
+    return MultiTaskModel(
+        tower=tower,
+        mixture=mixture,
+        heads=heads,
+        loss_weighting=weighting,
+        aux_loss_weight=cfg.aux_loss_weight,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameter elements (meta parameters included)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def model_cost(
+    model_or_cfg: MultiTaskModel | ModelConfig, features: FeatureSet, tasks: list[str]
+) -> dict[str, int]:
+    """Dense cost of mixture + heads: ``parameters`` and ``flops_per_example`` (multiply-adds × 2).
+
+    Embedding lookups, the tower's concat, biases and activations are excluded. For topk_mmoe the
+    FLOPs are the bound min(E, T·k) experts per example (each example runs on the union of its
+    tasks' top-k); the measured count of the last forward is ``mixture.last_experts_per_example``.
+    """
+    model = model_or_cfg
+    if not isinstance(model, nn.Module):
+        model = build_model(features, model_or_cfg, tasks, device="meta")
+    flops = model.mixture.flops_per_example() + sum(
+        h.flops_per_example() for h in model.heads.values()
+    )
+    params = count_parameters(model.mixture) + count_parameters(model.heads)
+    return {"parameters": params, "flops_per_example": int(flops)}
+
+
+def match_compute(
+    cfg: ModelConfig, features: FeatureSet, tasks: list[str], flops_per_example: float
+) -> ModelConfig:
+    """``cfg`` with its expert widths (``bottom_dims`` for single_task/shared_bottom, else
+    ``expert_dims``) scaled by one factor, the largest whose ``model_cost`` FLOPs stay within
+    ``flops_per_example``. Layer count, expert counts and heads' widths are kept."""
+    bottom = cfg.mixture in ("single_task", "shared_bottom")
+    base = (cfg.bottom_dims or cfg.expert_dims) if bottom else cfg.expert_dims
+
+    def scaled(s: float) -> ModelConfig:
+        dims = [max(1, round(d * s)) for d in base]
+        return replace(cfg, bottom_dims=dims) if bottom else replace(cfg, expert_dims=dims)
+
+    def cost(s: float) -> int:
+        return model_cost(scaled(s), features, tasks)["flops_per_example"]
+
+    lo, hi = 0.0, 1.0
+    while cost(hi) <= flops_per_example and hi < 1e4:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= flops_per_example else (lo, mid)
+    if cost(lo) > flops_per_example:
+        raise ValueError(f"no widths of {cfg.mixture} fit {flops_per_example} FLOPs per example")
+    return scaled(lo)

@@ -17,20 +17,22 @@ from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
 
 class EmbeddingTower(nn.Module):
-    """``forward(dense [B, Dn], sparse KJT) -> [B, D_in]``: pooled embeddings (EBC order), dense."""
+    """``forward(dense [B, Dn], sparse KJT) -> [B, D_in]``: pooled embeddings in the order of the
+    table configs (the same sharded or not), then the dense features."""
 
     def __init__(self, *, ebc: EmbeddingBagCollection, num_dense: int) -> None:
         super().__init__()
         self.ebc = ebc
         self.num_dense = num_dense
-        self._embedding_dim = sum(
-            c.embedding_dim * len(c.feature_names) for c in ebc.embedding_bag_configs()
-        )
+        configs = ebc.embedding_bag_configs()
+        # fixed here, before sharding: a sharded EBC groups its outputs by sharding type
+        self._feature_names = [f for c in configs for f in c.feature_names]
+        self._embedding_dim = sum(c.embedding_dim * len(c.feature_names) for c in configs)
 
     @property
     def out_dim(self) -> int:
         return self._embedding_dim + self.num_dense
 
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
-        pooled = self.ebc(sparse).values()  # [B, Σ dims]
-        return torch.cat([pooled, dense], dim=1)
+        pooled = self.ebc(sparse).to_dict()  # feature name -> [B, D_f]
+        return torch.cat([pooled[f] for f in self._feature_names] + [dense], dim=1)

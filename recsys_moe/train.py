@@ -1,30 +1,53 @@
-"""Training: one ``train(cfg)`` entry.
-
-Reads top to bottom: data (training set → mappings → tensors) → model → optimizer → MLflow run →
-loop (per-task losses logged every ``log_every`` steps, validation metrics every epoch) → model
-bundle saved and logged to the run as artifact ``model``.
+"""Training: one ``train(cfg)`` entry, alone or under torchrun.
 
     recsys-moe train --config configs/demo.toml [--set train.epochs=3 model.num_experts=8]
+    torchrun --nproc-per-node 2 -m recsys_moe.train --config FILE [--set k=v ...] [--resume]
+
+Reads top to bottom: process group (a group of one when alone) → data (this rank's slice) →
+model (tables on "meta") → sharding (planner, ``DistributedModelParallel``, row-wise Adagrad fused
+into the tables' backward) → optimizers → metric logger (MLflow on rank 0, a do-nothing one
+elsewhere) → resume from a checkpoint → loop (per-task losses every ``log_every`` steps,
+validation every epoch, checkpoints every ``train.checkpoint.every`` steps) → full state dict
+gathered on rank 0 → model bundle (plain, unsharded) logged to the run as artifact ``model``.
+
+``train.batch_size`` is per rank; each epoch every rank takes an equal, disjoint slice of one
+shuffled order (the remainder of rows over ranks is dropped), so all ranks take the same steps.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import mlflow
 import polars as pl
 import torch
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torch import Tensor, nn
+from torchrec import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from pipelines.mappings import Mappings, apply_mappings
 from pipelines.training_set import load_manifest, load_split
+from recsys_moe import checkpoint, sharding
 from recsys_moe.bundle import save_bundle
-from recsys_moe.config import Config
-from recsys_moe.data import TensorData, iterate_batches, to_tensor_data
-from recsys_moe.losses import task_losses, total_loss
+from recsys_moe.config import Config, TaskConfig, load_config
+from recsys_moe.data import TensorData, gather_jagged, iterate_batches, to_tensor_data
+from recsys_moe.dist import DistInfo, broadcast_object, mean_across_ranks, setup, shutdown
+from recsys_moe.gates import (
+    collect_gates,
+    gate_stats,
+    plot_expert_heatmap,
+    polarization_warning,
+    usage_by_group,
+)
+from recsys_moe.losses import combine_losses, label_columns, objective, task_losses
 from recsys_moe.metrics import task_metrics
 from recsys_moe.model import build_model, count_parameters
 from recsys_moe.predict import output_name, predict_tensors
@@ -42,6 +65,8 @@ class TrainResult:
     samples_per_s: float = 0.0
     model: torch.nn.Module | None = None  # the trained model, in this process
     mappings: Mappings | None = None
+    gates: dict[str, float] = field(default_factory=dict)  # last validation's gate statistics
+    plots: list[Path] = field(default_factory=list)
 
 
 def load_split_data(cfg: Config, mappings: Mappings, split: str) -> tuple[pl.DataFrame, TensorData]:
@@ -49,7 +74,7 @@ def load_split_data(cfg: Config, mappings: Mappings, split: str) -> tuple[pl.Dat
     features = cfg.feature_set()
     raw = load_split(cfg.dataset_dir, split).collect()
     mapped = apply_mappings(raw.lazy(), features, mappings).collect()
-    return raw, to_tensor_data(mapped, features, raw.select([t.label for t in cfg.tasks]))
+    return raw, to_tensor_data(mapped, features, raw.select(label_columns(cfg.tasks)))
 
 
 def check_dataset(cfg: Config) -> dict:
@@ -77,28 +102,6 @@ def validation_metrics(
     return out
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> CombinedOptimizer:
-    """Adagrad for the embedding tables, Adam for the dense part (DESIGN.md, Training).
-
-    Adam's moments keep moving embedding rows long after their last gradient, which overfits
-    the id tables; Adagrad leaves rows without gradient alone.
-    """
-    params = dict(model.named_parameters())
-    sparse = {n: p for n, p in params.items() if ".ebc." in f".{n}"}
-    dense = {n: p for n, p in params.items() if n not in sparse}
-    return CombinedOptimizer(
-        [
-            ("sparse", KeyedOptimizerWrapper(
-                sparse, lambda ps: torch.optim.Adagrad(
-                    ps, lr=cfg.train.embedding_lr,
-                    weight_decay=cfg.train.embedding_weight_decay))),
-            ("dense", KeyedOptimizerWrapper(
-                dense, lambda ps: torch.optim.Adam(
-                    ps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))),
-        ]
-    )  # fmt: skip
-
-
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -111,75 +114,444 @@ def build_scheduler(
     raise ValueError(f"train.lr_schedule {cfg.train.lr_schedule!r}: use constant or linear")
 
 
+def init_head_biases(model: nn.Module, tasks: list[TaskConfig], manifest: dict) -> None:
+    """Start each head's output at the constant predictor of its label (training-split mean):
+    logit(rate) for BCE, the mean of the fitted target for MSE. Without it a head on a far-off
+    scale (ratings near 3.5) spends its first epochs, and the shared experts, on the offset."""
+    stats = manifest.get("labels", {})
+    for t in tasks:
+        s = stats.get(t.label)
+        if not s or t.mask:
+            continue
+        obj = objective(t)
+        if obj == "bce":
+            rate = min(max(s["train_mean"], 1e-4), 1 - 1e-4)
+            value = math.log(rate / (1 - rate))
+        elif obj == "mse_log1p" and "train_mean_log1p" in s:
+            value = s["train_mean_log1p"]
+        elif obj == "mse":
+            value = s["train_mean"]
+        else:
+            continue
+        last = [m for m in model.heads[t.name].modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            last.bias.fill_(value)
+
+
+# ---- batches -----------------------------------------------------------------------------------
+@dataclass
+class TrainBatch(Pipelineable):
+    """One batch as TorchRec's train pipelines move it: ``to(device)`` and ``record_stream``."""
+
+    dense: Tensor  # [B, Dn]
+    sparse: KeyedJaggedTensor  # F keys x B bags
+    labels: dict[str, Tensor]  # label column -> [B]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> TrainBatch:
+        return TrainBatch(
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            sparse=self.sparse.to(device, non_blocking=non_blocking),
+            labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.dense.record_stream(stream)
+        self.sparse.record_stream(stream)
+        for v in self.labels.values():
+            v.record_stream(stream)
+
+
+def take_rows(data: TensorData, idx: Tensor) -> TensorData:
+    """The rows ``idx`` of ``data``, in that order."""
+    sparse = {}
+    for name, col in data.sparse.items():
+        lengths = col.lengths[idx]
+        offsets = torch.zeros(len(idx) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        values = gather_jagged(col.offsets[:-1][idx], lengths, col.values)
+        sparse[name] = type(col)(values=values, offsets=offsets)
+    return TensorData(
+        dense=data.dense[idx],
+        sparse=sparse,
+        labels={k: v[idx] for k, v in data.labels.items()},
+        num_rows=len(idx),
+    )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps of this run: every rank takes ``rows_per_rank`` rows per epoch, in batches."""
+
+    rows_per_rank: int
+    batch_size: int
+    epochs: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.rows_per_rank // self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def rows_in_step(self, step: int) -> int:
+        """Rows of (1-based) ``step`` on each rank: the last batch of an epoch may be short."""
+        begin = ((step - 1) % self.steps_per_epoch) * self.batch_size
+        return min(self.batch_size, self.rows_per_rank - begin)
+
+
+def rank_batches(
+    data: TensorData, sched: Schedule, info: DistInfo, *, seed: int, start_step: int
+) -> Iterator[TrainBatch]:
+    """This rank's batches from ``start_step`` (steps done) to the end of the last epoch.
+
+    Epoch e shuffles all rows with seed ``seed + e`` (the single-process order of
+    ``iterate_batches(shuffle=True)``); rank r takes the r-th of ``world_size`` equal slices.
+    """
+    n = sched.rows_per_rank
+    for epoch in range(start_step // sched.steps_per_epoch, sched.epochs):
+        order = torch.randperm(data.num_rows, generator=torch.Generator().manual_seed(seed + epoch))
+        first = (
+            start_step - epoch * sched.steps_per_epoch
+            if epoch * sched.steps_per_epoch < start_step
+            else 0
+        )
+        idx = order[info.rank * n : (info.rank + 1) * n][first * sched.batch_size :]
+        for b in iterate_batches(take_rows(data, idx), sched.batch_size):
+            yield TrainBatch(dense=b.dense, sparse=b.sparse, labels=b.labels)
+
+
+# ---- model wrappers ----------------------------------------------------------------------------
+class TrainModule(nn.Module):
+    """Model and losses: ``forward(batch) -> (loss, (loss, per-task losses))``, outputs detached,
+    the shape TorchRec's train pipelines expect. bf16 autocast over the model where enabled;
+    losses in float32."""
+
+    def __init__(self, model: nn.Module, tasks: list[TaskConfig], *, autocast: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = tasks
+        self.autocast = autocast
+
+    def forward(self, batch: TrainBatch) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(batch.dense, batch.sparse)
+        out = out._replace(logits={k: v.float() for k, v in out.logits.items()})
+        losses = task_losses(out, batch.labels, self.tasks)
+        loss = combine_losses(losses, self.tasks, self.model.loss_weighting, aux_loss=out.aux_loss)
+        if out.aux_loss is not None:
+            losses["aux"] = out.aux_loss
+        return loss, (loss.detach(), {k: v.detach() for k, v in losses.items()})
+
+
+class OnDevice(nn.Module):
+    """``model(dense, sparse)`` with inputs moved to ``device`` and logits back to the CPU."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.model = model
+        self.device = device
+
+    def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Any:
+        out = self.model(dense.to(self.device), sparse.to(self.device))
+        return out._replace(logits={k: v.float().cpu() for k, v in out.logits.items()})
+
+
+# ---- metric loggers ----------------------------------------------------------------------------
+class MetricLogger(Protocol):
+    run_id: str
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_setup(self, cfg: Config, params: dict[str, Any], plan: dict[str, Any]) -> None: ...
+    def log_artifacts(self, path: Path, artifact_path: str) -> None: ...
+    def close(self, ok: bool) -> None: ...
+
+
+class MlflowLogger:
+    """Rank 0: an MLflow run, new or (on resume) the checkpoint's own."""
+
+    def __init__(self, cfg: Config, *, run_id: str | None, tags: dict[str, str]) -> None:
+        experiment_id = ensure_experiment(cfg)
+        self.resumed = run_id is not None
+        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, tags=tags)
+        self.run_id = run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics(metrics, step=step, synchronous=False)
+
+    def log_setup(self, cfg: Config, params: dict[str, Any], plan: dict[str, Any]) -> None:
+        if not self.resumed:  # MLflow refuses to change a param (train.resume did change)
+            mlflow.log_params(cfg.flat() | params)
+        mlflow.log_text(cfg.feature_set().source, "features.toml")
+        mlflow.log_dict(plan, "sharding_plan.json")
+
+    def log_artifacts(self, path: Path, artifact_path: str) -> None:
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+
+    def close(self, ok: bool) -> None:
+        mlflow.end_run("FINISHED" if ok else "FAILED")
+
+
+class NullLogger:
+    """Every other rank: logs nothing."""
+
+    run_id = ""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_setup(self, cfg: Config, params: dict[str, Any], plan: dict[str, Any]) -> None:
+        pass
+
+    def log_artifacts(self, path: Path, artifact_path: str) -> None:
+        pass
+
+    def close(self, ok: bool) -> None:
+        pass
+
+
+# ---- training ----------------------------------------------------------------------------------
 def train(cfg: Config) -> TrainResult:
+    """Train ``cfg``'s model; under torchrun, each process is one rank of the run.
+
+    The result's ``model`` (a plain, unsharded model on the CPU), ``model_dir`` and ``valid``
+    are filled on rank 0; ``losses`` are this rank's own.
+    """
+    info = setup()
+    try:
+        return _train(cfg, info)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: Config, info: DistInfo) -> TrainResult:
     # ---- data --------------------------------------------------------------------------------
     features = cfg.feature_set()
     manifest = check_dataset(cfg)
     mappings = Mappings.load(cfg.dataset_dir / "mappings", features)
     _, train_data = load_split_data(cfg, mappings, "train")
-    _, valid_data = load_split_data(cfg, mappings, "valid")
-    if train_data.num_rows == 0:
-        raise ValueError(f"training split of {cfg.dataset_dir} is empty")
+    valid_raw, valid_data = load_split_data(cfg, mappings, "valid")
+    if train_data.num_rows < info.world_size:
+        raise ValueError(
+            f"training split of {cfg.dataset_dir} has {train_data.num_rows} rows, fewer than "
+            f"the {info.world_size} ranks"
+        )
+    sched = Schedule(train_data.num_rows // info.world_size, cfg.train.batch_size, cfg.train.epochs)
 
-    # ---- model and optimizer -----------------------------------------------------------------
+    # ---- model (tables on "meta"), sharding, optimizers --------------------------------------
     torch.manual_seed(cfg.train.seed)
-    model = build_model(features, cfg.model, [t.name for t in cfg.tasks])
-    optimizer = build_optimizer(model, cfg)
-    total_steps = cfg.train.epochs * -(-train_data.num_rows // cfg.train.batch_size)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    tasks = [t.name for t in cfg.tasks]
+    model = build_model(features, cfg.model, tasks, device="meta")
+    init_head_biases(model, cfg.tasks, manifest)
+    num_parameters = count_parameters(model)
+    module = TrainModule(model, cfg.tasks, autocast=info.device.type == "cuda")
+    dmp, plan = sharding.shard(
+        module,
+        cfg.train.sharding,
+        device=info.device,
+        embedding_lr=cfg.train.embedding_lr,
+        embedding_weight_decay=cfg.train.embedding_weight_decay,
+    )
+    plan_summary = sharding.plan_summary(plan)
+    log.info("sharding plan: %s", plan_summary)
+    optimizer = sharding.build_optimizer(dmp, cfg.train.lr, cfg.train.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg, sched.total_steps)
 
-    # ---- run ---------------------------------------------------------------------------------
+    # ---- resume, run, checkpoints ------------------------------------------------------------
+    ckpt_root = cfg.path(cfg.train.checkpoint.dir)
+    resume_from = checkpoint.resolve(cfg.train.resume, ckpt_root)
+    loop = checkpoint.LoopState(step=0, epoch=0, batch_in_epoch=0, run_id="")
+    if resume_from is not None:
+        loop = checkpoint.load(resume_from, model=dmp, optimizer=optimizer, scheduler=scheduler)
+        log.info("resumed from %s at step %d", resume_from, loop.step)
     tags = {
         TRAIN_JOB_TAG: "train",
         "recsys_moe.features_fingerprint": features.fingerprint(),
         "recsys_moe.dataset_created_at": manifest.get("created_at", ""),
         "recsys_moe.dataset": str(cfg.dataset_dir.resolve()),
+        "recsys_moe.world_size": str(info.world_size),
     }
-    result = TrainResult(run_id="", model_dir=Path(), model=model, mappings=mappings)
-    with mlflow.start_run(experiment_id=ensure_experiment(cfg), tags=tags) as run:
-        result.run_id = run.info.run_id
-        mlflow.log_params(cfg.flat() | {"model.num_parameters": count_parameters(model)})
-        mlflow.log_text(features.source, "features.toml")
-        step, seen, t0 = 0, 0, time.perf_counter()
-        for epoch in range(cfg.train.epochs):
-            model.train()
-            running: dict[str, float] = {}
-            for batch in iterate_batches(
-                train_data, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + epoch
-            ):
-                out = model(batch.dense, batch.sparse)
-                losses = task_losses(out, batch.labels, cfg.tasks)
-                loss = total_loss(losses, cfg.tasks)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                seen += batch.dense.shape[0]
-                result.losses.append(loss.item())
-                for name, v in losses.items():
-                    running[name] = running.get(name, 0.0) + v.item()
-                if step % cfg.train.log_every == 0:
-                    n = cfg.train.log_every
-                    metrics = {f"train/loss_{k}": v / n for k, v in running.items()}
-                    metrics["train/loss"] = sum(result.losses[-n:]) / n
-                    mlflow.log_metrics(metrics, step=step, synchronous=False)
-                    running = {}
-            result.samples_per_s = seen / (time.perf_counter() - t0)
-            result.valid = validation_metrics(cfg, model, valid_data, manifest)
-            mlflow.log_metrics({f"valid/{k}": v for k, v in result.valid.items()}, step=step)
-            log.info("epoch %d step %d valid %s", epoch, step, _fmt(result.valid))
-        mlflow.log_metric("train/samples_per_s", result.samples_per_s)
-        result.model_dir = save_bundle(
-            cfg.path("models") / result.run_id,
-            model=model,
-            cfg=cfg,
-            features=features,
-            dataset_dir=cfg.dataset_dir,
-        )
-        mlflow.log_artifacts(str(result.model_dir), artifact_path="model")
-    return result
+    if resume_from is not None:
+        tags["recsys_moe.resumed_from"] = str(resume_from)
+    logger: MetricLogger = (
+        MlflowLogger(cfg, run_id=loop.run_id or None, tags=tags) if info.is_main else NullLogger()
+    )
+    ok = False
+    try:
+        run_id = broadcast_object(logger.run_id)
+        run_dir = resume_from.parent if resume_from is not None else ckpt_root / run_id
+        logger.log_setup(
+            cfg, {"model.num_parameters": num_parameters, "train.world_size": info.world_size},
+            plan_summary,
+        )  # fmt: skip
+        result = TrainResult(run_id=run_id, model_dir=Path(), mappings=mappings)
+        _loop(cfg, info, dmp, optimizer, scheduler, sched, train_data, valid_data, manifest,
+              loop.step, run_id, run_dir, logger, result)  # fmt: skip
+
+        # ---- the full model on rank 0: bundle ------------------------------------------------
+        state = sharding.full_state_dict(dmp)
+        if state is not None:
+            plain = build_model(features, cfg.model, tasks)
+            plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+            plain.eval()
+            result.model = plain
+            result.model_dir = save_bundle(
+                cfg.path("models") / run_id,
+                model=plain,
+                cfg=cfg,
+                features=features,
+                dataset_dir=cfg.dataset_dir,
+            )
+            logger.log_artifacts(result.model_dir, artifact_path="model")
+            result.plots = expert_heatmaps(cfg, plain, valid_raw, valid_data, result.model_dir)
+            if result.plots:
+                logger.log_artifacts(result.plots[0].parent, artifact_path="plots")
+        ok = True
+        return result
+    finally:
+        logger.close(ok)
+
+
+def _loop(
+    cfg: Config,
+    info: DistInfo,
+    dmp: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    sched: Schedule,
+    train_data: TensorData,
+    valid_data: TensorData,
+    manifest: dict,
+    start_step: int,
+    run_id: str,
+    run_dir: Path,
+    logger: MetricLogger,
+    result: TrainResult,
+) -> None:
+    progress, pause = sharding.train_step(dmp, optimizer, info.device)
+    batches = rank_batches(train_data, sched, info, seed=cfg.train.seed, start_step=start_step)
+    evaluated = OnDevice(dmp.module.model, info.device)
+    every = cfg.train.checkpoint.every
+    window: list[tuple[Tensor, dict[str, Tensor]]] = []  # detached losses since the last log
+    seen, t0 = 0, time.perf_counter()
+    dmp.train()
+    for step in range(start_step + 1, sched.total_steps + 1):
+        window.append(progress(batches))
+        scheduler.step()
+        seen += sched.rows_in_step(step)
+        if step % cfg.train.log_every == 0 or step == sched.total_steps:
+            _log_window(window, step, logger, result)
+            window = []
+        if step % sched.steps_per_epoch == 0:
+            pause()
+            result.valid = validation_metrics(cfg, evaluated, valid_data, manifest)
+            gates = collect_gates(evaluated, iterate_batches(valid_data, cfg.train.eval_batch_size))
+            support = dmp.module.model.gate_support()
+            result.gates = gate_stats(gates, [t.name for t in cfg.tasks], support)
+            warning = polarization_warning(gates, [t.name for t in cfg.tasks], support)
+            if warning:
+                log.warning("step %d: %s", step, warning)
+            dmp.train()
+            logger.log_metrics({f"valid/{k}": v for k, v in result.valid.items()}, step=step)
+            logger.log_metrics(result.gates, step=step)
+            log.info("epoch %d step %d valid %s", step // sched.steps_per_epoch - 1, step,
+                     _fmt(result.valid))  # fmt: skip
+        if every and step % every == 0:
+            _log_window(window, step, logger, result)
+            window = []
+            epoch, batch = divmod(step, sched.steps_per_epoch)
+            checkpoint.save(
+                run_dir,
+                checkpoint.LoopState(step=step, epoch=epoch, batch_in_epoch=batch, run_id=run_id),
+                model=dmp, optimizer=optimizer, scheduler=scheduler,
+                keep=cfg.train.checkpoint.keep,
+            )  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    result.samples_per_s = seen * info.world_size / elapsed if elapsed > 0 else 0.0
+    logger.log_metrics({"train/samples_per_s": result.samples_per_s})
+
+
+def expert_heatmaps(
+    cfg: Config, model: nn.Module, raw: pl.DataFrame, data: TensorData, model_dir: Path
+) -> list[Path]:
+    """Expert usage by each ``train.heatmap_by`` column of the validation rows, one PNG each
+    (next to the model bundle, in ``<model_dir>-plots/``)."""
+    columns = [c for c in cfg.train.heatmap_by if c in raw.columns]
+    if not columns or data.num_rows == 0:
+        return []
+    gates = collect_gates(model, iterate_batches(data, cfg.train.eval_batch_size))
+    tasks = [t.name for t in cfg.tasks]
+    plots = model_dir.with_name(f"{model_dir.name}-plots")
+    out = []
+    for col in columns:
+        values = raw[col].cast(pl.String).fill_null("(missing)")
+        names = sorted(values.unique().to_list())
+        codes = values.replace_strict(names, list(range(len(names))), return_dtype=pl.Int64)
+        usage = usage_by_group(gates, torch.tensor(codes.to_numpy()), len(names))
+        out.append(
+            plot_expert_heatmap(
+                usage, names, plots / f"experts_by_{col}.png",
+                task_names=tasks, title=f"expert usage by {col} (validation split)",
+            )
+        )  # fmt: skip
+    return out
+
+
+def _log_window(
+    window: list[tuple[Tensor, dict[str, Tensor]]],
+    step: int,
+    logger: MetricLogger,
+    result: TrainResult,
+) -> None:
+    """Mean losses over ``window`` (across ranks) to the logger; step losses to ``result``."""
+    if not window:
+        return
+    totals = torch.stack([w[0] for w in window]).float().cpu()
+    result.losses.extend(totals.tolist())
+    metrics = {
+        f"train/loss_{k}": torch.stack([w[1][k] for w in window]).float().mean().item()
+        for k in window[0][1]
+    }
+    metrics["train/loss"] = totals.mean().item()
+    logger.log_metrics(mean_across_ranks(metrics), step=step)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+# ---- torchrun entry ----------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recsys_moe.train",
+        description="Train (alone, or one rank under torchrun --nproc-per-node N).",
+    )
+    parser.add_argument("--config", help="config TOML (default: the embedded configs/demo.toml)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--workdir", help="override the config's workdir")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="PATH",
+        help="continue from the newest checkpoint, or from PATH (a run's checkpoint folder or a "
+        "ckpt-<step> folder); sets train.resume",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.set, workdir=args.workdir)
+        if args.resume is not None:
+            cfg.train.resume = args.resume
+        result = train(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.model is not None:
+        print(f"trained run {result.run_id}: {result.samples_per_s:,.0f} samples/s")
+        print(f"model bundle: {result.model_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -92,6 +92,28 @@ def test_evaluation_reports_metrics_and_beats_the_mean(run: SimpleNamespace) -> 
     assert m["click_logloss"] > 0 and m["watch_time_rmse_log"] > 0
 
 
+def test_saved_model_scores_as_the_trained_sharded_one(run: SimpleNamespace) -> None:
+    """The bundle (plain EBC, gathered tables) reproduces the validation metrics that training
+    computed with the sharded model."""
+    rep = evaluate(run.cfg, run_id=run.result.run_id, split="valid", output=run.cfg.path("v.json"))
+    for k in ("click_auc", "click_logloss", "watch_time_rmse"):
+        assert rep["metrics"][k] == pytest.approx(run.result.valid[k], rel=1e-5), k
+
+
+def test_training_logs_gate_statistics_and_expert_heatmaps(run: SimpleNamespace) -> None:
+    client = client_for(run.cfg)
+    metrics = client.get_run(run.result.run_id).data.metrics
+    usage = [v for k, v in metrics.items() if k.startswith("gates/click/usage_e")]
+    assert len(usage) == run.cfg.model.num_experts
+    assert sum(usage) == pytest.approx(1.0, abs=1e-4)
+    assert 0.0 <= metrics["gates/watch_time/entropy"] <= 1.0
+    names = sorted(p.name for p in run.result.plots)
+    assert names == ["experts_by_category.png", "experts_by_segment.png"]
+    assert all(p.stat().st_size > 1000 for p in run.result.plots)
+    arts = [a.path for a in client.list_artifacts(run.result.run_id, "plots")]
+    assert arts == ["plots/experts_by_category.png", "plots/experts_by_segment.png"]
+
+
 def test_registered_pyfunc_scores_exactly_as_the_in_process_model(run: SimpleNamespace) -> None:
     rows = load_split(run.cfg.dataset_dir, "test").collect()
     fs = run.cfg.feature_set()

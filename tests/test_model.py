@@ -10,7 +10,7 @@ from feature_store.definitions import FeatureSet
 from recsys_moe.config import ModelConfig, TaskConfig
 from recsys_moe.heads import TaskHead
 from recsys_moe.losses import task_losses, to_natural, total_loss
-from recsys_moe.mixture import Experts, MMoE
+from recsys_moe.mixture import Experts, Gate, MMoE
 from recsys_moe.model import ModelOutput, MultiTaskModel, build_model, count_parameters
 from recsys_moe.tower import EmbeddingTower
 
@@ -64,6 +64,14 @@ B, T, E, H = 4, 2, 3, 8
 D_IN = 4 + 6 + 3 + 1
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # tiny ops: thread hand-offs cost more than they save on a shared CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def features() -> FeatureSet:
     return FeatureSet.from_toml(FEATURES_TOML)
@@ -93,8 +101,8 @@ def test_shapes_of_every_part(features: FeatureSet) -> None:
     assert torch.equal(x[:, -1:], dense)  # dense features come last
     experts = Experts(E, D_IN, [16, H])
     assert experts(x).shape == (E, B, H)
-    mmoe = MMoE(experts=experts, in_dim=D_IN, num_tasks=T)
-    mixed, gates = mmoe(x)
+    mmoe = MMoE(experts=experts, gate=Gate(D_IN, T, E))
+    mixed, gates, _, _ = mmoe(x)
     assert mixed.shape == (T, B, H) and gates.shape == (T, B, E) and mmoe.out_dim == H
     assert TaskHead(H, [8]).forward(mixed[0]).shape == (B,)
     out = make_model(features)(dense, sparse)
@@ -113,11 +121,11 @@ def test_empty_bag_pools_to_zero(features: FeatureSet) -> None:
 @pytest.mark.parametrize("dropout", [0.0, 0.5, 0.9])
 def test_gates_sum_to_one(dropout: float) -> None:
     torch.manual_seed(0)
-    mmoe = MMoE(experts=Experts(E, D_IN, [H]), in_dim=D_IN, num_tasks=T, gate_dropout=dropout)
+    mmoe = MMoE(experts=Experts(E, D_IN, [H]), gate=Gate(D_IN, T, E, dropout))
     x = torch.randn(2048, D_IN)
     for train in (True, False):
         mmoe.train(train)
-        _, gates = mmoe(x)
+        gates = mmoe(x).gates
         assert torch.isfinite(gates).all()
         torch.testing.assert_close(gates.sum(-1), torch.ones(T, 2048))
         dropped = (gates == 0).float().mean().item()

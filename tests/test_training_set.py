@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -221,3 +222,26 @@ def test_partitioned_events_table(tmp_path):
     assert store.path("impressions").is_dir()
     manifest = build(store, tmp_path / "ds")
     assert manifest["rows"] == {"train": 20, "valid": 8, "test": 12}
+
+
+def test_empty_split_and_single_file_layout(tmp_path):
+    store = write_store(tmp_path / "store")
+    manifest = build_training_set(
+        store=store,
+        out=tmp_path / "ds",
+        features=FeatureSet.load(FEATURES),
+        labels=LABELS,
+        valid_days=0,
+        test_days=3,
+    )
+    assert manifest["rows"] == {"train": 28, "valid": 0, "test": 12}
+    valid = load_split(tmp_path / "ds", "valid").collect()
+    assert (
+        valid.height == 0 and valid.columns == load_split(tmp_path / "ds", "test").collect().columns
+    )
+
+    # a split stored as one file <split>.parquet (the layout before partitioned sinks) reads too
+    test = load_split(tmp_path / "ds", "test").collect()
+    shutil.rmtree(tmp_path / "ds" / "test")
+    test.write_parquet(tmp_path / "ds" / "test.parquet")
+    assert load_split(tmp_path / "ds", "test").collect().equals(test)

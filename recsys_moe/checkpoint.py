@@ -1,0 +1,164 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): written aside, then made current.
+
+Layout, one folder per MLflow run::
+
+    <train.checkpoint.dir>/<run id>/
+        ckpt-<step>/
+            *.distcp, .metadata    DCP: model (sharded tables as shards) and both optimizers
+            rank-<r>.pt            per rank: torch (and CUDA) RNG state, LR scheduler state
+            .complete              JSON loop state: step, epoch, batch in epoch, run id
+        LATEST                     "ckpt-<step>": the newest complete checkpoint
+
+A save writes ``ckpt-<step>`` (every rank), then rank 0 writes ``.complete`` and replaces
+``LATEST`` atomically (temporary file + rename). A process killed before that leaves the
+previous checkpoint current; a folder without ``.complete`` is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+log = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+COMPLETE = ".complete"
+# Test hook: "<step>" makes the process exit after writing ckpt-<step>, before committing it.
+FAULT_ENV = "RECSYS_MOE_CHECKPOINT_FAULT"
+
+
+@dataclass
+class LoopState:
+    step: int  # optimizer steps done
+    epoch: int  # epoch of the next batch
+    batch_in_epoch: int  # index of the next batch in that epoch
+    run_id: str
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("ckpt-"))
+
+
+def save(
+    run_dir: Path,
+    loop: LoopState,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    keep: int = 0,
+) -> Path:
+    """Write ``run_dir/ckpt-<step>`` and make it current. Collective: every rank calls it."""
+    rank = dist.get_rank()
+    ckpt = run_dir / f"ckpt-{loop.step}"
+    if rank == 0:
+        if ckpt.exists():  # left by a killed attempt at the same step
+            shutil.rmtree(ckpt)
+        ckpt.mkdir(parents=True)
+    dist.barrier()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    dcp.save(state, checkpoint_id=str(ckpt))
+    torch.save(_rank_state(scheduler), ckpt / f"rank-{rank}.pt")
+    dist.barrier()
+    if os.environ.get(FAULT_ENV) == str(loop.step):
+        os._exit(17)
+    if rank == 0:
+        _write_atomic(ckpt / COMPLETE, json.dumps(asdict(loop)))
+        _write_atomic(run_dir / LATEST, ckpt.name)
+        _prune(run_dir, current=ckpt, keep=keep)
+    dist.barrier()
+    log.info("checkpoint %s", ckpt)
+    return ckpt
+
+
+def load(ckpt: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> LoopState:
+    """Restore ``model``, ``optimizer``, ``scheduler`` and this rank's RNG; the loop state."""
+    loop = LoopState(**json.loads((ckpt / COMPLETE).read_text()))
+    # A fresh optimizer has no state: loading into its state_dict() would drop Adam's moments.
+    optimizer.init_state()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rank_file = ckpt / f"rank-{dist.get_rank()}.pt"
+    if rank_file.is_file():
+        _restore_rank_state(torch.load(rank_file, weights_only=True), scheduler, optimizer)
+    else:  # more ranks than when saved: no RNG state for this one
+        log.warning("checkpoint %s has no %s; RNG not restored", ckpt, rank_file.name)
+    return loop
+
+
+def _rank_state(scheduler: Any) -> dict[str, Any]:
+    out = {"torch_rng": torch.get_rng_state(), "scheduler": scheduler.state_dict()}
+    if torch.cuda.is_available():
+        out["cuda_rng"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _restore_rank_state(state: dict[str, Any], scheduler: Any, optimizer: Any) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+
+
+def _prune(run_dir: Path, *, current: Path, keep: int) -> None:
+    """Delete older checkpoints beyond the ``keep`` newest complete ones, and unfinished ones."""
+    older = sorted(
+        (p for p in run_dir.glob("ckpt-*") if p != current and _step_of(p) < _step_of(current)),
+        key=_step_of,
+        reverse=True,
+    )
+    complete = [p for p in older if (p / COMPLETE).is_file()]
+    doomed = [p for p in older if not (p / COMPLETE).is_file()]
+    if keep > 0:
+        doomed += complete[keep - 1 :]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve(resume: bool | str, root: Path) -> Path | None:
+    """The checkpoint folder that ``train.resume`` names, or ``None`` to start afresh.
+
+    ``true``/``"latest"``: the current checkpoint of the run under ``root`` whose ``LATEST``
+    changed last (none yet: start afresh, as a restarted job's first attempt does). A path: a
+    run's folder (its ``LATEST``) or one ``ckpt-<step>`` folder, which must be complete.
+    """
+    if resume is False or str(resume).lower() in ("", "false"):
+        return None
+    if resume is True or str(resume).lower() in ("true", "latest"):
+        pointers = sorted(root.glob(f"*/{LATEST}"), key=lambda p: p.stat().st_mtime)
+        if not pointers:
+            log.warning("train.resume: no checkpoint under %s; starting afresh", root)
+            return None
+        path = pointers[-1].parent
+    else:
+        path = Path(resume)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / COMPLETE).is_file():
+        raise ValueError(
+            f"train.resume={resume!r}: {path} is not a complete checkpoint (no {COMPLETE}); "
+            f"pass a run's checkpoint folder (with {LATEST}) or a complete ckpt-<step> folder"
+        )
+    return path

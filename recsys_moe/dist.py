@@ -1,0 +1,81 @@
+"""Process group set-up: one group for every run, a group of 1 when not started by torchrun.
+
+Under ``torchrun`` (``WORLD_SIZE`` etc. in the environment) the group joins the launcher's
+rendezvous; alone, a one-process group over a ``FileStore`` in a temporary folder (no port to
+pick). NCCL on CUDA, gloo on CPU. With one code path, a single-process run shards its tables the
+same way as a multi-process one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # created here, so destroyed by ``shutdown``
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> DistInfo:
+    """The default process group (created unless one exists) and this rank's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    owns = not dist.is_initialized()
+    if owns and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend)
+    elif owns:
+        path = tempfile.mktemp(prefix="recsys-moe-pg-")  # FileStore creates it
+        dist.init_process_group(
+            backend=backend, store=dist.FileStore(path, 1), rank=0, world_size=1
+        )
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+        owns_group=owns,
+    )
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each value over ranks (same keys on every rank, in the same order)."""
+    if not values or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(values, t.tolist(), strict=True))

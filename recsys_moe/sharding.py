@@ -1,0 +1,193 @@
+"""TorchRec sharding applied to an unchanged model: the one module importing torchrec.distributed.
+
+    module (embedding tables on "meta") ─► fuse row-wise Adagrad into the tables' backward
+        ─► planner (Topology, per-table sharding types) ─► DistributedModelParallel
+        ─► CombinedOptimizer(fused table optimizer, Adam over the rest)
+
+Also: the train step (TorchRec's ``TrainPipelineSparseDist`` on CUDA, a plain loop on CPU) and
+the full, unsharded state dict on rank 0 for the model bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec import EmbeddingBagCollection
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from recsys_moe.config import ShardingConfig
+
+log = logging.getLogger(__name__)
+
+SHARDING_TYPES = tuple(t.value for t in ShardingType)
+# Row-wise variants have no CPU kernel in fbgemm-gpu-cpu (DESIGN.md, pitfalls).
+CPU_DEFAULT_TYPES = ("table_wise", "column_wise")
+
+
+def _tables(module: nn.Module) -> list[str]:
+    return [
+        c.name
+        for m in module.modules()
+        if isinstance(m, EmbeddingBagCollection)
+        for c in m.embedding_bag_configs()
+    ]
+
+
+def _check_types(types: list[str], where: str) -> None:
+    bad = [t for t in types if t not in SHARDING_TYPES]
+    if bad:
+        raise ValueError(f"{where}: unknown sharding type(s) {bad}; choose from {SHARDING_TYPES}")
+
+
+def constraints_for(
+    module: nn.Module, cfg: ShardingConfig, device: torch.device
+) -> dict[str, ParameterConstraints]:
+    """Planner constraints: ``cfg.constraints`` per table, ``cfg.types`` for all the others."""
+    tables = _tables(module)
+    unknown = sorted(set(cfg.constraints) - set(tables))
+    if unknown:
+        raise ValueError(f"train.sharding.constraints: no table(s) {unknown}; tables are {tables}")
+    default = list(cfg.types) or (list(CPU_DEFAULT_TYPES) if device.type == "cpu" else [])
+    _check_types(default, "train.sharding.types")
+    out: dict[str, ParameterConstraints] = {}
+    for table in tables:
+        types = list(cfg.constraints.get(table, default))
+        _check_types(types, f"train.sharding.constraints.{table}")
+        if types:
+            out[table] = ParameterConstraints(sharding_types=types)
+    return out
+
+
+def shard(
+    module: nn.Module,
+    cfg: ShardingConfig,
+    *,
+    device: torch.device,
+    embedding_lr: float,
+    embedding_weight_decay: float = 0.0,
+) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """``module`` with its embedding tables sharded over the default process group.
+
+    The tables' optimizer (row-wise Adagrad) is fused into their backward: TorchRec's sharder
+    reads it from the parameters, so it is attached before sharding.
+    """
+    for m in module.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            _apply_optimizer_in_backward(
+                RowWiseAdagrad,
+                m.parameters(),
+                {"lr": embedding_lr, "weight_decay": embedding_weight_decay},
+            )
+    pg = dist.group.WORLD
+    world_size = dist.get_world_size()
+    local_world_size = int(torch.cuda.device_count()) if device.type == "cuda" else world_size
+    topology = Topology(
+        world_size=world_size,
+        compute_device=device.type,
+        local_world_size=min(world_size, local_world_size or world_size),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology, constraints=constraints_for(module, cfg, device)
+    )
+    sharders = [EmbeddingBagCollectionSharder()]
+    plan = planner.collective_plan(module, sharders, pg)
+    model = DistributedModelParallel(
+        module=module,
+        device=device,
+        env=ShardingEnv.from_process_group(pg),
+        plan=plan,
+        sharders=sharders,
+    )
+    return model, plan
+
+
+def plan_summary(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
+    """``table -> {sharding_type, compute_kernel, ranks}`` of a plan (for logs and MLflow)."""
+    out: dict[str, dict[str, Any]] = {}
+    for module_plan in plan.plan.values():
+        for table, p in module_plan.items():  # type: ignore[union-attr]
+            out[table] = {
+                "sharding_type": p.sharding_type,
+                "compute_kernel": p.compute_kernel,
+                "ranks": list(p.ranks or []),
+            }
+    return out
+
+
+def build_optimizer(model: DistributedModelParallel, lr: float, weight_decay: float) -> Any:
+    """The fused table optimizer and Adam over every parameter not optimized in backward."""
+    dense = dict(in_backward_optimizer_filter(model.named_parameters()))
+    return CombinedOptimizer(
+        [
+            ("sparse", model.fused_optimizer),
+            ("dense", KeyedOptimizerWrapper(
+                dense, lambda ps: torch.optim.Adam(ps, lr=lr, weight_decay=weight_decay))),
+        ]
+    )  # fmt: skip
+
+
+def train_step(
+    model: DistributedModelParallel, optimizer: Any, device: torch.device
+) -> tuple[Callable[[Iterator[Any]], Any], Callable[[], None]]:
+    """``(progress, pause)``: ``progress(batches)`` trains on the next batch and returns the
+    model's second output; ``pause()`` makes the model usable for plain forward calls (eval).
+
+    On CUDA, TorchRec's ``TrainPipelineSparseDist`` overlaps the next batches' copy and input
+    distribution with this one's compute; elsewhere, a plain step. ``model(batch)`` returns
+    ``(loss, output)`` in both.
+    """
+    if device.type == "cuda":
+        pipeline = TrainPipelineSparseDist(model, optimizer, device)
+        return pipeline.progress, pipeline.detach  # progress re-attaches
+
+    def progress(batches: Iterator[Any]) -> Any:
+        batch = next(batches).to(device)
+        # Before the forward, as TorchRec's pipelines do: the fused optimizer's zero_grad hands
+        # the scheduled learning rate to the kernels, and the lookup takes it at the forward.
+        optimizer.zero_grad(set_to_none=True)
+        loss, output = model(batch)
+        loss.backward()
+        optimizer.step()
+        return output
+
+    return progress, lambda: None
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The unsharded state dict on rank 0 (CPU tensors), ``None`` on the other ranks.
+
+    Collective: every rank calls it. Sharded tables (``ShardedTensor``, or ``DTensor`` where
+    TorchRec emits those) are gathered; replicated tensors are taken from rank 0.
+    """
+    rank = dist.get_rank()
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if hasattr(value, "local_shards") and hasattr(value, "gather"):  # ShardedTensor
+            full = (
+                torch.empty(value.size(), dtype=value.dtype, device=device) if rank == 0 else None
+            )
+            value.gather(dst=0, out=full)
+            tensor = full
+        elif hasattr(value, "full_tensor"):  # DTensor
+            tensor = value.full_tensor()
+        else:
+            tensor = value
+        if rank == 0 and tensor is not None:
+            out[key] = tensor.detach().cpu()
+    return out if rank == 0 else None

@@ -1,0 +1,105 @@
+"""Checkpoints: resume continues exactly; a save killed before its commit leaves the previous one.
+
+Single process (a gloo group of one), a tiny synthetic training set; ``train.checkpoint.every``
+makes the straight run leave the checkpoints that the resumed runs start from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from feature_store import OfflineStore
+from pipelines.synth import synthesize
+from pipelines.training_set import build_training_set
+from recsys_moe import checkpoint
+from recsys_moe.config import DEMO_CONFIG, Config, load_config
+from recsys_moe.train import TrainResult, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# 2 epochs of a few steps (~2000 training rows, batch 512); a checkpoint every 3 steps
+SMALL = [
+    "synth.users=150", "synth.items=60", "synth.days=4",
+    "train.epochs=2", "train.batch_size=512", "train.log_every=2",
+    "train.checkpoint.every=3", "train.checkpoint.keep=0",
+    "model.expert_dims=[16]", "model.tower_dims=[8]",
+    "mlflow.experiment=ckpt",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("ckpt-data")
+    cfg = load_config(DEMO_CONFIG, SMALL, workdir=work)
+    synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
+    build_training_set(
+        store=OfflineStore(cfg.store_dir), out=cfg.dataset_dir, features=cfg.feature_set(),
+        labels={t.label: t.kind for t in cfg.tasks}, valid_days=1, test_days=1,
+    )  # fmt: skip
+    return cfg.dataset_dir
+
+
+def config(work: Path, dataset: Path, *extra: str) -> Config:
+    return load_config(DEMO_CONFIG, [*SMALL, f"data.dataset={dataset}", *extra], workdir=work)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> tuple[Config, TrainResult]:
+    cfg = config(tmp_path_factory.mktemp("straight"), dataset)
+    return cfg, train(cfg)
+
+
+def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_continues_exactly(straight: tuple[Config, TrainResult]) -> None:
+    cfg, full = straight
+    steps = len(full.losses)
+    assert 7 <= steps <= 14  # checkpoints at 3, 6 (and 9, 12)
+    run_dir = cfg.path("checkpoints") / full.run_id
+    assert (run_dir / checkpoint.LATEST).read_text() == f"ckpt-{steps - steps % 3}"
+    # resume mid-epoch (step 3 of 4) from the straight run's checkpoint: same losses, same weights
+    resumed = train(
+        config(Path(cfg.workdir), Path(cfg.data.dataset), f"train.resume={run_dir}/ckpt-3")
+    )
+    assert resumed.run_id == full.run_id  # the same MLflow run continues
+    assert resumed.losses == full.losses[3:]
+    assert_same_model(resumed.model, full.model)
+
+
+def test_killed_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, dataset: Path, straight: tuple[Config, TrainResult]
+) -> None:
+    env = os.environ | {checkpoint.FAULT_ENV: "6", "PYTHONPATH": str(ROOT)}
+    args = [arg for s in [*SMALL, f"data.dataset={dataset}"] for arg in ("--set", s)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys_moe.train", "--workdir", str(tmp_path), *args],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    assert (run_dir / checkpoint.LATEST).read_text() == "ckpt-3"
+    assert (run_dir / "ckpt-6").is_dir() and not (run_dir / "ckpt-6" / checkpoint.COMPLETE).exists()
+    assert json.loads((run_dir / "ckpt-3" / checkpoint.COMPLETE).read_text())["step"] == 3
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpoint.resolve(str(run_dir / "ckpt-6"), tmp_path / "checkpoints")
+
+    # --resume (latest) picks ckpt-3 and finishes as the straight run did
+    resumed = train(config(tmp_path, dataset, "train.resume=true"))
+    assert resumed.run_id == run_dir.name
+    _, full = straight
+    assert resumed.losses == full.losses[3:]
+    assert_same_model(resumed.model, full.model)
+    steps = len(full.losses)
+    assert (run_dir / checkpoint.LATEST).read_text() == f"ckpt-{steps - steps % 3}"
+    assert (run_dir / "ckpt-6" / checkpoint.COMPLETE).is_file()
