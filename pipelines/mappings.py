@@ -95,7 +95,7 @@ def _vocab_query(train: pl.LazyFrame, f: Feature) -> pl.LazyFrame:
 
 
 def fit_mappings(train: pl.LazyFrame, features: FeatureSet) -> Mappings:
-    """Fit vocabularies and numeric statistics on the training split (one collect)."""
+    """Fit vocabularies and numeric statistics on the training split (one streaming collect)."""
     schema = train.collect_schema()
     for f in features.features:
         _check_column(schema, f)
@@ -108,7 +108,8 @@ def fit_mappings(train: pl.LazyFrame, features: FeatureSet) -> Mappings:
         *[_transform(f).mean().alias(f"{f.name}:mean") for f in features.dense],
         *[_transform(f).std(ddof=0).alias(f"{f.name}:std") for f in features.dense],
     )
-    *vocabs, row = pl.collect_all([_vocab_query(train, f) for f in vocab_features] + [stats])
+    queries = [_vocab_query(train, f) for f in vocab_features] + [stats]
+    *vocabs, row = pl.collect_all(queries, engine="streaming")  # group-bys: memory ~ #values
     numeric = {}
     for f in features.dense:
         mean, std = row[f"{f.name}:mean"].item(), row[f"{f.name}:std"].item()

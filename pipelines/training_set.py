@@ -1,11 +1,19 @@
 """Training-set builder: events + point-in-time features + labels, split by day, mapped ids.
 
-One lazy chain per split (scan → validate → point-in-time join → split by day → sink), then the
-id / numeric mappings are fitted on the written training split. Output (``out/``)::
+One lazy plan (scan → validate → point-in-time join → split by day → one Parquet sink that
+writes each row to its split's file) run by Polars' streaming engine, then the id / numeric
+mappings are fitted on the written training split with streaming group-bys. Memory stays bounded
+by the narrow event columns: the as-of joins sort only keys, times and labels, and the wide
+feature values (strings, lists) are gathered by row id from the small entity tables as the rows
+stream to the sink (``_join_features``). Output (``out/``)::
 
-    train.parquet valid.parquet test.parquet   raw feature values + keys, event time, labels
+    train.parquet valid.parquet test.parquet   raw feature values + keys, event time, labels;
+                                              event order; row groups of ROW_GROUP_ROWS rows
     mappings/                                 vocab_<feature>.parquet ..., numeric.json
     manifest.json                             fingerprint, rows, split days, label stats, sources
+
+Read a split with ``load_split`` (or ``split_files`` for its files in order); both also take a
+split stored as a directory ``<split>/`` of Parquet files, e.g. one written by a partitioned job.
 
 Everything is written into a hidden sibling directory and renamed into place at the end, so
 ``out`` is either the complete new dataset or (after any error) whatever was there before.
@@ -23,13 +31,17 @@ from typing import Any
 
 import polars as pl
 
-from feature_store import DataError, FeatureSet, OfflineStore, join_features, validate_events
+from feature_store import DataError, FeatureSet, OfflineStore, point_in_time_join, validate_events
+from feature_store.validate import validate_table
 from pipelines.mappings import fit_mappings
 
 SPLITS = ("train", "valid", "test")
 LABEL_KINDS = ("binary", "regression")
 MANIFEST = "manifest.json"
 MAPPINGS_DIR = "mappings"
+ROW_GROUP_ROWS = 16_384
+_SPLIT = "__split"
+_ENGINE = "streaming"
 
 
 def build_training_set(
@@ -57,7 +69,8 @@ def build_training_set(
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        manifest = _build(store, tmp, features, labels, valid_days, test_days)
+        with pl.Config(engine_affinity=_ENGINE):  # also the validation's collects
+            manifest = _build(store, tmp, features, labels, valid_days, test_days)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,13 +78,25 @@ def build_training_set(
     return manifest
 
 
-def load_split(dataset_dir: str | Path, split: str) -> pl.LazyFrame:
+def split_files(dataset_dir: str | Path, split: str) -> list[Path]:
+    """The Parquet file(s) of a split, in row order: ``<split>.parquet``, or else the files under
+    a directory ``<split>/`` sorted by path."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
-    path = Path(dataset_dir) / f"{split}.parquet"
-    if not path.is_file():
-        raise ValueError(f"dataset {dataset_dir}: no {path.name}; build it with build_training_set")
-    return pl.scan_parquet(path)
+    file = Path(dataset_dir) / f"{split}.parquet"
+    if file.is_file():
+        return [file]
+    files = sorted((Path(dataset_dir) / split).rglob("*.parquet"))
+    if not files:
+        raise ValueError(
+            f"dataset {dataset_dir}: no {file.name} (nor a directory {split}/ of Parquet files); "
+            "build it with build_training_set"
+        )
+    return files
+
+
+def load_split(dataset_dir: str | Path, split: str) -> pl.LazyFrame:
+    return pl.scan_parquet(split_files(dataset_dir, split))
 
 
 def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
@@ -108,27 +133,89 @@ def _build(
         binary_labels=[c for c, k in labels.items() if k == "binary"],
         nonneg_labels=[c for c, k in labels.items() if k == "regression"],
         time_column=ev.time,
+        unique_keys=ev.keys,
     )
 
     days = _split_days(events, ev.time, str(events_path), valid_days, test_days)
-    joined = join_features(events, store, features, event_time=ev.time)
     columns = list(dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *labels]))
+    event_columns = [c for c in events.collect_schema().names() if c in columns]
+    joined = _join_features(events.select(event_columns), store, features, ev.time)
     day = pl.col(ev.time).dt.date()
-    conditions = {
-        "train": day < days["valid"][0],
-        "valid": (day >= days["valid"][0]) & (day < days["test"][0]),
-        "test": day >= days["test"][0],
-    }
-    sinks = [
-        joined.filter(cond).select(columns).sink_parquet(tmp / f"{split}.parquet", lazy=True)
-        for split, cond in conditions.items()
-    ]
-    pl.collect_all(sinks)  # one plan: the scan and join are shared by the three sinks
+    split = (
+        pl.when(day < days["valid"][0])
+        .then(pl.lit("train"))
+        .when(day < days["test"][0])
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("test"))
+    )
+    # One pass, one sink: each row goes to <split>.parquet (three filtered sinks of one plan
+    # would each recompute the join in the streaming engine).
+    joined.select(columns).sink_parquet(
+        pl.PartitionBy(
+            tmp,
+            key=split.alias(_SPLIT),
+            include_key=False,
+            file_path_provider=_split_path,
+            approximate_bytes_per_file=None,  # one file per split
+        ),
+        row_group_size=ROW_GROUP_ROWS,
+        engine=_ENGINE,
+    )
+    for name in SPLITS:  # a split without rows is still there, as an empty file
+        if not (tmp / f"{name}.parquet").is_file():
+            empty = pl.DataFrame(schema=joined.select(columns).collect_schema())
+            empty.write_parquet(tmp / f"{name}.parquet")
 
-    fit_mappings(pl.scan_parquet(tmp / "train.parquet"), features).save(tmp / MAPPINGS_DIR)
+    fit_mappings(load_split(tmp, "train"), features).save(tmp / MAPPINGS_DIR)
     manifest = _manifest(store, tmp, features, labels, days)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _split_path(args: Any) -> str:
+    """``<split>.parquet`` for Polars' partitioned sink (``args``: ``FileProviderArgs``)."""
+    if args.index_in_partition:  # approximate_bytes_per_file=None: never more than one file
+        raise AssertionError("the partitioned sink split a training split into several files")
+    return f"{args.partition_keys.item(0, _SPLIT)}.parquet"
+
+
+def _join_features(
+    events: pl.LazyFrame, store: OfflineStore, features: FeatureSet, time: str
+) -> pl.LazyFrame:
+    """``feature_store.join_features`` (same rows, order, columns and values), cheaper in memory.
+
+    The as-of join sorts the events (twice per entity); done on the feature values it would
+    carry every string and list through those sorts. Instead each entity table gets a row id,
+    the as-of join runs on (key, time, row id) only, and the feature columns are then gathered
+    by row id with a left join against the small entity table, which streams.
+    """
+    out = events
+    for name, ent in features.entities.items():
+        columns = list(dict.fromkeys(f.column for f in features.for_entity(name)))
+        columns = [c for c in columns if c != ent.key]
+        if not columns:
+            continue
+        table = store.scan(ent.table)
+        validate_table(
+            table,
+            path=str(store.path(ent.table)),
+            key=ent.key,
+            time=ent.time,
+            columns={c: f"feature column of entity {name}" for c in columns},
+        )
+        row = f"__row_{name}"
+        table = table.select(ent.key, ent.time, *columns).with_row_index(row)
+        out = point_in_time_join(
+            out,
+            table.select(ent.key, ent.time, row),
+            entity=ent.key,
+            event_time=time,
+            feature_time=ent.time,
+            ttl=ent.ttl,
+        )
+        values = table.select(row, *columns)
+        out = out.join(values, on=row, how="left", maintain_order="left").drop(row)
+    return out
 
 
 def _manifest(
@@ -139,7 +226,7 @@ def _manifest(
     days: dict[str, tuple[date, date]],
 ) -> dict[str, Any]:
     ev = features.events
-    train = pl.scan_parquet(tmp / "train.parquet")
+    train = load_split(tmp, "train")
     return {
         "feature_set_fingerprint": features.fingerprint(),
         "created_at": datetime.now(UTC).isoformat(),
@@ -147,10 +234,7 @@ def _manifest(
         "keys": list(ev.keys),
         "feature_columns": list(dict.fromkeys(features.input_columns)),
         "labels": _label_stats(train, labels),
-        "rows": {
-            s: pl.scan_parquet(tmp / f"{s}.parquet").select(pl.len()).collect().item()
-            for s in SPLITS
-        },
+        "rows": {s: load_split(tmp, s).select(pl.len()).collect().item() for s in SPLITS},
         "splits": {s: {"start": a.isoformat(), "end": b.isoformat()} for s, (a, b) in days.items()},
         "split_rule": "calendar days of the event time; start inclusive, end exclusive",
         "sources": {
@@ -165,7 +249,8 @@ def _split_days(
 ) -> dict[str, tuple[date, date]]:
     """[start, end) calendar days of each split: test = the last ``test_days`` days present,
     valid = the ``valid_days`` days present before them, train = everything earlier."""
-    present = events.select(pl.col(time).dt.date().unique().sort()).collect().to_series().to_list()
+    days = events.select(pl.col(time).dt.date().unique().sort()).collect(engine=_ENGINE)
+    present = days.to_series().to_list()
     if len(present) <= valid_days + test_days:
         raise DataError(
             f"events file {path}: {len(present)} distinct days of data, but valid_days="
@@ -189,7 +274,7 @@ def _label_stats(train: pl.LazyFrame, labels: dict[str, str]) -> dict[str, dict[
         for c, kind in labels.items()
         if kind == "regression"
     ]
-    row = train.select(aggs).collect().row(0, named=True) if aggs else {}
+    row = train.select(aggs).collect(engine=_ENGINE).row(0, named=True) if aggs else {}
     stats: dict[str, dict[str, Any]] = {}
     for c, kind in labels.items():
         stats[c] = {"kind": kind, "train_mean": row[f"{c}:mean"]}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -240,8 +239,10 @@ def test_empty_split_and_single_file_layout(tmp_path):
         valid.height == 0 and valid.columns == load_split(tmp_path / "ds", "test").collect().columns
     )
 
-    # a split stored as one file <split>.parquet (the layout before partitioned sinks) reads too
+    # a split stored as a directory of Parquet files reads too, files in path order
     test = load_split(tmp_path / "ds", "test").collect()
-    shutil.rmtree(tmp_path / "ds" / "test")
-    test.write_parquet(tmp_path / "ds" / "test.parquet")
+    (tmp_path / "ds" / "test.parquet").unlink()
+    (tmp_path / "ds" / "test").mkdir()
+    test.head(5).write_parquet(tmp_path / "ds" / "test" / "part-0.parquet")
+    test.slice(5).write_parquet(tmp_path / "ds" / "test" / "part-1.parquet")
     assert load_split(tmp_path / "ds", "test").collect().equals(test)

@@ -1,0 +1,227 @@
+"""Streaming loader: a split's Parquet row groups → mapped features → ``Batch``es, by rank.
+
+    loader = ParquetLoader.from_split(dataset_dir, "train", features=fs, mappings=m,
+                                      labels=["click", "watch_time_s"], batch_size=4096,
+                                      rank=rank, world_size=world, shuffle=True, seed=0)
+    for epoch in range(loader.epoch, epochs):
+        for batch in loader:           # the rest of the current epoch, then epoch += 1
+            ...
+        checkpoint["data"] = loader.state_dict()   # or after any step: resumes mid-epoch
+
+Each buffer of ``buffer_batches * batch_size`` rows is read with pyarrow (only the row groups
+it overlaps), mapped once with ``apply_mappings`` (vectorised, no Python loop over rows) and cut
+into batches by ``recsys_moe.data.iterate_batches``, so a batch equals what the in-memory path
+(``to_tensor_data`` + ``iterate_batches``) gives for the same rows. ``READ_AHEAD`` buffers are
+prepared in background threads; a few buffers are in memory at a time. A row group that
+straddles two buffers is decoded by both: row groups well below the buffer size keep that small
+(the builder writes 16k-row groups; buffers are 64k rows by default).
+
+Order of an epoch. The split's row groups, in file order, or permuted with ``(seed, epoch)`` when
+``shuffle``, are laid end to end as one sequence of N rows.
+
+Sharding rule (``DistributedModelParallel`` needs every rank to step equally often): each rank
+gets ``R = N // world_size`` rows, rank ``r`` the contiguous range ``[r * R, (r + 1) * R)`` of
+that sequence; the last ``N % world_size`` rows (fewer than ``world_size``) are not used that
+epoch (with shuffle they are different rows each epoch). Ranks are disjoint, hold the same number
+of rows and hence the same number of batches: ``ceil(R / batch_size)``, or ``R // batch_size``
+with ``drop_last`` (then up to ``batch_size - 1`` more rows per rank go unused).
+
+Shuffle: besides the row-group order, the rows of each buffer are permuted with a seed of
+``(seed, epoch, rank, buffer index)``, so the stream is a function of those alone, and
+``state_dict()`` (epoch, batches consumed) is enough to resume exactly: the loader skips whole
+buffers without reading them and re-derives the one it was in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from feature_store import FeatureSet
+from pipelines.mappings import Mappings, apply_mappings
+from pipelines.training_set import split_files
+from recsys_moe.data import Batch, TensorData, iterate_batches, to_tensor_data
+
+STATE_VERSION = 1
+READ_AHEAD = 2  # buffers read and mapped in background threads while one is being batched
+
+
+@dataclass(frozen=True)
+class _Group:
+    file: int  # index into the loader's files
+    index: int  # row group within the file
+    rows: int
+
+
+class ParquetLoader:
+    """Iterable of ``Batch`` over Parquet files (see the module docstring for order, sharding,
+    shuffle and resume). ``len(loader)`` is the number of batches per epoch on this rank."""
+
+    def __init__(
+        self,
+        files: Sequence[str | Path],
+        *,
+        features: FeatureSet,
+        mappings: Mappings,
+        labels: Sequence[str],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        buffer_batches: int = 16,
+    ) -> None:
+        if batch_size < 1 or buffer_batches < 1:
+            raise ValueError(f"batch_size ({batch_size}) and buffer_batches must be >= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
+        if not files:
+            raise ValueError("no Parquet files to load")
+        self.files = [Path(f) for f in files]
+        self.features, self.mappings, self.labels = features, mappings, list(labels)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.buffer_rows = buffer_batches * batch_size
+        self.columns = list(dict.fromkeys([*features.input_columns, *self.labels]))
+        self._groups = self._row_groups()
+        self.num_rows = sum(g.rows for g in self._groups)
+        self.rows_per_rank = self.num_rows // world_size
+        whole, part = divmod(self.rows_per_rank, batch_size)
+        self._num_batches = whole + (1 if part and not drop_last else 0)
+        self.epoch, self.batches = 0, 0  # data position: batches consumed in this epoch
+
+    @classmethod
+    def from_split(cls, dataset_dir: str | Path, split: str, **kwargs: Any) -> ParquetLoader:
+        """A loader over split ``split`` of a training set (``pipelines.training_set``)."""
+        return cls(split_files(dataset_dir, split), **kwargs)
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    # ---- position --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_rows": self.num_rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("version", "seed", "shuffle", "batch_size", "world_size", "num_rows"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"loader state has {key}={state.get(key)!r} but this loader {mine[key]!r}; "
+                    "resume with the data and loader settings of the saved run"
+                )
+        if not 0 <= state["batches"] <= len(self):
+            raise ValueError(f"loader state: batches={state['batches']} outside [0, {len(self)}]")
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+    # ---- iteration -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The remaining batches of the current epoch; afterwards the position is the start of
+        the next epoch. The next ``READ_AHEAD`` buffers are read and mapped in background
+        threads (pyarrow and Polars release the GIL) while this one is cut into batches."""
+        epoch, skip = self.epoch, self.batches
+        per_buffer = self.buffer_rows // self.batch_size
+        ranges = self._rank_ranges(epoch)
+        # buffers before the saved position's are not read at all
+        todo = list(range(skip // per_buffer, -(-self.rows_per_rank // self.buffer_rows)))
+        pool = ThreadPoolExecutor(max_workers=READ_AHEAD)
+        pending = [pool.submit(self._buffer, ranges, b) for b in todo[:READ_AHEAD]]
+        try:
+            for k, b in enumerate(todo):
+                data = pending.pop(0).result()
+                if k + READ_AHEAD < len(todo):
+                    pending.append(pool.submit(self._buffer, ranges, todo[k + READ_AHEAD]))
+                batches = iterate_batches(
+                    data,
+                    self.batch_size,
+                    shuffle=self.shuffle,
+                    seed=self._buffer_seed(epoch, b),
+                    drop_last=self.drop_last,
+                )
+                for i, batch in enumerate(batches):
+                    if b * per_buffer + i < skip:
+                        continue
+                    self.batches += 1
+                    yield batch
+        finally:  # also when the consumer stops early: drop what was prefetched
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True)
+        self.epoch, self.batches = epoch + 1, 0
+
+    def _buffer(self, ranges: list[tuple[_Group, int, int]], b: int) -> TensorData:
+        start = b * self.buffer_rows
+        table = self._read(ranges, start, min(start + self.buffer_rows, self.rows_per_rank))
+        return self._tensors(table)
+
+    def _buffer_seed(self, epoch: int, buffer: int) -> int:
+        seq = np.random.SeedSequence([self.seed, epoch, self.rank, buffer])
+        return int(seq.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+    def _row_groups(self) -> list[_Group]:
+        groups = []
+        for i, path in enumerate(self.files):
+            meta = pq.ParquetFile(path).metadata
+            missing = [c for c in self.columns if c not in meta.schema.to_arrow_schema().names]
+            if missing:
+                raise ValueError(
+                    f"{path}: no column(s) {missing}; is it a split of this feature set?"
+                )
+            groups += [_Group(i, j, meta.row_group(j).num_rows) for j in range(meta.num_row_groups)]
+        return groups
+
+    def _rank_ranges(self, epoch: int) -> list[tuple[_Group, int, int]]:
+        """This rank's rows as (row group, first row, end row) slices, in epoch order."""
+        order = list(range(len(self._groups)))
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(order)).tolist()
+        lo = self.rank * self.rows_per_rank
+        hi = lo + self.rows_per_rank
+        out, pos = [], 0
+        for g in (self._groups[i] for i in order):
+            a, b = max(lo, pos), min(hi, pos + g.rows)
+            if a < b:
+                out.append((g, a - pos, b - pos))
+            pos += g.rows
+        return out
+
+    def _read(self, ranges: list[tuple[_Group, int, int]], start: int, stop: int) -> pa.Table:
+        """Rows [start, stop) of this rank's sequence."""
+        tables, pos, files = [], 0, {}  # one ParquetFile per call: threads share none
+        for g, a, b in ranges:
+            lo, hi = max(start, pos), min(stop, pos + b - a)
+            if lo < hi:
+                if g.file not in files:
+                    files[g.file] = pq.ParquetFile(self.files[g.file])
+                table = files[g.file].read_row_group(g.index, columns=self.columns)
+                tables.append(table.slice(a + lo - pos, hi - lo))
+            pos += b - a
+            if pos >= stop:
+                break
+        return pa.concat_tables(tables)
+
+    def _tensors(self, table: pa.Table) -> TensorData:
+        raw = pl.from_arrow(table)
+        mapped = apply_mappings(raw.lazy(), self.features, self.mappings).collect()
+        return to_tensor_data(mapped, self.features, raw.select(self.labels))
