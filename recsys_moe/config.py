@@ -101,6 +101,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     eval_batch_size: int = 8192
+    # auto = TorchRec's TrainPipelineSparseDist on CUDA, else a plain step; or sparse_dist | plain
+    pipeline: str = "auto"
     # training-set columns to break expert usage down by (validation split; absent ones skipped)
     heatmap_by: list[str] = field(default_factory=lambda: ["segment", "category"])
     # false; true / "latest" = the newest complete checkpoint under checkpoint.dir; or a path to

@@ -98,7 +98,10 @@ class MultiTaskModel(nn.Module):
         return self.mixture.gate_support()
 
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> ModelOutput:
-        mixed, gates, balance, drop_rate = self.mixture(self.tower(dense, sparse))
+        # indexed, not unpacked: TorchRec's train pipeline traces this forward with torch.fx,
+        # where the mixture (a leaf) returns one Proxy, which cannot be iterated
+        res = self.mixture(self.tower(dense, sparse))
+        mixed, gates, balance, drop_rate = res[0], res[1], res[2], res[3]
         logits = {name: head(mixed[t]) for t, (name, head) in enumerate(self.heads.items())}
         aux = None if balance is None else self.aux_loss_weight * balance
         return ModelOutput(logits=logits, gates=gates, aux_loss=aux, drop_rate=drop_rate)

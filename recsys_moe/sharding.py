@@ -140,16 +140,18 @@ def build_optimizer(model: DistributedModelParallel, lr: float, weight_decay: fl
 
 
 def train_step(
-    model: DistributedModelParallel, optimizer: Any, device: torch.device
+    model: DistributedModelParallel, optimizer: Any, device: torch.device, *, pipeline: str = "auto"
 ) -> tuple[Callable[[Iterator[Any]], Any], Callable[[], None]]:
     """``(progress, pause)``: ``progress(batches)`` trains on the next batch and returns the
     model's second output; ``pause()`` makes the model usable for plain forward calls (eval).
 
     On CUDA, TorchRec's ``TrainPipelineSparseDist`` overlaps the next batches' copy and input
     distribution with this one's compute; elsewhere, a plain step. ``model(batch)`` returns
-    ``(loss, output)`` in both.
+    ``(loss, output)`` in both. ``pipeline``: auto (the pipeline on CUDA), sparse_dist, plain.
     """
-    if device.type == "cuda":
+    if pipeline not in ("auto", "sparse_dist", "plain"):
+        raise ValueError(f"train.pipeline {pipeline!r}: one of auto, sparse_dist, plain")
+    if pipeline == "sparse_dist" or (pipeline == "auto" and device.type == "cuda"):
         pipeline = TrainPipelineSparseDist(model, optimizer, device)
         return pipeline.progress, pipeline.detach  # progress re-attaches
 

@@ -222,6 +222,29 @@ def rank_batches(
 
 
 # ---- model wrappers ----------------------------------------------------------------------------
+class TrainLoss(nn.Module):
+    """Per-task losses, combined: ``(outputs, labels) -> (loss, (loss, per-task losses))``.
+
+    A module of its own, holding no sharded part, so that the fx trace of TorchRec's train
+    pipeline keeps it as one leaf call instead of tracing through the dict and mask logic."""
+
+    def __init__(self, tasks: list[TaskConfig], weighting: nn.Module | None) -> None:
+        super().__init__()
+        self.tasks = tasks
+        # not registered here: its parameters belong to the model (trained, saved with it)
+        self._weighting = (weighting,)
+
+    def forward(
+        self, out: Any, labels: dict[str, Tensor]
+    ) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        out = out._replace(logits={k: v.float() for k, v in out.logits.items()})
+        losses = task_losses(out, labels, self.tasks)
+        loss = combine_losses(losses, self.tasks, self._weighting[0], aux_loss=out.aux_loss)
+        if out.aux_loss is not None:
+            losses["aux"] = out.aux_loss
+        return loss, (loss.detach(), {k: v.detach() for k, v in losses.items()})
+
+
 class TrainModule(nn.Module):
     """Model and losses: ``forward(batch) -> (loss, (loss, per-task losses))``, outputs detached,
     the shape TorchRec's train pipelines expect. bf16 autocast over the model where enabled;
@@ -230,18 +253,13 @@ class TrainModule(nn.Module):
     def __init__(self, model: nn.Module, tasks: list[TaskConfig], *, autocast: bool) -> None:
         super().__init__()
         self.model = model
-        self.tasks = tasks
+        self.loss = TrainLoss(tasks, model.loss_weighting)
         self.autocast = autocast
 
     def forward(self, batch: TrainBatch) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(batch.dense, batch.sparse)
-        out = out._replace(logits={k: v.float() for k, v in out.logits.items()})
-        losses = task_losses(out, batch.labels, self.tasks)
-        loss = combine_losses(losses, self.tasks, self.model.loss_weighting, aux_loss=out.aux_loss)
-        if out.aux_loss is not None:
-            losses["aux"] = out.aux_loss
-        return loss, (loss.detach(), {k: v.detach() for k, v in losses.items()})
+        return self.loss(out, batch.labels)
 
 
 class OnDevice(nn.Module):
@@ -428,7 +446,7 @@ def _loop(
     logger: MetricLogger,
     result: TrainResult,
 ) -> None:
-    progress, pause = sharding.train_step(dmp, optimizer, info.device)
+    progress, pause = sharding.train_step(dmp, optimizer, info.device, pipeline=cfg.train.pipeline)
     batches = rank_batches(train_data, sched, info, seed=cfg.train.seed, start_step=start_step)
     evaluated = OnDevice(dmp.module.model, info.device)
     every = cfg.train.checkpoint.every

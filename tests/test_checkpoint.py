@@ -103,3 +103,14 @@ def test_killed_save_keeps_the_previous_checkpoint(
     steps = len(full.losses)
     assert (run_dir / checkpoint.LATEST).read_text() == f"ckpt-{steps - steps % 3}"
     assert (run_dir / "ckpt-6" / checkpoint.COMPLETE).is_file()
+
+
+def test_torchrec_train_pipeline_matches_the_plain_step(
+    straight: tuple[Config, TrainResult], dataset: Path, tmp_path: Path
+) -> None:
+    """TorchRec's TrainPipelineSparseDist (what CUDA runs use) traces the model with torch.fx;
+    on CPU it must trace too and train the same steps as the plain loop."""
+    _, plain = straight
+    piped = train(config(tmp_path, dataset, "train.pipeline=sparse_dist"))
+    assert len(piped.losses) == len(plain.losses)
+    assert piped.losses == pytest.approx(plain.losses, rel=1e-5)
