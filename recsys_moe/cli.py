@@ -5,6 +5,7 @@
     recsys-moe data import {census,movielens,kuairand} --out DIR [--src DIR]
     recsys-moe features build --config FILE [--set key=value ...]
     recsys-moe train --config FILE [--set key=value ...]
+    recsys-moe sweep --config FILE --grid key=v1,v2 [--grid ...] [--set key=value ...]
     recsys-moe evaluate --config FILE [--run-id ID] [--split test] [--output FILE]
     recsys-moe register --config FILE [--run-id ID]
     recsys-moe score --config FILE --model models:/NAME@ALIAS --candidates PATH --output DIR
@@ -74,6 +75,8 @@ def cmd_train(args: argparse.Namespace, cfg: Config | None = None):  # noqa: ANN
     from recsys_moe.train import train
 
     cfg = cfg or _config(args)
+    if getattr(args, "resume", None) is not None:
+        cfg.train.resume = args.resume
     result = train(cfg)
     valid = " ".join(f"{k}={v:.4f}" for k, v in result.valid.items())
     print(f"trained run {result.run_id}: {result.samples_per_s:,.0f} samples/s; valid {valid}")
@@ -123,6 +126,14 @@ def cmd_score(args: argparse.Namespace, cfg: Config | None = None) -> dict:
         f"{manifest['groups']} {manifest['group_by']}s → {manifest['output']}"
     )
     return manifest
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from recsys_moe.sweep import sweep
+
+    result = sweep(args.config, args.grid, args.set, workdir=args.workdir)
+    print(f"\nsweep {result.parent_run_id} ({len(result.rows)} runs, validation metrics):")
+    print(result.table)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -217,7 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the multi-task model, tracked in MLflow")
     _common(p)
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="PATH",
+        help="continue from the newest checkpoint (train.checkpoint.every > 0), or from PATH",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="train every combination of a grid, child runs of one run")
+    _common(p)
+    p.add_argument(
+        "--grid", action="append", default=[], required=True, metavar="KEY=V1,V2",
+        help="values to sweep, e.g. --grid model.mixture=mmoe,shared_bottom (repeatable)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="offline metrics of a training run on a split")
     _common(p)

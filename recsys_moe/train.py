@@ -329,20 +329,21 @@ class NullLogger:
 
 
 # ---- training ----------------------------------------------------------------------------------
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
     """Train ``cfg``'s model; under torchrun, each process is one rank of the run.
 
     The result's ``model`` (a plain, unsharded model on the CPU), ``model_dir`` and ``valid``
-    are filled on rank 0; ``losses`` are this rank's own.
+    are filled on rank 0; ``losses`` are this rank's own. ``parent_run_id`` makes the MLflow run
+    a child of that run (sweeps).
     """
     info = setup()
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, parent_run_id)
     finally:
         shutdown(info)
 
 
-def _train(cfg: Config, info: DistInfo) -> TrainResult:
+def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> TrainResult:
     # ---- data --------------------------------------------------------------------------------
     features = cfg.feature_set()
     manifest = check_dataset(cfg)
@@ -391,6 +392,8 @@ def _train(cfg: Config, info: DistInfo) -> TrainResult:
     }
     if resume_from is not None:
         tags["recsys_moe.resumed_from"] = str(resume_from)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     logger: MetricLogger = (
         MlflowLogger(cfg, run_id=loop.run_id or None, tags=tags) if info.is_main else NullLogger()
     )
@@ -451,7 +454,7 @@ def _loop(
     evaluated = OnDevice(dmp.module.model, info.device)
     every = cfg.train.checkpoint.every
     window: list[tuple[Tensor, dict[str, Tensor]]] = []  # detached losses since the last log
-    seen, t0 = 0, time.perf_counter()
+    seen, t0, eval_s = 0, time.perf_counter(), 0.0  # throughput excludes validation
     dmp.train()
     for step in range(start_step + 1, sched.total_steps + 1):
         window.append(progress(batches))
@@ -461,6 +464,7 @@ def _loop(
             _log_window(window, step, logger, result)
             window = []
         if step % sched.steps_per_epoch == 0:
+            t_eval = time.perf_counter()
             pause()
             result.valid = validation_metrics(cfg, evaluated, valid_data, manifest)
             gates = collect_gates(evaluated, iterate_batches(valid_data, cfg.train.eval_batch_size))
@@ -472,6 +476,7 @@ def _loop(
             dmp.train()
             logger.log_metrics({f"valid/{k}": v for k, v in result.valid.items()}, step=step)
             logger.log_metrics(result.gates, step=step)
+            eval_s += time.perf_counter() - t_eval
             log.info("epoch %d step %d valid %s", step // sched.steps_per_epoch - 1, step,
                      _fmt(result.valid))  # fmt: skip
         if every and step % every == 0:
@@ -484,7 +489,7 @@ def _loop(
                 model=dmp, optimizer=optimizer, scheduler=scheduler,
                 keep=cfg.train.checkpoint.keep,
             )  # fmt: skip
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - eval_s
     result.samples_per_s = seen * info.world_size / elapsed if elapsed > 0 else 0.0
     logger.log_metrics({"train/samples_per_s": result.samples_per_s})
 

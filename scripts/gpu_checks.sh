@@ -18,5 +18,18 @@ export PYTHONPATH=/tmp/site:$PWD:/tmp/site2 NCCL_NVLS_ENABLE=0 MLFLOW_ENABLE_ART
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python -c "import torch, torchrec, fbgemm_gpu, polars, mlflow, pandas, torchmetrics; print(torch.__version__, torchrec.__version__, polars.__version__, mlflow.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpus.txt"
 python -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -40 | tee "$OUT/gpu_tests.log"
-( time python -m recsys_moe.cli demo --workdir /tmp/gpu-demo ) > "$OUT/demo.log" 2>&1
-tail -25 "$OUT/demo.log"
+if [ "${GPU_DEMO:-1}" = 1 ]; then
+  ( time python -m recsys_moe.cli demo --workdir /tmp/gpu-demo ) > "$OUT/demo.log" 2>&1
+  tail -25 "$OUT/demo.log"
+fi
+[ "${GPU_TPUT:-1}" = 1 ] || exit 0
+# throughput of the demo model at a GPU-sized batch: one GPU, then two under torchrun
+W=/tmp/gpu-tput
+python -m recsys_moe.cli data synth --out $W/data --users 12000 --items 1500 >/dev/null 2>&1
+python -m recsys_moe.cli features build --workdir $W >/dev/null 2>&1
+for bs in 8192 32768; do
+  S="--set train.batch_size=$bs --set train.epochs=2 --set train.lr=2e-2 --set train.embedding_lr=0.2"
+  python -m recsys_moe.cli train --workdir $W $S 2>&1 | grep -a "trained run" | sed "s/^/1 GPU, batch $bs: /" | tee -a "$OUT/throughput.txt"
+  python -m torch.distributed.run --standalone --nproc-per-node 2 -m recsys_moe.train --workdir $W $S \
+    --set train.batch_size=$((bs / 2)) 2>&1 | grep -a "trained run" | sed "s/^/2 GPUs, batch $((bs / 2)) per rank: /" | tee -a "$OUT/throughput.txt"
+done

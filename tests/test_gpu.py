@@ -93,8 +93,10 @@ def test_bundle_on_cpu_matches_the_sharded_gpu_model(trained: SimpleNamespace) -
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_torchrun_on_two_gpus_shards_tables_over_both(dataset: Path) -> None:
-    cfg = _config(dataset, ["mlflow.experiment=gpu2"])
-    sets = [a for s in SETS + ["mlflow.experiment=gpu2"] for a in ("--set", s)]
+    # batch 1024 per rank: the same global batch, hence steps, as the one-GPU run
+    extra = ["mlflow.experiment=gpu2", "train.batch_size=1024"]
+    cfg = _config(dataset, extra)
+    sets = [a for s in SETS + extra for a in ("--set", s)]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -110,5 +112,6 @@ def test_torchrun_on_two_gpus_shards_tables_over_both(dataset: Path) -> None:
     assert ranks == {0, 1}, json.dumps(plan)
     client = client_for(cfg)
     history = client.get_metric_history(run_id, "train/loss")
-    assert history[-1].value < 0.9 * history[0].value
+    assert history[-1].value < history[0].value  # heads start at the label means: a modest fall
+    assert client.get_run(run_id).data.metrics["valid/click_auc"] > 0.7
     print(f"\n2-GPU run: {proc.stdout.strip().splitlines()[-2]}")

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from feature_store import OfflineStore
+from pipelines.synth import synthesize
+from pipelines.training_set import build_training_set
+from recsys_moe.cli import main
+from recsys_moe.config import DEMO_CONFIG, load_config
+from recsys_moe.sweep import parse_grid
+from recsys_moe.tracking import client_for
+
+SMALL = [
+    "synth.users=150", "synth.items=60", "synth.days=4", "train.epochs=1",
+    "train.batch_size=512", "model.expert_dims=[16]", "model.tower_dims=[8]",
+    "mlflow.experiment=sweep",
+]  # fmt: skip
+
+
+def test_grid_values_split_on_top_level_commas_only() -> None:
+    assert parse_grid(["model.expert_dims=[64, 32],[8]", "a=x,'y,z'"]) == [
+        ("model.expert_dims", ["[64, 32]", "[8]"]),
+        ("a", ["x", "'y,z'"]),
+    ]
+    with pytest.raises(ValueError, match="key=v1,v2"):
+        parse_grid(["model.num_experts"])
+
+
+def test_sweep_runs_each_setting_as_a_child_run(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    cfg = load_config(DEMO_CONFIG, SMALL, workdir=tmp_path)
+    synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
+    build_training_set(
+        store=OfflineStore(cfg.store_dir), out=cfg.dataset_dir, features=cfg.feature_set(),
+        labels={t.label: t.kind for t in cfg.tasks}, valid_days=1, test_days=1,
+    )  # fmt: skip
+    args = ["sweep", "--workdir", str(tmp_path), "--grid", "model.mixture=mmoe,shared_bottom"]
+    assert main(args + [a for s in SMALL for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert "| mmoe |" in out and "| shared_bottom |" in out
+
+    client = client_for(cfg)
+    exp = client.get_experiment_by_name("sweep").experiment_id
+    parent = client.search_runs([exp], "tags.`recsys_moe.job` = 'sweep'")[0]
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.params["model.mixture"] for c in children) == ["mmoe", "shared_bottom"]
+    assert all("valid/click_auc" in c.data.metrics for c in children)
+    table = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/sweep.md")
+    assert table.count("\n") == 3 and parent.data.params["grid.0.model.mixture"]
