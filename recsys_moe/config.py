@@ -103,6 +103,7 @@ class TrainConfig:
     eval_batch_size: int = 8192
     # auto = TorchRec's TrainPipelineSparseDist on CUDA, else a plain step; or sparse_dist | plain
     pipeline: str = "auto"
+    bf16: bool = True  # autocast the model's forward to bfloat16 on CUDA (losses stay float32)
     # training-set columns to break expert usage down by (validation split; absent ones skipped)
     heatmap_by: list[str] = field(default_factory=lambda: ["segment", "category"])
     # false; true / "latest" = the newest complete checkpoint under checkpoint.dir; or a path to

@@ -363,7 +363,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> Tra
     model = build_model(features, cfg.model, tasks, device="meta")
     init_head_biases(model, cfg.tasks, manifest)
     num_parameters = count_parameters(model)
-    module = TrainModule(model, cfg.tasks, autocast=info.device.type == "cuda")
+    module = TrainModule(model, cfg.tasks, autocast=cfg.train.bf16 and info.device.type == "cuda")
     dmp, plan = sharding.shard(
         module,
         cfg.train.sharding,

@@ -22,6 +22,15 @@ if [ "${GPU_DEMO:-1}" = 1 ]; then
   ( time python -m recsys_moe.cli demo --workdir /tmp/gpu-demo ) > "$OUT/demo.log" 2>&1
   tail -25 "$OUT/demo.log"
 fi
+if [ "${GPU_BF16_PROBE:-0}" = 1 ]; then  # valid AUC with and without bf16 autocast
+  W=/tmp/gpu-bf16; S="--set synth.users=3000 --set synth.items=600 --set synth.days=6 --set train.epochs=2"
+  python -m recsys_moe.cli data synth --out $W/data --users 3000 --items 600 --days 6 >/dev/null 2>&1
+  python -m recsys_moe.cli features build --workdir $W $S >/dev/null 2>&1
+  for bf in true false; do
+    python -m recsys_moe.cli train --workdir $W $S --set train.batch_size=2048 --set train.bf16=$bf 2>&1 \
+      | grep -a "trained run" | cut -c1-120 | sed "s/^/1 GPU bf16=$bf: /" | tee -a "$OUT/bf16.txt"
+  done
+fi
 [ "${GPU_TPUT:-1}" = 1 ] || exit 0
 # throughput of the demo model at a GPU-sized batch: one GPU, then two under torchrun
 W=/tmp/gpu-tput
