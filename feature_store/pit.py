@@ -112,6 +112,11 @@ def join_features(
     For each entity with features: scan its table from ``store``, keep key + time + the features'
     columns, and point-in-time join on the entity key with the entity's TTL. A feature whose
     column is the key itself (e.g. ``user_id``) comes straight from the events.
+
+    The as-of join sorts the events (twice per entity); done on the feature values it would carry
+    every string and list through those sorts. Instead each entity row gets a row id, the as-of
+    join runs on (key, time, row id) only, and the feature columns are then gathered by row id
+    with a left join against the (small) entity table, which streams.
     """
     out = events
     for name, ent in features.entities.items():
@@ -127,12 +132,16 @@ def join_features(
             time=ent.time,
             columns={c: f"feature column of entity {name}" for c in columns},
         )
+        row = f"__row_{name}"
+        table = table.select(ent.key, ent.time, *columns).with_row_index(row)
         out = point_in_time_join(
             out,
-            table.select(ent.key, ent.time, *columns),
+            table.select(ent.key, ent.time, row),
             entity=ent.key,
             event_time=event_time,
             feature_time=ent.time,
             ttl=ent.ttl,
         )
+        values = table.select(row, *columns)
+        out = out.join(values, on=row, how="left", maintain_order="left").drop(row)
     return out

@@ -5,7 +5,7 @@ writes each row to its split's file) run by Polars' streaming engine, then the i
 mappings are fitted on the written training split with streaming group-bys. Memory stays bounded
 by the narrow event columns: the as-of joins sort only keys, times and labels, and the wide
 feature values (strings, lists) are gathered by row id from the small entity tables as the rows
-stream to the sink (``_join_features``). Output (``out/``)::
+stream to the sink (``feature_store.join_features``). Output (``out/``)::
 
     train.parquet valid.parquet test.parquet   raw feature values + keys, event time, labels;
                                               event order; row groups of ROW_GROUP_ROWS rows
@@ -31,8 +31,7 @@ from typing import Any
 
 import polars as pl
 
-from feature_store import DataError, FeatureSet, OfflineStore, point_in_time_join, validate_events
-from feature_store.validate import validate_table
+from feature_store import DataError, FeatureSet, OfflineStore, join_features, validate_events
 from pipelines.mappings import fit_mappings
 
 SPLITS = ("train", "valid", "test")
@@ -138,8 +137,10 @@ def _build(
 
     days = _split_days(events, ev.time, str(events_path), valid_days, test_days)
     columns = list(dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *labels]))
-    event_columns = [c for c in events.collect_schema().names() if c in columns]
-    joined = _join_features(events.select(event_columns), store, features, ev.time)
+    # entity keys join the features even when they are not part of the output (census: person_id)
+    wanted = {*columns, *(e.key for e in features.entities.values())}
+    event_columns = [c for c in events.collect_schema().names() if c in wanted]
+    joined = join_features(events.select(event_columns), store, features, event_time=ev.time)
     day = pl.col(ev.time).dt.date()
     split = (
         pl.when(day < days["valid"][0])
@@ -177,45 +178,6 @@ def _split_path(args: Any) -> str:
     if args.index_in_partition:  # approximate_bytes_per_file=None: never more than one file
         raise AssertionError("the partitioned sink split a training split into several files")
     return f"{args.partition_keys.item(0, _SPLIT)}.parquet"
-
-
-def _join_features(
-    events: pl.LazyFrame, store: OfflineStore, features: FeatureSet, time: str
-) -> pl.LazyFrame:
-    """``feature_store.join_features`` (same rows, order, columns and values), cheaper in memory.
-
-    The as-of join sorts the events (twice per entity); done on the feature values it would
-    carry every string and list through those sorts. Instead each entity table gets a row id,
-    the as-of join runs on (key, time, row id) only, and the feature columns are then gathered
-    by row id with a left join against the small entity table, which streams.
-    """
-    out = events
-    for name, ent in features.entities.items():
-        columns = list(dict.fromkeys(f.column for f in features.for_entity(name)))
-        columns = [c for c in columns if c != ent.key]
-        if not columns:
-            continue
-        table = store.scan(ent.table)
-        validate_table(
-            table,
-            path=str(store.path(ent.table)),
-            key=ent.key,
-            time=ent.time,
-            columns={c: f"feature column of entity {name}" for c in columns},
-        )
-        row = f"__row_{name}"
-        table = table.select(ent.key, ent.time, *columns).with_row_index(row)
-        out = point_in_time_join(
-            out,
-            table.select(ent.key, ent.time, row),
-            entity=ent.key,
-            event_time=time,
-            feature_time=ent.time,
-            ttl=ent.ttl,
-        )
-        values = table.select(row, *columns)
-        out = out.join(values, on=row, how="left", maintain_order="left").drop(row)
-    return out
 
 
 def _manifest(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 from pathlib import Path
 
 import polars as pl
@@ -25,7 +26,7 @@ from pipelines.training_set import build_training_set
 from recsys_moe.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("RECSYS_MOE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no real data samples in {DATA}")
 
 
