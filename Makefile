@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 # CUDA variant where nvidia-smi finds a GPU, else the CPU stack (DESIGN.md, version matrix).
 VARIANT := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench-setup
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# peers for benchmarks/ (torch-rechub), --no-deps so the pinned stack stays as it is
+bench-setup: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps -r requirements/bench.txt
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -32,12 +32,12 @@ row-wise Adagrad touches only the rows a batch looks up; dense Adam over an ``nn
 (peer, ours/plain) reads and writes every row of every table on every step.
 
 Batches are built before timing (both input paths are excluded). Each repeat runs every variant
-for ``--steps`` steps in turn (interleaved, so load from other jobs hits all of them alike),
-after ``--warmup`` steps per batch size.
+for ``--samples`` samples (``--samples // batch`` steps) in turn (interleaved, so load from other
+jobs hits all of them alike), after ``--warmup`` steps per batch size.
 
 The whole measurement runs once per ``OMP_WAIT_POLICY``, each in a fresh child process (OpenMP
 reads it at load): PASSIVE (threads sleep between parallel regions) and ACTIVE (they spin). On a
-quiet machine spinning is 1.4-4x faster for every variant, and most for the peer, whose step is
+quiet machine spinning is 1.3-4x faster for every variant, and most for the peer, whose step is
 many small ops; on 2 cores shared with other jobs, spinning threads get descheduled and runs
 swung 4.5k-134k samples/s in one earlier measurement. Median/min/max samples/s over the repeats
 go to ``benchmarks/results/train.json`` and a table to stdout. ``--profile`` prints torch.profiler's
