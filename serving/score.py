@@ -25,7 +25,7 @@ import mlflow
 import polars as pl
 
 from feature_store import DataError, OfflineStore, join_features
-from recsys_moe.config import Config
+from recsys_moe.config import Config, TaskConfig
 from recsys_moe.tracking import client_for
 
 PART = "part-00000.parquet"
@@ -67,12 +67,14 @@ def read_candidates(path: Path, *, time_column: str) -> pl.LazyFrame:
     return lf
 
 
-def combined_score(preds: pl.DataFrame, cfg: Config) -> pl.Expr:
+def combined_score(tasks: list[TaskConfig], weights: dict[str, float]) -> pl.Expr:
+    """``prod_t p_t ** w_t`` (binary tasks) ``* (1 + y_t) ** w_t`` (regression tasks); tasks
+    without a weight (or weight 0) do not count."""
     from recsys_moe.predict import output_name
 
     expr = pl.lit(1.0)
-    for t in cfg.tasks:
-        w = cfg.score.weights.get(t.name, 0.0)
+    for t in tasks:
+        w = weights.get(t.name, 0.0)
         if w == 0.0:
             continue
         col = pl.col(output_name(t))
@@ -115,7 +117,8 @@ def score(
     keys = [c for c in ("request_id", "user_id", "item_id") if c in rows.columns]
     ranked = (
         pl.concat([rows.select(keys + [time_col]), preds], how="horizontal")
-        .with_columns(score=combined_score(preds, mcfg))
+        # the model's tasks, the scoring job's weights ([score] of --config)
+        .with_columns(score=combined_score(mcfg.tasks, cfg.score.weights))
         .sort([group, "score", "item_id"], descending=[False, True, False])
         .with_columns(rank=pl.int_range(1, pl.len() + 1).over(group).cast(pl.Int32))
         .filter(pl.col("rank") <= top_k)

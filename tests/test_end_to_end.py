@@ -191,3 +191,15 @@ def test_events_lacking_a_column_fail_clearly_and_write_nothing(
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "ds").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_scoring_weights_come_from_the_scoring_config(run: SimpleNamespace, tmp_path: Path) -> None:
+    cfg = load_config(
+        DEMO_CONFIG, [*SMALL, "score.weights={click = 1.0, watch_time = 0.0}"],
+        workdir=run.cfg.workdir,
+    )  # fmt: skip
+    out = tmp_path / "scores"
+    score(model_uri=run.reg.uri, candidates=cfg.store_dir / "candidates.parquet", output=out,
+          top_k=3, cfg=cfg)  # fmt: skip
+    top = pl.read_parquet(out / PART)
+    np.testing.assert_allclose(top["score"].to_numpy(), top["p_click"].to_numpy(), rtol=1e-12)
