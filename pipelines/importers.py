@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
-import shutil
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 import polars as pl
 
 from pipelines.mappings import hash_index
+from pipelines.synth import write_atomically
 
 GENERATOR = "pipelines.importers"
 VERSION = 1
@@ -162,7 +161,7 @@ def import_census(*, src: str | Path, out: str | Path) -> dict:
         ),
     )  # fmt: skip
     meta["label_rates"] = _rates(events, ["income_50k", "never_married"])
-    _write_atomically(out, frames, meta, [src / "SOURCE.md"])
+    write_atomically(out, frames, meta, [src / "SOURCE.md"])
     return meta
 
 
@@ -242,7 +241,7 @@ def import_movielens(
     )  # fmt: skip
     meta["label_rates"] = _rates(events, ["liked", "rating"])
     meta["scoring_time"] = scoring_time.isoformat()
-    _write_atomically(out, frames, meta, [src / "SOURCE.md", src / "README_GroupLens.txt"])
+    write_atomically(out, frames, meta, [src / "SOURCE.md", src / "README_GroupLens.txt"])
     return meta
 
 
@@ -392,7 +391,7 @@ def import_kuairand(
     )  # fmt: skip
     meta["label_rates"] = _rates(events, ["click", "watch_time_s"])
     meta["scoring_time"] = scoring_time.isoformat()
-    _write_atomically(out, frames, meta, [src / "SOURCE.md", src / KR_LICENCE])
+    write_atomically(out, frames, meta, [src / "SOURCE.md", src / KR_LICENCE])
     return meta
 
 
@@ -564,29 +563,3 @@ def _check_out(out: Path) -> Path:
             f"{GENERATOR}); choose a new directory or remove it first"
         )
     return out
-
-
-def _write_atomically(
-    out: Path, frames: dict[str, pl.DataFrame], meta: dict, copies: list[Path]
-) -> None:
-    """Build in a sibling temp dir, then rename into place; an existing ``out`` goes last."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(6)}"
-    try:
-        tmp.mkdir()
-        for name, frame in frames.items():
-            frame.write_parquet(tmp / f"{name}.parquet")
-        for path in copies:
-            if path.is_file():
-                shutil.copyfile(path, tmp / path.name)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            old.rename(out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -183,7 +184,7 @@ def synthesize(
     test_start_us = end_us - test_days * _US_PER_DAY
     meta = _meta(params, frames, imp["ts"], click, watch, p, expected, start_us, end_us,
                  test_start_us)  # fmt: skip
-    _write_atomically(out, frames, meta)
+    write_atomically(out, frames, meta)
     return meta
 
 
@@ -512,8 +513,12 @@ def _meta(params, frames, ts, click, watch, p, expected, start_us, end_us, test_
     }
 
 
-def _write_atomically(out: Path, frames: dict[str, pl.DataFrame], meta: dict) -> None:
-    """Build in a sibling temp dir, then rename into place; an existing ``out`` goes last."""
+def write_atomically(
+    out: Path, frames: dict[str, pl.DataFrame], meta: dict, copies: Sequence[Path] = ()
+) -> None:
+    """A data set folder: ``<name>.parquet`` per frame, ``meta.json`` and ``copies`` (files such
+    as a licence, skipped when absent), built in a sibling temp dir and renamed into place; an
+    existing ``out`` goes last (and comes back if the rename fails)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     old = out.parent / f".{out.name}.old-{secrets.token_hex(6)}"
@@ -521,6 +526,9 @@ def _write_atomically(out: Path, frames: dict[str, pl.DataFrame], meta: dict) ->
         tmp.mkdir()
         for name, frame in frames.items():
             frame.write_parquet(tmp / f"{name}.parquet")
+        for path in copies:
+            if path.is_file():
+                shutil.copyfile(path, tmp / path.name)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             out.rename(old)
