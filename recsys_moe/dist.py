@@ -8,6 +8,7 @@ same way as a multi-process one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     owns_group: bool  # created here, so destroyed by ``shutdown``
+    store_path: str = ""  # the one-process group's FileStore file, removed by ``shutdown``
 
     @property
     def is_main(self) -> bool:
@@ -41,6 +43,7 @@ def setup() -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     owns = not dist.is_initialized()
+    path = ""
     if owns and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend)
     elif owns:
@@ -54,12 +57,16 @@ def setup() -> DistInfo:
         local_rank=local_rank,
         device=device,
         owns_group=owns,
+        store_path=path,
     )
 
 
 def shutdown(info: DistInfo) -> None:
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+    if info.store_path:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(info.store_path)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
