@@ -38,6 +38,7 @@ Everything is drawn from ``np.random.default_rng(seed)``: the same seed gives id
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import shutil
@@ -104,6 +105,7 @@ class _World:
     country: np.ndarray  # [country]
     tag_pools: np.ndarray  # [category] → int64 bit mask of the category's 4 typical tags
     liked: np.ndarray  # [segment] → bit mask of the tags typical of the categories it likes
+    watch_affinity: np.ndarray | None = None  # [segment, category]; None = ``affinity``
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,15 @@ def synthesize(
     items_per_request: int = 10,
     test_days: int = 1,
     start: str = "2026-01-01",
+    task_conflict: float = 0.0,
 ) -> dict:
-    """Write the data set into directory ``out`` (atomically) and return its ``meta.json`` dict."""
+    """Write the data set into directory ``out`` (atomically) and return its ``meta.json`` dict.
+
+    ``task_conflict`` in [0, 1]: the share of watch time's affinity that comes from a second
+    segment x category matrix (its own liked categories) instead of click's; 0 = the tasks share
+    one affinity (the default data set is unchanged)."""
+    if not 0.0 <= task_conflict <= 1.0:
+        raise ValueError(f"task_conflict must be in [0, 1], got {task_conflict}")
     out = Path(out)
     t0 = _validate(out, users, items, days, seed, requests_per_user_day, items_per_request,
                    test_days, start)  # fmt: skip
@@ -153,10 +162,16 @@ def synthesize(
         "requests_per_user_day": float(requests_per_user_day),
         "items_per_request": int(items_per_request), "test_days": int(test_days), "start": start,
     }  # fmt: skip
+    if task_conflict:
+        params["task_conflict"] = float(task_conflict)
     start_us = _to_us(t0)
     end_us = start_us + days * _US_PER_DAY
     rng = np.random.default_rng(seed)
     world = _world(rng)
+    if task_conflict:  # its own stream: the default data set's draws stay as they were
+        other = _world(np.random.default_rng([seed, 1])).affinity
+        mixed = (1 - task_conflict) * world.affinity + task_conflict * other
+        world = dataclasses.replace(world, watch_affinity=mixed)
     us = _users(rng, world, users, start_us, end_us)
     it = _items(rng, world, items, items_per_request, start_us, end_us)
     req_user, req_ts = _requests(rng, us, days * requests_per_user_day, start_us, end_us)
@@ -357,7 +372,9 @@ def _outcomes(rng, world: _World, us: _Users, it: _Items, user, item, ts):
     logit += it.quality[item] + user_side
     p = 1.0 / (1.0 + np.exp(-logit))
     click = rng.random(p.size) < p
-    m = 0.3 + 0.7 * affinity + 0.4 * overlap + 0.5 * it.quality[item] - 0.45 * np.log(duration / 60)
+    watch_aff = affinity if world.watch_affinity is None else world.watch_affinity[seg, cat]
+    m = 0.3 + 0.7 * watch_aff + 0.4 * overlap + 0.5 * it.quality[item]
+    m -= 0.45 * np.log(duration / 60)
     completion = 1.0 / (1.0 + np.exp(-(m + 0.6 * rng.normal(size=p.size))))
     skip = rng.random(p.size) * np.minimum(3.0, duration)
     watch = np.where(click, duration * completion, skip)

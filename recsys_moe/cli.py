@@ -39,7 +39,9 @@ def cmd_synth(args: argparse.Namespace) -> dict:
 
     meta = synthesize(
         args.out, users=args.users, items=args.items, days=args.days, seed=args.seed,
-        test_days=args.test_days,
+        test_days=args.test_days, task_conflict=args.task_conflict,
+        requests_per_user_day=args.requests_per_user_day,
+        items_per_request=args.items_per_request,
     )  # fmt: skip
     print(f"wrote {args.out}: {meta['rows']}")
     return meta
@@ -145,7 +147,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"== 1/6 synthetic data → {store}")
     meta = cmd_synth(
         argparse.Namespace(out=store, users=s.users, items=s.items, days=s.days, seed=s.seed,
-                           test_days=cfg.data.test_days)
+                           test_days=cfg.data.test_days, task_conflict=s.task_conflict,
+                           requests_per_user_day=s.requests_per_user_day,
+                           items_per_request=s.items_per_request)
     )  # fmt: skip
     print("== 2/6 training set (point-in-time features, split by time)")
     cmd_build(args, cfg)
@@ -212,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=14, help="days of impressions")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
     p.add_argument("--test-days", type=int, default=1, help="days the Bayes AUC is reported on")
+    p.add_argument("--requests-per-user-day", type=float, default=0.7, help="mean requests")
+    p.add_argument("--items-per-request", type=int, default=10, help="impressions per request")
+    p.add_argument(
+        "--task-conflict", type=float, default=0.0,
+        help="0..1: share of watch time's segment x category affinity that click does not share",
+    )  # fmt: skip
     p.set_defaults(func=cmd_synth)
 
     p = data.add_parser("import", help="import a real public data sample into the store layout")

@@ -33,6 +33,7 @@ class SynthConfig:
     seed: int = 0
     requests_per_user_day: float = 0.7
     items_per_request: int = 10
+    task_conflict: float = 0.0  # share of watch time's affinity that click does not share
 
 
 @dataclass

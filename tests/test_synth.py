@@ -268,3 +268,15 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
     with pytest.raises(ValueError, match="choose a new directory"):
         synthesize(out, users=50, items=20, days=3)
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_task_conflict_changes_watch_time_only(tmp_path: Path) -> None:
+    base = synthesize(tmp_path / "a", users=300, items=80, days=4, seed=5)
+    conf = synthesize(tmp_path / "b", users=300, items=80, days=4, seed=5, task_conflict=1.0)
+    a = pl.read_parquet(tmp_path / "a" / "oracle.parquet")
+    b = pl.read_parquet(tmp_path / "b" / "oracle.parquet")
+    assert a["p_click"].equals(b["p_click"])  # click's process and the draws are unchanged
+    assert not a["expected_watch_time_s"].equals(b["expected_watch_time_s"])
+    assert "task_conflict" not in base["params"] and conf["params"]["task_conflict"] == 1.0
+    with pytest.raises(ValueError, match="task_conflict"):
+        synthesize(tmp_path / "c", users=300, items=80, days=4, task_conflict=2.0)
