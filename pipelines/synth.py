@@ -421,12 +421,18 @@ def _frame(columns: dict, schema: dict) -> pl.DataFrame:
     return pl.DataFrame(out).cast(schema)
 
 
-def _users_frame(us: _Users) -> pl.DataFrame:
-    second = np.flatnonzero(us.t1 != _NEVER)
-    idx = np.concatenate([np.arange(us.t1.size), second])
-    version = np.concatenate([np.zeros(us.t1.size, np.int64), np.ones(second.size, np.int64)])
+def _version_rows(t1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(entity index, version) of every attribute row: version 0 for all, 1 where ``t1`` is set;
+    sorted by entity, then version."""
+    second = np.flatnonzero(t1 != _NEVER)
+    idx = np.concatenate([np.arange(t1.size), second])
+    version = np.concatenate([np.zeros(t1.size, np.int64), np.ones(second.size, np.int64)])
     order = np.lexsort((version, idx))
-    idx, version = idx[order], version[order]
+    return idx[order], version[order]
+
+
+def _users_frame(us: _Users) -> pl.DataFrame:
+    idx, version = _version_rows(us.t1)
     cols = {
         "user_id": idx + 1,
         "valid_from": np.where(version == 0, us.first_from[idx], us.t1[idx]),
@@ -439,11 +445,7 @@ def _users_frame(us: _Users) -> pl.DataFrame:
 
 
 def _items_frame(it: _Items) -> pl.DataFrame:
-    second = np.flatnonzero(it.t1 != _NEVER)
-    idx = np.concatenate([np.arange(it.t1.size), second])
-    version = np.concatenate([np.zeros(it.t1.size, np.int64), np.ones(second.size, np.int64)])
-    order = np.lexsort((version, idx))
-    idx, version = idx[order], version[order]
+    idx, version = _version_rows(it.t1)
     cols = {
         "item_id": idx + 1,
         "valid_from": np.where(version == 0, it.first_from[idx], it.t1[idx]),

@@ -57,18 +57,10 @@ def cmd_import(args: argparse.Namespace) -> dict:
 
 
 def cmd_build(args: argparse.Namespace, cfg: Config | None = None) -> dict:
-    from feature_store import OfflineStore
-    from pipelines.training_set import build_training_set
+    from recsys_moe.dataset import build_dataset
 
     cfg = cfg or _config(args)
-    manifest = build_training_set(
-        store=OfflineStore(cfg.store_dir),
-        out=cfg.dataset_dir,
-        features=cfg.feature_set(),
-        labels={t.label: t.kind for t in cfg.tasks},
-        valid_days=cfg.data.valid_days,
-        test_days=cfg.data.test_days,
-    )
+    manifest = build_dataset(cfg)
     print(f"wrote training set {cfg.dataset_dir}: rows {manifest['rows']}")
     return manifest
 

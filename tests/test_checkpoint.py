@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from feature_store import OfflineStore
 from pipelines.synth import synthesize
-from pipelines.training_set import build_training_set
 from recsys_moe import checkpoint
 from recsys_moe.config import DEMO_CONFIG, Config, load_config
+from recsys_moe.dataset import build_dataset
 from recsys_moe.train import TrainResult, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +37,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("ckpt-data")
     cfg = load_config(DEMO_CONFIG, SMALL, workdir=work)
     synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
-    build_training_set(
-        store=OfflineStore(cfg.store_dir), out=cfg.dataset_dir, features=cfg.feature_set(),
-        labels={t.label: t.kind for t in cfg.tasks}, valid_days=1, test_days=1,
-    )  # fmt: skip
+    build_dataset(cfg)
     return cfg.dataset_dir
 
 

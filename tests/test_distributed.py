@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from feature_store import OfflineStore
 from pipelines.synth import synthesize
-from pipelines.training_set import build_training_set
 from recsys_moe.bundle import load_bundle
 from recsys_moe.config import DEMO_CONFIG, load_config
+from recsys_moe.dataset import build_dataset
 from recsys_moe.tracking import client_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +32,7 @@ SMALL = [
 def test_two_process_training_shards_table_and_column_wise(tmp_path: Path) -> None:
     cfg = load_config(DEMO_CONFIG, SMALL, workdir=tmp_path)
     synthesize(cfg.store_dir, users=300, items=80, days=4, seed=0)
-    build_training_set(
-        store=OfflineStore(cfg.store_dir), out=cfg.dataset_dir, features=cfg.feature_set(),
-        labels={t.label: t.kind for t in cfg.tasks}, valid_days=1, test_days=1,
-    )  # fmt: skip
+    build_dataset(cfg)
     args = [arg for s in SMALL for arg in ("--set", s)]
     proc = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "recsys_moe.train",

@@ -16,10 +16,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from feature_store import OfflineStore
 from pipelines.synth import synthesize
-from pipelines.training_set import build_training_set, load_split
-from recsys_moe.config import DEMO_CONFIG, Config, load_config
+from pipelines.training_set import load_split
+from recsys_moe.config import DEMO_CONFIG, load_config
+from recsys_moe.dataset import build_dataset
 from recsys_moe.evaluate import evaluate
 from recsys_moe.predict import predict_frame
 from recsys_moe.registry import register
@@ -40,24 +40,13 @@ SMALL = [
 ]
 
 
-def build(cfg: Config) -> dict:
-    return build_training_set(
-        store=OfflineStore(cfg.store_dir),
-        out=cfg.dataset_dir,
-        features=cfg.feature_set(),
-        labels={t.label: t.kind for t in cfg.tasks},
-        valid_days=cfg.data.valid_days,
-        test_days=cfg.data.test_days,
-    )
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     work = tmp_path_factory.mktemp("e2e")
     cfg = load_config(DEMO_CONFIG, SMALL, workdir=work)
     s = cfg.synth
     meta = synthesize(cfg.store_dir, users=s.users, items=s.items, days=s.days, seed=s.seed)
-    build(cfg)
+    build_dataset(cfg)
     result = train(cfg)
     report = evaluate(cfg, run_id=result.run_id)
     reg = register(cfg, python_model=CODE_PATH, run_id=result.run_id)

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from feature_store import OfflineStore
 from pipelines.synth import synthesize
-from pipelines.training_set import build_training_set
 from recsys_moe.config import DEMO_CONFIG, Config, load_config
+from recsys_moe.dataset import build_dataset
 from recsys_moe.evaluate import evaluate
 from recsys_moe.tracking import client_for
 from recsys_moe.train import train
@@ -53,14 +52,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = _config(work)
     s = cfg.synth
     synthesize(cfg.store_dir, users=s.users, items=s.items, days=s.days, seed=s.seed)
-    build_training_set(
-        store=OfflineStore(cfg.store_dir),
-        out=cfg.dataset_dir,
-        features=cfg.feature_set(),
-        labels={t.label: t.kind for t in cfg.tasks},
-        valid_days=cfg.data.valid_days,
-        test_days=cfg.data.test_days,
-    )
+    build_dataset(cfg)
     return work
 
 

@@ -5,11 +5,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from feature_store import OfflineStore
 from pipelines.synth import synthesize
-from pipelines.training_set import build_training_set
 from recsys_moe.cli import main
 from recsys_moe.config import DEMO_CONFIG, load_config
+from recsys_moe.dataset import build_dataset
 from recsys_moe.sweep import parse_grid
 from recsys_moe.tracking import client_for
 
@@ -32,10 +31,7 @@ def test_grid_values_split_on_top_level_commas_only() -> None:
 def test_sweep_runs_each_setting_as_a_child_run(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     cfg = load_config(DEMO_CONFIG, SMALL, workdir=tmp_path)
     synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
-    build_training_set(
-        store=OfflineStore(cfg.store_dir), out=cfg.dataset_dir, features=cfg.feature_set(),
-        labels={t.label: t.kind for t in cfg.tasks}, valid_days=1, test_days=1,
-    )  # fmt: skip
+    build_dataset(cfg)
     args = ["sweep", "--workdir", str(tmp_path), "--grid", "model.mixture=mmoe,shared_bottom"]
     assert main(args + [a for s in SMALL for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
