@@ -75,14 +75,13 @@ POLICIES = ("PASSIVE", "ACTIVE")  # OpenMP threads sleep / spin between parallel
 # ---- data: one set of rows, two input formats --------------------------------------------------
 def load(dataset: Path, rows: int, item_rows: int):
     """Config, feature set (dims 8, ``item_rows`` rows in the item_id table) and the first
-    ``rows`` rows of train.py's epoch-0 order."""
+    ``rows`` rows of a seeded permutation of the train split."""
     from feature_store import FeatureSet
     from pipelines.mappings import Mappings, apply_mappings
     from pipelines.training_set import load_split
     from recsys_moe.config import load_config
-    from recsys_moe.data import to_tensor_data
+    from recsys_moe.data import take_rows, to_tensor_data
     from recsys_moe.losses import label_columns
-    from recsys_moe.train import take_rows
 
     cfg = load_config(CONFIG, [], workdir=dataset.parent)
     text = cfg.features_path.read_text().replace(

@@ -230,18 +230,29 @@ def _split_days(
 
 
 def _label_stats(train: pl.LazyFrame, labels: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Training-split means of each label (the constant predictors); for a regression label also
+    its means on the rows where each binary label is 1 (``when``: a task masked by that label,
+    e.g. watch time of clicks only, is judged against those)."""
+    binary = [c for c, kind in labels.items() if kind == "binary"]
+    regression = [c for c, kind in labels.items() if kind == "regression"]
     aggs = [pl.col(c).cast(pl.Float64).mean().alias(f"{c}:mean") for c in labels]
-    aggs += [
-        pl.col(c).cast(pl.Float64).log1p().mean().alias(f"{c}:log1p")
-        for c, kind in labels.items()
-        if kind == "regression"
-    ]
+    for c in regression:
+        value = pl.col(c).cast(pl.Float64)
+        aggs.append(value.log1p().mean().alias(f"{c}:log1p"))
+        for b in binary:
+            given = pl.col(b) == 1
+            aggs.append(value.filter(given).mean().alias(f"{c}|{b}:mean"))
+            aggs.append(value.log1p().filter(given).mean().alias(f"{c}|{b}:log1p"))
     row = train.select(aggs).collect(engine=_ENGINE).row(0, named=True) if aggs else {}
     stats: dict[str, dict[str, Any]] = {}
     for c, kind in labels.items():
         stats[c] = {"kind": kind, "train_mean": row[f"{c}:mean"]}
         if kind == "regression":
             stats[c]["train_mean_log1p"] = row[f"{c}:log1p"]
+            stats[c]["when"] = {
+                b: {"train_mean": row[f"{c}|{b}:mean"], "train_mean_log1p": row[f"{c}|{b}:log1p"]}
+                for b in binary
+            }
     return stats
 
 

@@ -6,7 +6,7 @@ Layout, one folder per MLflow run::
         ckpt-<step>/
             *.distcp, .metadata    DCP: model (sharded tables as shards) and both optimizers
             rank-<r>.pt            per rank: torch (and CUDA) RNG state, LR scheduler state
-            .complete              JSON loop state: step, epoch, batch in epoch, run id
+            .complete              JSON loop state: step, epoch, batch in epoch, run id, loader
         LATEST                     "ckpt-<step>": the newest complete checkpoint
 
 A save writes ``ckpt-<step>`` (every rank), then rank 0 writes ``.complete`` and replaces
@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class LoopState:
     epoch: int  # epoch of the next batch
     batch_in_epoch: int  # index of the next batch in that epoch
     run_id: str
+    data: dict[str, Any] = field(default_factory=dict)  # the loader's state_dict at that batch
 
 
 def _write_atomic(path: Path, text: str) -> None:

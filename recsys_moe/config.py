@@ -234,15 +234,25 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override to a raw TOML dict (value parsed as TOML, else string)."""
+    """Apply one ``a.b.c=value`` override to a raw TOML dict (value parsed as TOML, else string).
+
+    A list of named tables (``[[tasks]]``) is entered by name: ``tasks.watch_time.mask=click``.
+    """
     if "=" not in item:
         raise ValueError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
-    node = raw
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
+    node: Any = raw
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):  # [[tasks]]: the entry whose name is p
+            named = [t for t in node if isinstance(t, dict) and t.get("name") == p]
+            if not named:
+                names = ", ".join(str(t.get("name")) for t in node if isinstance(t, dict))
+                raise ValueError(f"--set {item!r}: no {parts[i - 1]} entry named {p!r} ({names})")
+            node = named[0]
+        else:
+            node = node.setdefault(p, {})
+        if not isinstance(node, dict | list) or (isinstance(node, list) and i == len(parts) - 2):
             raise ValueError(f"--set {item!r}: {p!r} is not a section")
     node[parts[-1]] = _parse_value(value.strip())
 

@@ -186,3 +186,20 @@ def iterate_batches(
             sparse=make_kjt(keys, batch_values, batch_lengths),
             labels={k: v[idx] for k, v in data.labels.items()},
         )
+
+
+def take_rows(data: TensorData, idx: Tensor) -> TensorData:
+    """The rows ``idx`` of ``data``, in that order."""
+    sparse = {}
+    for name, col in data.sparse.items():
+        lengths = col.lengths[idx]
+        offsets = torch.zeros(len(idx) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        values = gather_jagged(col.offsets[:-1][idx], lengths, col.values)
+        sparse[name] = type(col)(values=values, offsets=offsets)
+    return TensorData(
+        dense=data.dense[idx],
+        sparse=sparse,
+        labels={k: v[idx] for k, v in data.labels.items()},
+        num_rows=len(idx),
+    )

@@ -22,8 +22,8 @@ import polars as pl
 
 from pipelines.training_set import load_split
 from recsys_moe.bundle import Bundle, load_bundle
-from recsys_moe.config import Config
-from recsys_moe.metrics import task_metrics
+from recsys_moe.config import Config, TaskConfig
+from recsys_moe.metrics import task_label_stats, task_metrics
 from recsys_moe.predict import output_name, predict_frame
 from recsys_moe.tracking import client_for, latest_train_run
 
@@ -55,11 +55,13 @@ def evaluate(
         bundle.model, bundle.features, bundle.mappings, cfg.tasks, rows,
         batch_size=cfg.train.eval_batch_size,
     )  # fmt: skip
-    stats = bundle.manifest.get("labels", {})
     metrics: dict[str, float] = {}
     for t in cfg.tasks:
         label = rows[t.label].to_numpy().astype(np.float64)
-        metrics |= task_metrics(t, preds[output_name(t)], label, label_stats=stats.get(t.label))
+        metrics |= task_metrics(
+            t, preds[output_name(t)], label,
+            label_stats=task_label_stats(t, bundle.manifest), mask=_mask(t, rows),
+        )  # fmt: skip
     metrics |= _oracle_metrics(cfg, rows)
 
     client = client_for(cfg)
@@ -82,17 +84,21 @@ def _oracle_metrics(cfg: Config, rows: pl.DataFrame) -> dict[str, float]:
         return {}
     cols = oracle_columns(cfg)
     oracle = pl.read_parquet(path, columns=keys + list(cols.values()))
-    joined = rows.select(keys + [t.label for t in cfg.tasks]).join(
-        oracle, on=keys, how="left", maintain_order="left"
-    )
+    columns = list(dict.fromkeys(c for t in cfg.tasks for c in (t.label, t.mask) if c))
+    joined = rows.select(keys + columns).join(oracle, on=keys, how="left", maintain_order="left")
     out: dict[str, float] = {}
     for t in cfg.tasks:
         pred = joined[cols[t.name]]
         if pred.null_count():
             return {}  # the oracle does not cover these rows (another data set)
-        m = task_metrics(t, pred.to_numpy(), joined[t.label].to_numpy().astype(np.float64))
+        label = joined[t.label].to_numpy().astype(np.float64)
+        m = task_metrics(t, pred.to_numpy(), label, mask=_mask(t, joined))
         out |= {f"bayes_optimal_{k}": v for k, v in m.items()}
     return out
+
+
+def _mask(task: TaskConfig, rows: pl.DataFrame) -> np.ndarray | None:
+    return rows[task.mask].to_numpy() if task.mask else None
 
 
 def _write_json(path: Path, obj: dict) -> None:

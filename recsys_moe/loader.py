@@ -8,7 +8,8 @@
             ...
         checkpoint["data"] = loader.state_dict()   # or after any step: resumes mid-epoch
 
-Each buffer of ``buffer_batches * batch_size`` rows is read with pyarrow (only the row groups
+Each buffer of ``buffer_batches * batch_size`` rows (by default the fewest batches that hold
+``BUFFER_ROWS``) is read with pyarrow (only the row groups
 it overlaps), mapped once with ``apply_mappings`` (vectorised, no Python loop over rows) and cut
 into batches by ``recsys_moe.data.iterate_batches``, so a batch equals what the in-memory path
 (``to_tensor_data`` + ``iterate_batches``) gives for the same rows. ``READ_AHEAD`` buffers are
@@ -52,6 +53,7 @@ from recsys_moe.data import Batch, TensorData, iterate_batches, to_tensor_data
 
 STATE_VERSION = 1
 READ_AHEAD = 2  # buffers read and mapped in background threads while one is being batched
+BUFFER_ROWS = 65_536  # default buffer: rows of ~4 shuffled row groups are mixed in each batch
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,10 @@ class ParquetLoader:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
-        buffer_batches: int = 16,
+        buffer_batches: int | None = None,
     ) -> None:
+        if buffer_batches is None:
+            buffer_batches = max(1, -(-BUFFER_ROWS // max(batch_size, 1)))
         if batch_size < 1 or buffer_batches < 1:
             raise ValueError(f"batch_size ({batch_size}) and buffer_batches must be >= 1")
         if world_size < 1 or not 0 <= rank < world_size:

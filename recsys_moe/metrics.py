@@ -61,14 +61,38 @@ def regression_metrics(
     return out
 
 
+def task_label_stats(task: TaskConfig, manifest: dict) -> dict | None:
+    """The training split's constant predictors for ``task`` from a training set's manifest: the
+    label's means, or for a masked task its means where the mask column is 1 (``None`` if the
+    manifest does not have them)."""
+    stats = manifest.get("labels", {}).get(task.label)
+    if not stats or not task.mask:
+        return stats
+    return stats.get("when", {}).get(task.mask)
+
+
 def task_metrics(
-    task: TaskConfig, pred: np.ndarray, label: np.ndarray, *, label_stats: dict | None = None
+    task: TaskConfig,
+    pred: np.ndarray,
+    label: np.ndarray,
+    *,
+    label_stats: dict | None = None,
+    mask: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Metrics of one task, keyed ``<task>_<metric>`` (e.g. ``click_auc``).
 
     ``label_stats``: the training split's ``train_mean`` (and ``train_mean_log1p``) of the label,
-    from the training set's manifest, for the constant-predictor baselines.
+    from the training set's manifest, for the constant-predictor baselines (``task_label_stats``).
+    ``mask``: the task's mask column; a masked task is judged on the rows where it is 1, the rows
+    its loss counts (watch time of clicks predicts the watch time *given* a click).
     """
+    if task.mask:
+        if mask is None:
+            raise ValueError(f"task {task.name!r} is masked by {task.mask!r}: pass its values")
+        keep = np.asarray(mask) == 1
+        pred, label = np.asarray(pred)[keep], np.asarray(label)[keep]
+        if not keep.any():
+            return {}
     stats = label_stats or {}
     if task.kind == "binary":
         m = binary_metrics(pred, label)

@@ -38,7 +38,7 @@ from pipelines.training_set import load_manifest, load_split
 from recsys_moe import checkpoint, sharding
 from recsys_moe.bundle import save_bundle
 from recsys_moe.config import Config, TaskConfig, load_config
-from recsys_moe.data import TensorData, gather_jagged, iterate_batches, to_tensor_data
+from recsys_moe.data import TensorData, iterate_batches, to_tensor_data
 from recsys_moe.dist import DistInfo, broadcast_object, mean_across_ranks, setup, shutdown
 from recsys_moe.gates import (
     collect_gates,
@@ -47,8 +47,9 @@ from recsys_moe.gates import (
     polarization_warning,
     usage_by_group,
 )
+from recsys_moe.loader import ParquetLoader
 from recsys_moe.losses import combine_losses, label_columns, objective, task_losses
-from recsys_moe.metrics import task_metrics
+from recsys_moe.metrics import task_label_stats, task_metrics
 from recsys_moe.model import build_model, count_parameters
 from recsys_moe.predict import output_name, predict_tensors
 from recsys_moe.tracking import TRAIN_JOB_TAG, ensure_experiment
@@ -94,11 +95,13 @@ def validation_metrics(
     cfg: Config, model: torch.nn.Module, data: TensorData, manifest: dict
 ) -> dict[str, float]:
     preds = predict_tensors(model, data, cfg.tasks, batch_size=cfg.train.eval_batch_size)
-    stats = manifest.get("labels", {})
     out: dict[str, float] = {}
     for t in cfg.tasks:
         label = data.labels[t.label].numpy()
-        out |= task_metrics(t, preds[output_name(t)], label, label_stats=stats.get(t.label))
+        mask = data.labels[t.mask].numpy() if t.mask else None
+        out |= task_metrics(
+            t, preds[output_name(t)], label, label_stats=task_label_stats(t, manifest), mask=mask
+        )
     return out
 
 
@@ -118,10 +121,9 @@ def init_head_biases(model: nn.Module, tasks: list[TaskConfig], manifest: dict) 
     """Start each head's output at the constant predictor of its label (training-split mean):
     logit(rate) for BCE, the mean of the fitted target for MSE. Without it a head on a far-off
     scale (ratings near 3.5) spends its first epochs, and the shared experts, on the offset."""
-    stats = manifest.get("labels", {})
     for t in tasks:
-        s = stats.get(t.label)
-        if not s or t.mask:
+        s = task_label_stats(t, manifest)  # a masked task: the means where its mask is 1
+        if not s:
             continue
         obj = objective(t)
         if obj == "bce":
@@ -161,23 +163,6 @@ class TrainBatch(Pipelineable):
             v.record_stream(stream)
 
 
-def take_rows(data: TensorData, idx: Tensor) -> TensorData:
-    """The rows ``idx`` of ``data``, in that order."""
-    sparse = {}
-    for name, col in data.sparse.items():
-        lengths = col.lengths[idx]
-        offsets = torch.zeros(len(idx) + 1, dtype=torch.int64)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        values = gather_jagged(col.offsets[:-1][idx], lengths, col.values)
-        sparse[name] = type(col)(values=values, offsets=offsets)
-    return TensorData(
-        dense=data.dense[idx],
-        sparse=sparse,
-        labels={k: v[idx] for k, v in data.labels.items()},
-        num_rows=len(idx),
-    )
-
-
 @dataclass(frozen=True)
 class Schedule:
     """Steps of this run: every rank takes ``rows_per_rank`` rows per epoch, in batches."""
@@ -200,24 +185,10 @@ class Schedule:
         return min(self.batch_size, self.rows_per_rank - begin)
 
 
-def rank_batches(
-    data: TensorData, sched: Schedule, info: DistInfo, *, seed: int, start_step: int
-) -> Iterator[TrainBatch]:
-    """This rank's batches from ``start_step`` (steps done) to the end of the last epoch.
-
-    Epoch e shuffles all rows with seed ``seed + e`` (the single-process order of
-    ``iterate_batches(shuffle=True)``); rank r takes the r-th of ``world_size`` equal slices.
-    """
-    n = sched.rows_per_rank
-    for epoch in range(start_step // sched.steps_per_epoch, sched.epochs):
-        order = torch.randperm(data.num_rows, generator=torch.Generator().manual_seed(seed + epoch))
-        first = (
-            start_step - epoch * sched.steps_per_epoch
-            if epoch * sched.steps_per_epoch < start_step
-            else 0
-        )
-        idx = order[info.rank * n : (info.rank + 1) * n][first * sched.batch_size :]
-        for b in iterate_batches(take_rows(data, idx), sched.batch_size):
+def train_batches(loader: ParquetLoader, epochs: int) -> Iterator[TrainBatch]:
+    """The loader's batches from its position to the end of epoch ``epochs - 1``."""
+    while loader.epoch < epochs:
+        for b in loader:
             yield TrainBatch(dense=b.dense, sparse=b.sparse, labels=b.labels)
 
 
@@ -348,14 +319,19 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> Tra
     features = cfg.feature_set()
     manifest = check_dataset(cfg)
     mappings = Mappings.load(cfg.dataset_dir / "mappings", features)
-    _, train_data = load_split_data(cfg, mappings, "train")
+    loader = ParquetLoader.from_split(
+        cfg.dataset_dir, "train",
+        features=features, mappings=mappings, labels=label_columns(cfg.tasks),
+        batch_size=cfg.train.batch_size, rank=info.rank, world_size=info.world_size,
+        shuffle=True, seed=cfg.train.seed,
+    )  # fmt: skip
     valid_raw, valid_data = load_split_data(cfg, mappings, "valid")
-    if train_data.num_rows < info.world_size:
+    if loader.rows_per_rank == 0:
         raise ValueError(
-            f"training split of {cfg.dataset_dir} has {train_data.num_rows} rows, fewer than "
+            f"training split of {cfg.dataset_dir} has {loader.num_rows} rows, fewer than "
             f"the {info.world_size} ranks"
         )
-    sched = Schedule(train_data.num_rows // info.world_size, cfg.train.batch_size, cfg.train.epochs)
+    sched = Schedule(loader.rows_per_rank, cfg.train.batch_size, cfg.train.epochs)
 
     # ---- model (tables on "meta"), sharding, optimizers --------------------------------------
     torch.manual_seed(cfg.train.seed)
@@ -382,6 +358,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> Tra
     loop = checkpoint.LoopState(step=0, epoch=0, batch_in_epoch=0, run_id="")
     if resume_from is not None:
         loop = checkpoint.load(resume_from, model=dmp, optimizer=optimizer, scheduler=scheduler)
+        loader.load_state_dict(loop.data)  # checks seed, batch size, ranks and rows match
         log.info("resumed from %s at step %d", resume_from, loop.step)
     tags = {
         TRAIN_JOB_TAG: "train",
@@ -406,7 +383,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> Tra
             plan_summary,
         )  # fmt: skip
         result = TrainResult(run_id=run_id, model_dir=Path(), mappings=mappings)
-        _loop(cfg, info, dmp, optimizer, scheduler, sched, train_data, valid_data, manifest,
+        _loop(cfg, info, dmp, optimizer, scheduler, sched, loader, valid_data, manifest,
               loop.step, run_id, run_dir, logger, result)  # fmt: skip
 
         # ---- the full model on rank 0: bundle ------------------------------------------------
@@ -440,7 +417,7 @@ def _loop(
     optimizer: Any,
     scheduler: Any,
     sched: Schedule,
-    train_data: TensorData,
+    loader: ParquetLoader,
     valid_data: TensorData,
     manifest: dict,
     start_step: int,
@@ -450,7 +427,7 @@ def _loop(
     result: TrainResult,
 ) -> None:
     progress, pause = sharding.train_step(dmp, optimizer, info.device, pipeline=cfg.train.pipeline)
-    batches = rank_batches(train_data, sched, info, seed=cfg.train.seed, start_step=start_step)
+    batches = train_batches(loader, sched.epochs)
     evaluated = OnDevice(dmp.module.model, info.device)
     every = cfg.train.checkpoint.every
     window: list[tuple[Tensor, dict[str, Tensor]]] = []  # detached losses since the last log
@@ -483,9 +460,13 @@ def _loop(
             _log_window(window, step, logger, result)
             window = []
             epoch, batch = divmod(step, sched.steps_per_epoch)
+            # the position after this step, not the loader's: pipelines read batches ahead
+            data = loader.state_dict() | {"epoch": epoch, "batches": batch}
             checkpoint.save(
                 run_dir,
-                checkpoint.LoopState(step=step, epoch=epoch, batch_in_epoch=batch, run_id=run_id),
+                checkpoint.LoopState(
+                    step=step, epoch=epoch, batch_in_epoch=batch, run_id=run_id, data=data
+                ),
                 model=dmp, optimizer=optimizer, scheduler=scheduler,
                 keep=cfg.train.checkpoint.keep,
             )  # fmt: skip

@@ -23,6 +23,7 @@ def test_overrides_parse_toml_values_and_nested_keys(tmp_path: Path) -> None:
             "model.expert_dims=[8, 4]",
             "mlflow.experiment=exp-x",
             "score.weights.click=2.5",
+            "tasks.watch_time.mask=click",
         ],
         workdir=tmp_path,
     )
@@ -30,13 +31,20 @@ def test_overrides_parse_toml_values_and_nested_keys(tmp_path: Path) -> None:
     assert cfg.model.expert_dims == [8, 4]
     assert cfg.mlflow.experiment == "exp-x"
     assert cfg.score.weights["click"] == 2.5
+    assert {t.name: t.mask for t in cfg.tasks} == {"click": "", "watch_time": "click"}
     assert cfg.store_dir == tmp_path / "data"
     assert cfg.tracking_uri().startswith("sqlite:///") or cfg.tracking_uri()
 
 
 @pytest.mark.parametrize(
     "override, needle",
-    [("train.epocs=3", "epocs"), ("nonsense", "key=value"), ("tasks=[{name='x'}]", "tasks")],
+    [
+        ("train.epocs=3", "epocs"),
+        ("nonsense", "key=value"),
+        ("tasks=[{name='x'}]", "tasks"),
+        ("tasks.clik.weight=2", "no tasks entry named 'clik'"),
+        ("tasks.weight=2", "'tasks' is not a section"),
+    ],
 )
 def test_bad_config_values_are_named(override: str, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):

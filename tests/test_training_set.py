@@ -124,6 +124,10 @@ def test_splits_features_and_manifest(tmp_path):
     wt = manifest["labels"]["watch_time_s"]
     assert wt["train_mean"] == pytest.approx(train["watch_time_s"].mean())
     assert wt["train_mean_log1p"] == pytest.approx(train["watch_time_s"].log1p().mean())
+    clicked = train.filter(pl.col("click") == 1)["watch_time_s"]  # a task masked by click
+    assert 0 < clicked.len() < train.height
+    assert wt["when"]["click"]["train_mean"] == pytest.approx(clicked.mean())
+    assert wt["when"]["click"]["train_mean_log1p"] == pytest.approx(clicked.log1p().mean())
     assert set(manifest["sources"]) == {"impressions", "users", "items"}
     assert manifest["created_at"]
 
