@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import secrets
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from pipelines.atomic import replacing_dir
 
 GENERATOR = "pipelines.synth"
 VERSION = 1
@@ -537,24 +538,11 @@ def write_atomically(
 ) -> None:
     """A data set folder: ``<name>.parquet`` per frame, ``meta.json`` and ``copies`` (files such
     as a licence, skipped when absent), built in a sibling temp dir and renamed into place; an
-    existing ``out`` goes last (and comes back if the rename fails)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(6)}"
-    try:
-        tmp.mkdir()
+    existing ``out`` is replaced (``pipelines.atomic.replacing_dir``)."""
+    with replacing_dir(out) as tmp:
         for name, frame in frames.items():
             frame.write_parquet(tmp / f"{name}.parquet")
         for path in copies:
             if path.is_file():
                 shutil.copyfile(path, tmp / path.name)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            old.rename(out)  # put the previous data set back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -22,9 +22,6 @@ Everything is written into a hidden sibling directory and renamed into place at 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from typing import Any
 import polars as pl
 
 from feature_store import DataError, FeatureSet, OfflineStore, join_features, validate_events
+from pipelines.atomic import replacing_dir
 from pipelines.mappings import fit_mappings
 
 SPLITS = ("train", "valid", "test")
@@ -63,18 +61,8 @@ def build_training_set(
             raise ValueError(f"label {column!r}: kind {kind!r} is not one of {LABEL_KINDS}")
     if valid_days < 0 or test_days < 0:
         raise ValueError(f"valid_days ({valid_days}) and test_days ({test_days}) must be >= 0")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        with pl.Config(engine_affinity=_ENGINE):  # also the validation's collects
-            manifest = _build(store, tmp, features, labels, valid_days, test_days)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+    with replacing_dir(out) as tmp, pl.Config(engine_affinity=_ENGINE):  # also validation's
+        return _build(store, tmp, features, labels, valid_days, test_days)
 
 
 def split_files(dataset_dir: str | Path, split: str) -> list[Path]:
@@ -254,19 +242,3 @@ def _label_stats(train: pl.LazyFrame, labels: dict[str, str]) -> dict[str, dict[
                 for b in binary
             }
     return stats
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``; an existing ``out`` is moved aside first and removed only once
-    the new directory is in place (restored if the rename fails)."""
-    if not out.exists():
-        os.rename(new, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    try:
-        os.rename(new, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -8,15 +8,14 @@ everything else is TOML, JSON or Parquet.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from feature_store import FeatureSet
+from pipelines.atomic import replacing_dir
 from pipelines.mappings import Mappings
 from recsys_moe.config import Config, config_from_dict
 from recsys_moe.model import MultiTaskModel, build_model
@@ -43,9 +42,7 @@ def save_bundle(
 ) -> Path:
     """Write the bundle to ``out`` (a temporary sibling first, renamed when complete)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with replacing_dir(out) as tmp:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         torch.save(state, tmp / WEIGHTS)
         raw = cfg.to_dict()
@@ -55,12 +52,6 @@ def save_bundle(
         dataset_dir = Path(dataset_dir)
         shutil.copytree(dataset_dir / "mappings", tmp / "mappings")
         shutil.copy2(dataset_dir / "manifest.json", tmp / "dataset_manifest.json")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from pipelines.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
@@ -43,15 +45,6 @@ class LoopState:
     batch_in_epoch: int  # index of the next batch in that epoch
     run_id: str
     data: dict[str, Any] = field(default_factory=dict)  # the loader's state_dict at that batch
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _step_of(path: Path) -> int:
@@ -82,8 +75,8 @@ def save(
     if os.environ.get(FAULT_ENV) == str(loop.step):
         os._exit(17)
     if rank == 0:
-        _write_atomic(ckpt / COMPLETE, json.dumps(asdict(loop)))
-        _write_atomic(run_dir / LATEST, ckpt.name)
+        write_text_atomic(ckpt / COMPLETE, json.dumps(asdict(loop)))
+        write_text_atomic(run_dir / LATEST, ckpt.name)
         _prune(run_dir, current=ckpt, keep=keep)
     dist.barrier()
     log.info("checkpoint %s", ckpt)

@@ -12,14 +12,13 @@ oracle on the same rows are reported beside them as ``bayes_optimal_...``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import polars as pl
 
+from pipelines.atomic import write_text_atomic
 from pipelines.training_set import load_split
 from recsys_moe.bundle import Bundle, load_bundle
 from recsys_moe.config import Config, TaskConfig
@@ -71,7 +70,7 @@ def evaluate(
             client.log_metric(run_id, f"{prefix}/{k}", v)
     report = {"run_id": run_id, "split": split, "rows": rows.height, "metrics": metrics}
     output = output or cfg.path("eval") / f"{run_id}-{split}.json"
-    _write_json(output, report)
+    write_text_atomic(output, json.dumps(report, indent=2))
     client.log_artifact(run_id, str(output), artifact_path="eval")
     report["output"] = str(output)
     return report
@@ -99,11 +98,3 @@ def _oracle_metrics(cfg: Config, rows: pl.DataFrame) -> dict[str, float]:
 
 def _mask(task: TaskConfig, rows: pl.DataFrame) -> np.ndarray | None:
     return rows[task.mask].to_numpy() if task.mask else None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

@@ -15,9 +15,6 @@ complete, so a reader never sees half of it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import mlflow
 import polars as pl
 
 from feature_store import DataError, OfflineStore, join_features
+from pipelines.atomic import replacing_dir
 from recsys_moe.config import Config, TaskConfig
 from recsys_moe.tracking import client_for
 
@@ -142,18 +140,6 @@ def score(
 
 
 def _write_atomic(output: Path, frame: pl.DataFrame, manifest: dict) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with replacing_dir(output) as tmp:
         frame.write_parquet(tmp / PART)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
