@@ -12,8 +12,8 @@ Jobs, each run ``--runs`` times in a fresh subprocess (peak RSS = that process's
   sample of rows before any number is reported.
 - ``load/streaming``: ``recsys_moe.loader.ParquetLoader`` over the train split, batch 4096,
   mapping included (Parquet → mapped ids → ``Batch`` with a ``KeyedJaggedTensor``).
-- ``load/in-memory``: what ``recsys_moe.train`` does today: collect the split, ``apply_mappings``,
-  ``to_tensor_data``, ``iterate_batches``.
+- ``load/in-memory``: what ``recsys_moe.loader.MemoryLoader`` does: collect the split,
+  ``apply_mappings``, ``to_tensor_data``, ``iterate_batches``.
 
 Every job runs with ``OMP_WAIT_POLICY=PASSIVE``, except the one marked "(OMP spin)": on 2 cores
 shared with other jobs, torch's OpenMP threads spinning for work (the default policy) starve the

@@ -104,6 +104,15 @@ class TrainConfig:
     eval_batch_size: int = 8192
     # auto = TorchRec's TrainPipelineSparseDist on CUDA, else a plain step; or sparse_dist | plain
     pipeline: str = "auto"
+    # memory: the train split mapped once and held (recsys_moe.loader.MemoryLoader); stream:
+    # Parquet row groups read and mapped on the fly (ParquetLoader); auto: memory when the
+    # split's Parquet files total at most memory_loader_max_mb, else stream
+    loader: str = "auto"
+    memory_loader_max_mb: int = 512
+    # torch's CPU threads per process (torch.set_num_threads); 0 = torch's default (all cores;
+    # torchrun sets OMP_NUM_THREADS=1 per process). Fewer can help a GPU host whose spinning
+    # OpenMP threads starve the loader's threads (see the #4 notes: measured, not conclusive)
+    cpu_threads: int = 0
     bf16: bool = True  # autocast the model's forward to bfloat16 on CUDA (losses stay float32)
     # training-set columns to break expert usage down by (validation split; absent ones skipped)
     heatmap_by: list[str] = field(default_factory=lambda: ["segment", "category"])

@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from feature_store import FeatureSet
 from pipelines.mappings import Mappings, apply_mappings
-from pipelines.training_set import load_manifest, load_split
+from pipelines.training_set import load_manifest, load_split, split_files
 from recsys_moe import checkpoint, sharding
 from recsys_moe.bundle import save_bundle
 from recsys_moe.config import Config, TaskConfig, load_config
@@ -47,7 +48,7 @@ from recsys_moe.gates import (
     polarization_warning,
     usage_by_group,
 )
-from recsys_moe.loader import ParquetLoader
+from recsys_moe.loader import Loader, MemoryLoader, ParquetLoader
 from recsys_moe.losses import combine_losses, label_columns, objective, task_losses
 from recsys_moe.metrics import task_label_stats, task_metrics
 from recsys_moe.model import build_model, count_parameters
@@ -185,7 +186,25 @@ class Schedule:
         return min(self.batch_size, self.rows_per_rank - begin)
 
 
-def train_batches(loader: ParquetLoader, epochs: int) -> Iterator[TrainBatch]:
+def train_loader(cfg: Config, features: FeatureSet, mappings: Mappings, info: DistInfo) -> Loader:
+    """This rank's loader of the train split, of the kind ``train.loader`` asks for."""
+    kind = cfg.train.loader
+    if kind not in ("auto", "memory", "stream"):
+        raise ValueError(f"train.loader {kind!r}: one of auto, memory, stream")
+    if kind == "auto":
+        size = sum(f.stat().st_size for f in split_files(cfg.dataset_dir, "train"))
+        kind = "memory" if size <= cfg.train.memory_loader_max_mb * 2**20 else "stream"
+    cls = MemoryLoader if kind == "memory" else ParquetLoader
+    log.info("train split: %s loader", kind)
+    return cls.from_split(
+        cfg.dataset_dir, "train",
+        features=features, mappings=mappings, labels=label_columns(cfg.tasks),
+        batch_size=cfg.train.batch_size, rank=info.rank, world_size=info.world_size,
+        shuffle=True, seed=cfg.train.seed,
+    )  # fmt: skip
+
+
+def train_batches(loader: Loader, epochs: int) -> Iterator[TrainBatch]:
     """The loader's batches from its position to the end of epoch ``epochs - 1``."""
     while loader.epoch < epochs:
         for b in loader:
@@ -308,9 +327,13 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
     a child of that run (sweeps).
     """
     info = setup()
+    before = torch.get_num_threads()
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
     try:
         return _train(cfg, info, parent_run_id)
     finally:
+        torch.set_num_threads(before)
         shutdown(info)
 
 
@@ -319,12 +342,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> Tra
     features = cfg.feature_set()
     manifest = check_dataset(cfg)
     mappings = Mappings.load(cfg.dataset_dir / "mappings", features)
-    loader = ParquetLoader.from_split(
-        cfg.dataset_dir, "train",
-        features=features, mappings=mappings, labels=label_columns(cfg.tasks),
-        batch_size=cfg.train.batch_size, rank=info.rank, world_size=info.world_size,
-        shuffle=True, seed=cfg.train.seed,
-    )  # fmt: skip
+    loader = train_loader(cfg, features, mappings, info)
     valid_raw, valid_data = load_split_data(cfg, mappings, "valid")
     if loader.rows_per_rank == 0:
         raise ValueError(
@@ -417,7 +435,7 @@ def _loop(
     optimizer: Any,
     scheduler: Any,
     sched: Schedule,
-    loader: ParquetLoader,
+    loader: Loader,
     valid_data: TensorData,
     manifest: dict,
     start_step: int,

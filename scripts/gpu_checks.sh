@@ -17,7 +17,9 @@ done
 export PYTHONPATH=/tmp/site:$PWD:/tmp/site2 NCCL_NVLS_ENABLE=0 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python -c "import torch, torchrec, fbgemm_gpu, polars, mlflow, pandas, torchmetrics; print(torch.__version__, torchrec.__version__, polars.__version__, mlflow.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpus.txt"
-python -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -40 | tee "$OUT/gpu_tests.log"
+if [ "${GPU_TESTS:-1}" = 1 ]; then
+  python -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -40 | tee "$OUT/gpu_tests.log"
+fi
 if [ "${GPU_DEMO:-1}" = 1 ]; then
   ( time python -m recsys_moe.cli demo --workdir /tmp/gpu-demo ) > "$OUT/demo.log" 2>&1
   tail -25 "$OUT/demo.log"
@@ -36,6 +38,22 @@ fi
 W=/tmp/gpu-tput
 python -m recsys_moe.cli data synth --out $W/data --users 12000 --items 1500 >/dev/null 2>&1
 python -m recsys_moe.cli features build --workdir $W >/dev/null 2>&1
+if [ "${GPU_LOADERS:-0}" = 1 ]; then  # train.loader memory vs stream, and stream's thread settings
+  S="--set train.epochs=2 --set train.lr=2e-2 --set train.embedding_lr=0.2"
+  run1() {  # name, one VAR=value for the environment, loader kind
+    env "$2" python -m recsys_moe.cli train --workdir $W $S --set train.batch_size=32768 --set train.loader=$3 \
+      2>&1 | grep -a "trained run" | cut -c1-80 | sed "s/^/1 GPU, batch 32768, $1: /" | tee -a "$OUT/loaders.txt"
+  }
+  run1 memory X=1 memory
+  run1 stream X=1 stream
+  run1 "stream, cpu_threads=16" X=1 "stream --set train.cpu_threads=16"
+  for kind in memory stream; do
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m recsys_moe.train --workdir $W $S \
+      --set train.batch_size=16384 --set train.loader=$kind 2>&1 | grep -a "trained run" | cut -c1-80 \
+      | sed "s/^/2 GPUs, batch 16384 per rank, $kind: /" | tee -a "$OUT/loaders.txt"
+  done
+  exit 0
+fi
 for bs in 8192 32768; do
   S="--set train.batch_size=$bs --set train.epochs=2 --set train.lr=2e-2 --set train.embedding_lr=0.2"
   python -m recsys_moe.cli train --workdir $W $S 2>&1 | grep -a "trained run" | sed "s/^/1 GPU, batch $bs: /" | tee -a "$OUT/throughput.txt"

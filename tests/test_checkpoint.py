@@ -110,3 +110,23 @@ def test_torchrec_train_pipeline_matches_the_plain_step(
     piped = train(config(tmp_path, dataset, "train.pipeline=sparse_dist"))
     assert len(piped.losses) == len(plain.losses)
     assert piped.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_resume_with_the_streaming_loader_and_not_across_loaders(
+    tmp_path: Path, dataset: Path
+) -> None:
+    threads = torch.get_num_threads()
+    stream = config(tmp_path, dataset, "train.loader=stream", "train.cpu_threads=1")
+    full = train(stream)
+    assert torch.get_num_threads() == threads  # train.cpu_threads holds for the run only
+    run_dir = stream.path("checkpoints") / full.run_id
+    resumed = train(
+        config(tmp_path, dataset, "train.loader=stream", f"train.resume={run_dir}/ckpt-3")
+    )
+    assert resumed.losses == full.losses[3:]
+    assert_same_model(resumed.model, full.model)
+    # the in-memory loader orders rows differently: resuming this run with it would not be exact
+    with pytest.raises(ValueError, match="order"):
+        train(config(tmp_path, dataset, "train.loader=memory", f"train.resume={run_dir}/ckpt-3"))
+    with pytest.raises(ValueError, match="train.loader 'disk'"):
+        train(config(tmp_path, dataset, "train.loader=disk"))

@@ -14,7 +14,7 @@ import torch
 from feature_store import FeatureSet
 from pipelines.mappings import Mappings, apply_mappings, fit_mappings
 from recsys_moe.data import Batch, iterate_batches, to_tensor_data
-from recsys_moe.loader import ParquetLoader
+from recsys_moe.loader import Loader, MemoryLoader, ParquetLoader
 
 FEATURES = Path(__file__).resolve().parents[1] / "configs" / "features" / "synth.toml"
 N = 1001  # not a multiple of the batch size, the row-group size or the world sizes below
@@ -61,7 +61,17 @@ def split(tmp_path_factory) -> Split:
     return Split(path, frame, features, fit_mappings(frame.lazy(), features))
 
 
-def loader(split: Split, **kwargs) -> ParquetLoader:
+@pytest.fixture(params=["parquet", "memory"])
+def kind(request) -> str:
+    return request.param
+
+
+def loader(split: Split, kind: str = "parquet", **kwargs) -> Loader:
+    if kind == "memory":
+        return MemoryLoader.from_split(
+            split.path.parent, "train", features=split.features, mappings=split.mappings,
+            labels=LABELS, **{"batch_size": 64} | kwargs,
+        )  # fmt: skip
     kwargs = {"batch_size": 64, "buffer_batches": 3} | kwargs
     return ParquetLoader(
         [split.path], features=split.features, mappings=split.mappings, labels=LABELS, **kwargs
@@ -81,8 +91,8 @@ def assert_same(a: Batch, b: Batch) -> None:
         torch.testing.assert_close(a.labels[k], b.labels[k], equal_nan=True)
 
 
-def test_equals_in_memory_path(split):
-    ld = loader(split)
+def test_equals_in_memory_path(split, kind):
+    ld = loader(split, kind)
     mapped = apply_mappings(split.frame.lazy(), split.features, split.mappings).collect()
     data = to_tensor_data(mapped, split.features, split.frame.select(LABELS))
     expected = list(iterate_batches(data, 64))
@@ -97,14 +107,9 @@ def test_equals_in_memory_path(split):
 
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize(("world", "drop_last"), [(2, False), (3, False), (3, True), (4, True)])
-def test_rank_shards(split, world, drop_last, shuffle):
-    shards = [
-        [
-            rows(b)
-            for b in loader(split, rank=r, world_size=world, shuffle=shuffle, drop_last=drop_last)
-        ]
-        for r in range(world)
-    ]
+def test_rank_shards(split, kind, world, drop_last, shuffle):
+    kw = {"world_size": world, "shuffle": shuffle, "drop_last": drop_last}
+    shards = [[rows(b) for b in loader(split, kind, rank=r, **kw)] for r in range(world)]
     per_rank = N // world
     counts = {len(s) for s in shards}
     assert counts == {per_rank // 64 if drop_last else -(-per_rank // 64)}  # equal steps
@@ -118,26 +123,27 @@ def test_rank_shards(split, world, drop_last, shuffle):
         assert seen == expected
 
 
-def test_shuffle_changes_with_epoch_and_seed(split):
-    ld = loader(split, shuffle=True, seed=1)
+def test_shuffle_changes_with_epoch_and_seed(split, kind):
+    ld = loader(split, kind, shuffle=True, seed=1)
     epoch0 = [r for b in ld for r in rows(b)]
     epoch1 = [r for b in ld for r in rows(b)]
-    other = [r for b in loader(split, shuffle=True, seed=2) for r in rows(b)]
+    other = [r for b in loader(split, kind, shuffle=True, seed=2) for r in rows(b)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(N))
     assert epoch0 != epoch1 and epoch0 != other and epoch0 != list(range(N))
     assert ld.state_dict()["epoch"] == 2
 
 
 @pytest.mark.parametrize("stop", [1, 3, 4, 7, 8])  # 3 batches a buffer, 8 an epoch
-def test_resume_continues_with_the_next_batch(split, stop):
-    straight = loader(split, shuffle=True, seed=3, rank=1, world_size=2)
+def test_resume_continues_with_the_next_batch(split, kind, stop):
+    kw = {"shuffle": True, "seed": 3, "rank": 1, "world_size": 2}
+    straight = loader(split, kind, **kw)
     expected = [list(straight) for _ in range(2)]  # two epochs
-    first = loader(split, shuffle=True, seed=3, rank=1, world_size=2)
+    first = loader(split, kind, **kw)
     it = iter(first)
     head = [next(it) for _ in range(stop)]
     state = first.state_dict()
     assert state["epoch"] == 0 and state["batches"] == stop
-    resumed = loader(split, shuffle=True, seed=3, rank=1, world_size=2)
+    resumed = loader(split, kind, **kw)
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert len(head) + len(rest) == len(expected[0])
@@ -152,3 +158,5 @@ def test_state_from_other_settings_rejected(split):
     state = loader(split, batch_size=64).state_dict()
     with pytest.raises(ValueError, match="batch_size"):
         loader(split, batch_size=32).load_state_dict(state)
+    with pytest.raises(ValueError, match="order"):  # same rows, other batches: not a resume
+        loader(split, "memory", batch_size=64).load_state_dict(state)
