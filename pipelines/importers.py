@@ -150,7 +150,7 @@ def import_census(*, src: str | Path, out: str | Path) -> dict:
     ]
     meta = _meta(
         "census", src, [path], frames, tasks, notes, events_table="events",
-        keys=["event_id", "person_id"],
+        keys=["event_id"],
         licence=(
             "CC BY 4.0 (as listed by the UCI Machine Learning Repository; see SOURCE.md)"
         ),
