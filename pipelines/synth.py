@@ -12,7 +12,8 @@ Tables (all timestamps naive UTC, microseconds):
   and/or duration re-estimated.
 - ``impressions``: requests of ``items_per_request`` distinct items each, sorted by ``ts``.
 - ``candidates``: a scoring job input for ``meta["scoring_time"]`` (the end of the period).
-- ``oracle``: the true ``p_click`` and ``E[watch_time_s]`` of every impression, same order.
+- ``oracle``: the true ``p_click``, ``E[watch_time_s]`` and ``E[watch_time_s | click]`` of every
+  impression, same order.
 
 Generating process. A hidden "world" (drawn from the seed) fixes a segment × category affinity
 matrix where each of 8 segments strongly likes 2-3 of 20 categories (each category is liked by
@@ -92,7 +93,11 @@ IMPRESSIONS_SCHEMA = {
     "watch_time_s": pl.Float64,
 }
 CANDIDATES_SCHEMA = {"request_id": pl.Int64, "user_id": pl.Int64, "item_id": pl.Int64}
-ORACLE_SCHEMA = CANDIDATES_SCHEMA | {"p_click": pl.Float64, "expected_watch_time_s": pl.Float64}
+ORACLE_SCHEMA = CANDIDATES_SCHEMA | {
+    "p_click": pl.Float64,
+    "expected_watch_time_s": pl.Float64,  # E[watch_time_s]
+    "expected_watch_time_s_given_click": pl.Float64,  # E[watch_time_s | click = 1]
+}
 
 _US_PER_DAY = 86_400 * 1_000_000
 _NEVER = np.iinfo(np.int64).max
@@ -186,8 +191,9 @@ def synthesize(
         "ts": np.repeat(req_ts, k),
         "position": np.tile(np.arange(k), req_user.size),
     }
-    p, click, watch, expected = _outcomes(rng, world, us, it, imp["user_id"], imp["item_id"],
-                                          imp["ts"])  # fmt: skip
+    p, click, watch, expected, given_click = _outcomes(
+        rng, world, us, it, imp["user_id"], imp["item_id"], imp["ts"]
+    )
     imp |= {"user_id": imp["user_id"] + 1, "item_id": imp["item_id"] + 1}  # ids start at 1
     cand = _candidates(rng, users, items, req_user.size)
     frames = {
@@ -195,7 +201,15 @@ def synthesize(
         "items": _items_frame(it),
         "impressions": _frame(imp | {"click": click, "watch_time_s": watch}, IMPRESSIONS_SCHEMA),
         "candidates": _frame(cand, CANDIDATES_SCHEMA),
-        "oracle": _frame(imp | {"p_click": p, "expected_watch_time_s": expected}, ORACLE_SCHEMA),
+        "oracle": _frame(
+            imp
+            | {
+                "p_click": p,
+                "expected_watch_time_s": expected,
+                "expected_watch_time_s_given_click": given_click,
+            },
+            ORACLE_SCHEMA,
+        ),  # fmt: skip
     }
     test_start_us = end_us - test_days * _US_PER_DAY
     meta = _meta(params, frames, imp["ts"], click, watch, p, expected, start_us, end_us,
@@ -379,8 +393,9 @@ def _outcomes(rng, world: _World, us: _Users, it: _Items, user, item, ts):
     completion = 1.0 / (1.0 + np.exp(-(m + 0.6 * rng.normal(size=p.size))))
     skip = rng.random(p.size) * np.minimum(3.0, duration)
     watch = np.where(click, duration * completion, skip)
-    expected = p * duration * _mean_sigmoid(m, 0.6) + (1.0 - p) * np.minimum(3.0, duration) / 2
-    return p, click.astype(np.int8), watch, expected
+    given_click = duration * _mean_sigmoid(m, 0.6)
+    expected = p * given_click + (1.0 - p) * np.minimum(3.0, duration) / 2
+    return p, click.astype(np.int8), watch, expected, given_click
 
 
 def _mean_sigmoid(mu: np.ndarray, sigma: float) -> np.ndarray:

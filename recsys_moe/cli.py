@@ -163,9 +163,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("\n== summary")
     print(f"  click AUC (test)       {m['click_auc']:.4f}   Bayes-optimal {meta_auc(m, meta):.4f}")
     print(f"  click logloss          {m['click_logloss']:.4f}")
+    watch = next((t for t in cfg.tasks if t.name == "watch_time"), None)
+    rows = f" (rows where {watch.mask} = 1)" if watch is not None and watch.mask else ""
+    bayes = m.get("bayes_optimal_watch_time_rmse")
     print(
         f"  watch time RMSE (s)    {m['watch_time_rmse']:.2f}    "
-        f"predicting the train mean {m['watch_time_rmse_mean_predictor']:.2f}"
+        + (f"Bayes-optimal {bayes:.2f}   " if bayes is not None else "")
+        + f"predicting the train mean {m['watch_time_rmse_mean_predictor']:.2f}{rows}"
     )
     print(f"  watch time RMSE (log)  {m['watch_time_rmse_log']:.4f}")
     print(f"  MLflow run             {result.run_id}")

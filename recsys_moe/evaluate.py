@@ -36,10 +36,15 @@ def load_run_bundle(cfg: Config, run_id: str) -> Bundle:
 
 
 def oracle_columns(cfg: Config) -> dict[str, str]:
-    """Task name → oracle column holding the Bayes-optimal prediction of that task."""
-    return {
-        t.name: f"p_{t.name}" if t.kind == "binary" else f"expected_{t.label}" for t in cfg.tasks
-    }
+    """Task name → oracle column holding the Bayes-optimal prediction of that task (a masked
+    task's: the expectation given its mask, e.g. ``expected_watch_time_s_given_click``)."""
+    out = {}
+    for t in cfg.tasks:
+        if t.kind == "binary":
+            out[t.name] = f"p_{t.name}"
+        else:
+            out[t.name] = f"expected_{t.label}" + (f"_given_{t.mask}" if t.mask else "")
+    return out
 
 
 def evaluate(
@@ -82,6 +87,8 @@ def _oracle_metrics(cfg: Config, rows: pl.DataFrame) -> dict[str, float]:
     if not path.is_file() or not keys:
         return {}
     cols = oracle_columns(cfg)
+    if not set(keys + list(cols.values())) <= set(pl.read_parquet_schema(path)):
+        return {}  # an oracle of another data set, or without this task's expectation
     oracle = pl.read_parquet(path, columns=keys + list(cols.values()))
     columns = list(dict.fromkeys(c for t in cfg.tasks for c in (t.label, t.mask) if c))
     joined = rows.select(keys + columns).join(oracle, on=keys, how="left", maintain_order="left")

@@ -33,6 +33,7 @@ SCHEMAS = {
     "oracle": {
         "request_id": pl.Int64, "user_id": pl.Int64, "item_id": pl.Int64,
         "p_click": pl.Float64, "expected_watch_time_s": pl.Float64,
+        "expected_watch_time_s_given_click": pl.Float64,
     },
 }  # fmt: skip
 
@@ -187,6 +188,12 @@ def test_meta_bayes_numbers_match_the_oracle(data):
     rmse = np.sqrt(np.mean((expected[test] - watch[test]) ** 2))
     assert meta["bayes_optimal_watch_time_rmse_s"] == pytest.approx(rmse)
     assert meta["bayes_optimal_watch_time_rmse_s"] < meta["mean_predictor_watch_time_rmse_s"]
+    # the conditional expectation beats every constant on the clicked rows it is meant for
+    clicked = test & (imp["click"].to_numpy() == 1)
+    given = oracle["expected_watch_time_s_given_click"].to_numpy()[clicked]
+    on_clicks = watch[clicked]
+    assert np.sqrt(np.mean((given - on_clicks) ** 2)) < on_clicks.std()
+    assert (expected <= oracle["expected_watch_time_s_given_click"].to_numpy() + 3.0).all()
     assert datetime.fromisoformat(meta["last_event_ts"]) < datetime.fromisoformat(
         meta["scoring_time"]
     )
