@@ -11,6 +11,7 @@ The parent run holds the grid and, at the end, the results table (``sweep.md``).
 from __future__ import annotations
 
 import itertools
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from recsys_moe.tracking import TRAIN_JOB_TAG, client_for, ensure_experiment
 from recsys_moe.train import train
 
 SHOWN = ("click_auc", "click_logloss", "watch_time_rmse", "watch_time_rmse_log")
+SEED = "train.seed"  # a grid over it adds a mean ± sd table per other setting
 
 
 @dataclass
@@ -86,6 +88,7 @@ def sweep(
         for combo, cfg in zip(combos, cfgs, strict=True):
             result = train(cfg, parent_run_id=pid)
             row: dict[str, str | float] = dict(combo)
+            row |= {"flops_per_example": result.cost.get("flops_per_example", 0)}
             row |= {k: result.valid[k] for k in SHOWN if k in result.valid}
             row |= {"samples_per_s": result.samples_per_s, "run_id": result.run_id}
             rows.append(row)
@@ -93,6 +96,9 @@ def sweep(
         ok = True
     finally:
         table = format_table(rows)
+        summary = summarize(rows, [k for k, _ in axes])
+        if summary:
+            table += f"\n\nMean ± standard deviation over {SEED}:\n\n{summary}"
         client.log_text(pid, table, "sweep.md")
         client.set_terminated(pid, "FINISHED" if ok else "FAILED")
     return SweepResult(parent_run_id=pid, rows=rows, table=table)
@@ -110,3 +116,28 @@ def format_table(rows: list[dict[str, str | float]], *, header: bool = True) -> 
     lines += ["| " + " | ".join(f(r[c]) for f, c in zip(fmt, cols, strict=True)) + " |"
               for r in rows]  # fmt: skip
     return "\n".join(lines)
+
+
+def summarize(rows: list[dict[str, str | float]], keys: list[str]) -> str:
+    """With ``train.seed`` among the grid ``keys``: a table of each other setting's metrics as
+    mean ± sample standard deviation over its seeds ("" otherwise)."""
+    if SEED not in keys or len({r[SEED] for r in rows}) < 2:
+        return ""
+    by = [k for k in keys if k != SEED]
+    groups: dict[tuple, list[dict[str, str | float]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    metrics = [m for m in ("flops_per_example", *SHOWN) if m in rows[0]]
+    out = []
+    for setting, members in groups.items():
+        row: dict[str, str | float] = dict(zip(by, setting, strict=True)) | {
+            "runs": str(len(members))
+        }
+        for m in metrics:
+            values = [float(r[m]) for r in members]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[m] = (
+                f"{statistics.mean(values):.4f} ± {sd:.4f}" if m in SHOWN else str(int(values[0]))
+            )
+        out.append(row)
+    return format_table(out)

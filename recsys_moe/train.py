@@ -51,7 +51,7 @@ from recsys_moe.gates import (
 from recsys_moe.loader import Loader, MemoryLoader, ParquetLoader
 from recsys_moe.losses import combine_losses, label_columns, objective, task_losses
 from recsys_moe.metrics import task_label_stats, task_metrics
-from recsys_moe.model import build_model, count_parameters
+from recsys_moe.model import build_model, count_parameters, model_cost
 from recsys_moe.predict import output_name, predict_tensors
 from recsys_moe.tracking import TRAIN_JOB_TAG, ensure_experiment
 
@@ -69,6 +69,7 @@ class TrainResult:
     mappings: Mappings | None = None
     gates: dict[str, float] = field(default_factory=dict)  # last validation's gate statistics
     plots: list[Path] = field(default_factory=list)
+    cost: dict[str, int] = field(default_factory=dict)  # model_cost: parameters, flops_per_example
 
 
 def load_split_data(cfg: Config, mappings: Mappings, split: str) -> tuple[pl.DataFrame, TensorData]:
@@ -357,6 +358,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> Tra
     model = build_model(features, cfg.model, tasks, device="meta")
     init_head_biases(model, cfg.tasks, manifest)
     num_parameters = count_parameters(model)
+    cost = model_cost(cfg.model, features, tasks)  # mixture + heads: for matched-compute studies
     module = TrainModule(model, cfg.tasks, autocast=cfg.train.bf16 and info.device.type == "cuda")
     dmp, plan = sharding.shard(
         module,
@@ -397,10 +399,16 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> Tra
         run_id = broadcast_object(logger.run_id)
         run_dir = resume_from.parent if resume_from is not None else ckpt_root / run_id
         logger.log_setup(
-            cfg, {"model.num_parameters": num_parameters, "train.world_size": info.world_size},
+            cfg,
+            {
+                "model.num_parameters": num_parameters,
+                "model.dense_parameters": cost["parameters"],
+                "model.flops_per_example": cost["flops_per_example"],
+                "train.world_size": info.world_size,
+            },
             plan_summary,
         )  # fmt: skip
-        result = TrainResult(run_id=run_id, model_dir=Path(), mappings=mappings)
+        result = TrainResult(run_id=run_id, model_dir=Path(), mappings=mappings, cost=cost)
         _loop(cfg, info, dmp, optimizer, scheduler, sched, loader, valid_data, manifest,
               loop.step, run_id, run_dir, logger, result)  # fmt: skip
 

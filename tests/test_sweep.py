@@ -32,16 +32,29 @@ def test_sweep_runs_each_setting_as_a_child_run(tmp_path: Path, capsys) -> None:
     cfg = load_config(DEMO_CONFIG, SMALL, workdir=tmp_path)
     synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
     build_dataset(cfg)
-    args = ["sweep", "--workdir", str(tmp_path), "--grid", "model.mixture=mmoe,shared_bottom"]
+    args = ["sweep", "--workdir", str(tmp_path), "--grid", "model.mixture=mmoe,shared_bottom",
+            "--grid", "train.seed=0,1"]  # fmt: skip
     assert main(args + [a for s in SMALL for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
-    assert "| mmoe |" in out and "| shared_bottom |" in out
+    assert "| mmoe | 0 |" in out and "| shared_bottom | 1 |" in out
+    # over seeds: one row per mixture, mean ± sd of each metric, and the FLOPs per example
+    summary = out.split("Mean ± standard deviation over train.seed:")[1]
+    rows = [line for line in summary.splitlines() if line.startswith("| mmoe") or
+            line.startswith("| shared_bottom")]  # fmt: skip
+    assert len(rows) == 2 and all("| 2 |" in r and " ± " in r for r in rows)
 
     client = client_for(cfg)
     exp = client.get_experiment_by_name("sweep").experiment_id
     parent = client.search_runs([exp], "tags.`recsys_moe.job` = 'sweep'")[0]
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.data.params["model.mixture"] for c in children) == ["mmoe", "shared_bottom"]
+    assert (
+        sorted(c.data.params["model.mixture"] for c in children)
+        == ["mmoe"] * 2 + ["shared_bottom"] * 2
+    )
     assert all("valid/click_auc" in c.data.metrics for c in children)
+    flops = {c.data.params["model.mixture"]: int(c.data.params["model.flops_per_example"])
+             for c in children}  # fmt: skip
+    assert all(f > 0 for f in flops.values()) and flops["mmoe"] != flops["shared_bottom"]
     table = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/sweep.md")
-    assert table.count("\n") == 3 and parent.data.params["grid.0.model.mixture"]
+    assert table.startswith("| model.mixture | train.seed | flops_per_example |")
+    assert "Mean ± standard deviation" in table and parent.data.params["grid.0.model.mixture"]
