@@ -11,9 +11,9 @@ Both share the sharding rule, ``state_dict`` and exact resume; ``train.loader`` 
         checkpoint["data"] = loader.state_dict()   # or after any step: resumes mid-epoch
 
 Each buffer of ``buffer_batches * batch_size`` rows (by default the fewest batches that hold
-``BUFFER_ROWS``) is read with pyarrow (only the row groups
-it overlaps), mapped once with ``apply_mappings`` (vectorised, no Python loop over rows) and cut
-into batches by ``recsys_moe.data.iterate_batches``, so a batch equals what the in-memory path
+``BUFFER_ROWS``) is read with pyarrow (only the row groups it overlaps), mapped once with
+``apply_mappings`` (vectorised, no Python loop over rows) and cut into batches by
+``recsys_moe.data.iterate_batches``, so a batch equals what the in-memory path
 (``to_tensor_data`` + ``iterate_batches``) gives for the same rows. ``READ_AHEAD`` buffers are
 prepared in background threads; a few buffers are in memory at a time. A row group that
 straddles two buffers is decoded by both: row groups well below the buffer size keep that small
@@ -118,7 +118,8 @@ class _Position:
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"loader state has {key}={state.get(key)!r} but this loader {mine[key]!r}; "
-                    "resume with the data and loader settings of the saved run"
+                    "resume with the saved run's data and settings (train.loader, "
+                    "train.batch_size, train.seed, number of processes)"
                 )
         if not 0 <= state["batches"] <= len(self):
             raise ValueError(f"loader state: batches={state['batches']} outside [0, {len(self)}]")
