@@ -17,6 +17,7 @@ shuffled order (the remainder of rows over ranks is dropped), so all ranks take 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import sys
@@ -336,6 +337,10 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
     finally:
         torch.set_num_threads(before)
         shutdown(info)
+        # The run's DMP, optimizers and process group sit in reference cycles; until the cyclic
+        # collector frees them, a next run in this process (a sweep) trained at less than half
+        # the speed on CPU (178k -> 77k samples/s on the demo, 2 cores).
+        gc.collect()
 
 
 def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> TrainResult:

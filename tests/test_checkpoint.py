@@ -6,6 +6,7 @@ makes the straight run leave the checkpoints that the resumed runs start from.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
 from pipelines.synth import synthesize
 from recsys_moe import checkpoint
@@ -119,6 +121,8 @@ def test_resume_with_the_streaming_loader_and_not_across_loaders(
     stream = config(tmp_path, dataset, "train.loader=stream", "train.cpu_threads=1")
     full = train(stream)
     assert torch.get_num_threads() == threads  # train.cpu_threads holds for the run only
+    # nothing of the run's sharded model is left for the next run in this process (sweeps)
+    assert not [o for o in gc.get_objects() if isinstance(o, ShardedEmbeddingBagCollection)]
     run_dir = stream.path("checkpoints") / full.run_id
     resumed = train(
         config(tmp_path, dataset, "train.loader=stream", f"train.resume={run_dir}/ckpt-3")
