@@ -6,6 +6,10 @@
 #   .venv/bin/pip download -d .devextra --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux_2_28_x86_64 torchmetrics==1.0.3 lightning-utilities tqdm \
 #     pyre-extensions typing-inspect mypy-extensions pandas==3.1.1 python-dateutil six tzdata
+# Sections (environment, 1 = on): GPU_TESTS=1 `pytest -m gpu`; GPU_DEMO=1 the demo;
+# GPU_BF16_PROBE=0 valid AUC with and without bf16; GPU_TPUT=1 throughput at batch 8192 and 32768
+# on 1 and 2 GPUs, or with GPU_LOADERS=1 instead: train.loader memory vs stream (1 and 2 GPUs).
+# Later calls in the same lease skip the unpack: /tmp/site stays while the machine is warm.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/site2
