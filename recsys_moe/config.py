@@ -104,11 +104,12 @@ class TrainConfig:
     eval_batch_size: int = 8192
     # auto = TorchRec's TrainPipelineSparseDist on CUDA, else a plain step; or sparse_dist | plain
     pipeline: str = "auto"
-    # memory: the train split mapped once and held (recsys_moe.loader.MemoryLoader); stream:
-    # Parquet row groups read and mapped on the fly (ParquetLoader); auto: memory when the
-    # split's Parquet files total at most memory_loader_max_mb, else stream
+    # memory: the train split mapped once and held (recsys_moe.loader.MemoryLoader), by every
+    # rank; stream: Parquet row groups read and mapped on the fly (ParquetLoader); auto: memory
+    # when the split's Parquet files total at most memory_loader_max_mb, else stream. Held
+    # tensors take ~8x the Parquet size (demo: 19 MB -> 154 MB), so 128 MB -> ~1 GB per rank
     loader: str = "auto"
-    memory_loader_max_mb: int = 512
+    memory_loader_max_mb: int = 128
     # torch's CPU threads per process (torch.set_num_threads); 0 = torch's default (all cores;
     # torchrun sets OMP_NUM_THREADS=1 per process). Fewer can help a GPU host whose spinning
     # OpenMP threads starve the loader's threads (see the #4 notes: measured, not conclusive)

@@ -17,11 +17,14 @@ import pytest
 import torch
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
+from pipelines.mappings import Mappings
 from pipelines.synth import synthesize
 from recsys_moe import checkpoint
 from recsys_moe.config import DEMO_CONFIG, Config, load_config
 from recsys_moe.dataset import build_dataset
-from recsys_moe.train import TrainResult, train
+from recsys_moe.dist import DistInfo
+from recsys_moe.loader import MemoryLoader, ParquetLoader
+from recsys_moe.train import TrainResult, train, train_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 epochs of a few steps (~2000 training rows, batch 512); a checkpoint every 3 steps
@@ -134,3 +137,16 @@ def test_resume_with_the_streaming_loader_and_not_across_loaders(
         train(config(tmp_path, dataset, "train.loader=memory", f"train.resume={run_dir}/ckpt-3"))
     with pytest.raises(ValueError, match="train.loader 'disk'"):
         train(config(tmp_path, dataset, "train.loader=disk"))
+
+
+def test_auto_loader_holds_small_splits_and_streams_large_ones(
+    tmp_path: Path, dataset: Path
+) -> None:
+    info = DistInfo(
+        rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), owns_group=False
+    )
+    for limit, kind in [(128, MemoryLoader), (0, ParquetLoader)]:
+        cfg = config(tmp_path, dataset, f"train.memory_loader_max_mb={limit}")
+        features = cfg.feature_set()
+        loader = train_loader(cfg, features, Mappings.load(dataset / "mappings", features), info)
+        assert type(loader) is kind and (loader.rank, loader.world_size) == (1, 2)
