@@ -20,8 +20,9 @@ from recsys_moe.tracking import client_for
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
 SMALL = [
-    "synth.users=600", "synth.items=80", "synth.days=4",
+    "synth.users=1200", "synth.items=80", "synth.days=4",
     "train.epochs=4", "train.batch_size=128", "train.log_every=2", "train.lr=2e-2",
+    "train.loader=stream",  # each rank streams its own share of the row groups
     "train.sharding.types=[\"table_wise\"]",
     "train.sharding.constraints={ t_item_id = [\"column_wise\"] }",
     "mlflow.experiment=dist",
@@ -31,7 +32,7 @@ SMALL = [
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="needs the project's .venv/bin/torchrun")
 def test_two_process_training_shards_table_and_column_wise(tmp_path: Path) -> None:
     cfg = load_config(DEMO_CONFIG, SMALL, workdir=tmp_path)
-    synthesize(cfg.store_dir, users=600, items=80, days=4, seed=0)
+    synthesize(cfg.store_dir, users=1200, items=80, days=4, seed=0)
     build_dataset(cfg)
     args = [arg for s in SMALL for arg in ("--set", s)]
     proc = subprocess.run(
@@ -55,9 +56,9 @@ def test_two_process_training_shards_table_and_column_wise(tmp_path: Path) -> No
     # predictors on the validation split (the heads start at them)
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     quarter = len(losses) // 4
-    assert np.mean(losses[-quarter:]) < 0.93 * np.mean(losses[:quarter])
+    assert np.mean(losses[-quarter:]) < 0.93 * np.mean(losses[:quarter]), losses
     valid = {k.removeprefix("valid/"): v for k, v in run.data.metrics.items()}
-    assert valid["click_auc"] > 0.62
+    assert valid["click_auc"] > 0.62, valid  # 0.688 and 0.702 with seeds 0 and 1
     assert valid["watch_time_rmse_log"] < valid["watch_time_rmse_log_mean_predictor"]
 
     bundle = load_bundle(tmp_path / "models" / run.info.run_id)
