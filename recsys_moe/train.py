@@ -383,7 +383,11 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None = None) -> Tra
     loop = checkpoint.LoopState(step=0, epoch=0, batch_in_epoch=0, run_id="")
     if resume_from is not None:
         loop = checkpoint.load(resume_from, model=dmp, optimizer=optimizer, scheduler=scheduler)
-        loader.load_state_dict(loop.data)  # checks seed, batch size, ranks and rows match
+        # checks seed, batch size, ranks and rows match; checkpoints from before the loader
+        # state was saved ordered rows as MemoryLoader does
+        old = loader.state_dict() | {"order": MemoryLoader.order, "epoch": loop.epoch,
+                                     "batches": loop.batch_in_epoch}  # fmt: skip
+        loader.load_state_dict(loop.data or old)
         log.info("resumed from %s at step %d", resume_from, loop.step)
     tags = {
         TRAIN_JOB_TAG: "train",

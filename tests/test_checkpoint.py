@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,17 @@ def test_auto_loader_holds_small_splits_and_streams_large_ones(
         features = cfg.feature_set()
         loader = train_loader(cfg, features, Mappings.load(dataset / "mappings", features), info)
         assert type(loader) is kind and (loader.rank, loader.world_size) == (1, 2)
+
+
+def test_checkpoint_without_loader_state_resumes_in_memory_order(
+    tmp_path: Path, straight: tuple[Config, TrainResult]
+) -> None:
+    cfg, full = straight  # written with the in-memory loader (auto, small split)
+    old = tmp_path / "old-run"
+    shutil.copytree(cfg.path("checkpoints") / full.run_id, old)
+    state = json.loads((old / "ckpt-3" / checkpoint.COMPLETE).read_text())
+    assert state.pop("data")["order"] == MemoryLoader.order
+    (old / "ckpt-3" / checkpoint.COMPLETE).write_text(json.dumps(state))  # the older format
+    resumed = train(config(Path(cfg.workdir), Path(cfg.data.dataset), f"train.resume={old}/ckpt-3"))
+    assert resumed.losses == full.losses[3:]
+    assert_same_model(resumed.model, full.model)
