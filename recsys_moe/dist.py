@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Mean of each value over ranks (same keys on every rank, in the same order)."""
-    if not values or dist.get_world_size() == 1:
+def mean_across_ranks(values: Tensor) -> Tensor:
+    """Element-wise mean of a CPU tensor over ranks (same shape on every rank): one all-reduce."""
+    if dist.get_world_size() == 1:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    t = values.to(torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(values, t.tolist(), strict=True))
+    return (t / dist.get_world_size()).cpu().to(values.dtype)

@@ -6,7 +6,8 @@
 Reads top to bottom: process group (a group of one when alone) → data (this rank's slice) →
 model (tables on "meta") → sharding (planner, ``DistributedModelParallel``, row-wise Adagrad fused
 into the tables' backward) → optimizers → metric logger (MLflow on rank 0, a do-nothing one
-elsewhere) → resume from a checkpoint → loop (per-task losses every ``log_every`` steps,
+elsewhere) → resume from a checkpoint → loop (every step's per-task losses, sent to MLflow
+in one batch every ``log_every`` steps;
 validation every epoch, checkpoints every ``train.checkpoint.every`` steps) → full state dict
 gathered on rank 0 → model bundle (plain, unsharded) logged to the run as artifact ``model``.
 
@@ -25,11 +26,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import mlflow
 import polars as pl
 import torch
+from mlflow.entities import Metric
 from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
@@ -272,6 +274,9 @@ class MetricLogger(Protocol):
     run_id: str
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_steps(
+        self, names: list[str], steps: list[tuple[int, int]], values: list[list[float]]
+    ) -> None: ...
     def log_setup(self, cfg: Config, params: dict[str, Any], plan: dict[str, Any]) -> None: ...
     def log_artifacts(self, path: Path, artifact_path: str) -> None: ...
     def close(self, ok: bool) -> None: ...
@@ -285,9 +290,24 @@ class MlflowLogger:
         self.resumed = run_id is not None
         run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, tags=tags)
         self.run_id = run.info.run_id
+        self.client = mlflow.MlflowClient()
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(metrics, step=step, synchronous=False)
+
+    def log_steps(
+        self, names: list[str], steps: list[tuple[int, int]], values: list[list[float]]
+    ) -> None:
+        """``values[i][j]``: metric ``names[j]`` at ``steps[i]`` = (step, timestamp ms), sent in
+        batches of at most 1000 (MLflow's limit) without waiting: one call per window, not per
+        step (a call per step cost 63 % of the demo's CPU throughput, 180k -> 67k samples/s)."""
+        metrics = [
+            Metric(name, value, timestamp, step)
+            for (step, timestamp), row in zip(steps, values, strict=True)
+            for name, value in zip(names, row, strict=True)
+        ]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000], synchronous=False)
 
     def log_setup(self, cfg: Config, params: dict[str, Any], plan: dict[str, Any]) -> None:
         if not self.resumed:  # MLflow refuses to change a param (train.resume did change)
@@ -308,6 +328,11 @@ class NullLogger:
     run_id = ""
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_steps(
+        self, names: list[str], steps: list[tuple[int, int]], values: list[list[float]]
+    ) -> None:
         pass
 
     def log_setup(self, cfg: Config, params: dict[str, Any], plan: dict[str, Any]) -> None:
@@ -465,15 +490,16 @@ def _loop(
     batches = train_batches(loader, sched.epochs)
     evaluated = OnDevice(dmp.module.model, info.device)
     every = cfg.train.checkpoint.every
-    window: list[tuple[Tensor, dict[str, Tensor]]] = []  # detached losses since the last log
+    window: list[Step] = []  # each step's detached losses since the last flush to the logger
     seen, t0, eval_s = 0, time.perf_counter(), 0.0  # throughput excludes validation
     dmp.train()
     for step in range(start_step + 1, sched.total_steps + 1):
-        window.append(progress(batches))
+        loss, per_task = progress(batches)
+        window.append(Step(step, int(time.time() * 1000), loss, per_task))
         scheduler.step()
         seen += sched.rows_in_step(step)
         if step % cfg.train.log_every == 0 or step == sched.total_steps:
-            _log_window(window, step, logger, result)
+            _log_window(window, logger, result)
             window = []
         if step % sched.steps_per_epoch == 0:
             t_eval = time.perf_counter()
@@ -492,7 +518,7 @@ def _loop(
             log.info("epoch %d step %d valid %s", step // sched.steps_per_epoch - 1, step,
                      _fmt(result.valid))  # fmt: skip
         if every and step % every == 0:
-            _log_window(window, step, logger, result)
+            _log_window(window, logger, result)
             window = []
             epoch, batch = divmod(step, sched.steps_per_epoch)
             # the position after this step, not the loader's: pipelines read batches ahead
@@ -536,23 +562,28 @@ def expert_heatmaps(
     return out
 
 
-def _log_window(
-    window: list[tuple[Tensor, dict[str, Tensor]]],
-    step: int,
-    logger: MetricLogger,
-    result: TrainResult,
-) -> None:
-    """Mean losses over ``window`` (across ranks) to the logger; step losses to ``result``."""
+class Step(NamedTuple):
+    step: int
+    timestamp_ms: int
+    loss: Tensor  # detached, on the device: read only at the flush (no sync per step)
+    per_task: dict[str, Tensor]
+
+
+def _log_window(window: list[Step], logger: MetricLogger, result: TrainResult) -> None:
+    """Every step's losses in ``window`` (mean across ranks: one all-reduce per window) to the
+    logger in one batch; this rank's own step losses to ``result``."""
     if not window:
         return
-    totals = torch.stack([w[0] for w in window]).float().cpu()
-    result.losses.extend(totals.tolist())
-    metrics = {
-        f"train/loss_{k}": torch.stack([w[1][k] for w in window]).float().mean().item()
-        for k in window[0][1]
-    }
-    metrics["train/loss"] = totals.mean().item()
-    logger.log_metrics(mean_across_ranks(metrics), step=step)
+    keys = list(window[0].per_task)
+    table = (
+        torch.stack([torch.stack([w.loss, *(w.per_task[k] for k in keys)]) for w in window])
+        .float()
+        .cpu()
+    )  # fmt: skip  [W, 1 + tasks]
+    result.losses.extend(table[:, 0].tolist())
+    table = mean_across_ranks(table)
+    names = ["train/loss", *(f"train/loss_{k}" for k in keys)]
+    logger.log_steps(names, [(w.step, w.timestamp_ms) for w in window], table.tolist())
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -106,8 +106,11 @@ def test_torchrun_on_two_gpus_shards_tables_over_both(
     assert ranks == {0, 1}, json.dumps(plan)
     assert all(p["compute_kernel"] == "fused" for p in plan.values()), json.dumps(plan)
     client = client_for(cfg)
-    history = client.get_metric_history(run_id, "train/loss")
-    assert history[-1].value < history[0].value  # heads start at the label means: a modest fall
+    losses = [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"),
+                                      key=lambda m: m.step)]  # fmt: skip
+    quarter = max(1, len(losses) // 4)  # per-step values: compare quarters, not single steps
+    # heads start at the label means: a modest fall
+    assert sum(losses[-quarter:]) / quarter < sum(losses[:quarter]) / quarter
     auc2 = client.get_run(run_id).data.metrics["valid/click_auc"]
     auc1 = client.get_run(trained.result.run_id).data.metrics["valid/click_auc"]
     print(f"\nvalid click AUC: 1 GPU {auc1:.4f}, 2 GPUs {auc2:.4f}")
