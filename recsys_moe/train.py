@@ -575,11 +575,8 @@ def _log_window(window: list[Step], logger: MetricLogger, result: TrainResult) -
     if not window:
         return
     keys = list(window[0].per_task)
-    table = (
-        torch.stack([torch.stack([w.loss, *(w.per_task[k] for k in keys)]) for w in window])
-        .float()
-        .cpu()
-    )  # fmt: skip  [W, 1 + tasks]
+    rows = [torch.stack([w.loss, *(w.per_task[k] for k in keys)]) for w in window]
+    table = torch.stack(rows).float().cpu()  # [W, 1 + tasks]: one device sync per window
     result.losses.extend(table[:, 0].tolist())
     table = mean_across_ranks(table)
     names = ["train/loss", *(f"train/loss_{k}" for k in keys)]
