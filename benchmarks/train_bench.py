@@ -5,8 +5,8 @@
     .venv/bin/recsys-moe features build --workdir /tmp/tb
     .venv/bin/python benchmarks/train_bench.py --dataset /tmp/tb/dataset [--batch-sizes 512 4096]
 
-Variants, all on the same batches (same rows, same order: the first rows of train.py's epoch-0
-shuffle of the train split), ``torch.set_num_threads(2)``:
+Variants, all on the same batches (same rows, same order: the first rows of a seeded permutation
+of the train split, as ``MemoryLoader``'s epoch 0), ``torch.set_num_threads(2)``:
 
 - ``ours/dmp``: the training step of ``recsys_moe.train``: ``TrainModule`` sharded by
   ``sharding.shard`` in a process group of one (``DistributedModelParallel``, row-wise Adagrad

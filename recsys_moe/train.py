@@ -11,8 +11,9 @@ in one batch every ``log_every`` steps;
 validation every epoch, checkpoints every ``train.checkpoint.every`` steps) → full state dict
 gathered on rank 0 → model bundle (plain, unsharded) logged to the run as artifact ``model``.
 
-``train.batch_size`` is per rank; each epoch every rank takes an equal, disjoint slice of one
-shuffled order (the remainder of rows over ranks is dropped), so all ranks take the same steps.
+``train.batch_size`` is per rank; each epoch every rank takes an equal, disjoint slice of the
+epoch's order (``train.loader``: the whole split shuffled in memory, or shuffled row groups and
+buffers streamed; the remainder of rows over ranks is dropped), so all ranks take the same steps.
 """
 
 from __future__ import annotations
