@@ -72,9 +72,10 @@ def cmd_train(args: argparse.Namespace, cfg: Config | None = None):  # noqa: ANN
     if getattr(args, "resume", None) is not None:
         cfg.train.resume = args.resume
     result = train(cfg)
-    valid = " ".join(f"{k}={v:.4f}" for k, v in result.valid.items())
-    print(f"trained run {result.run_id}: {result.samples_per_s:,.0f} samples/s; valid {valid}")
-    print(f"model bundle: {result.model_dir}")
+    if result.model is not None:  # rank 0 (the only rank without torchrun)
+        valid = " ".join(f"{k}={v:.4f}" for k, v in result.valid.items())
+        print(f"trained run {result.run_id}: {result.samples_per_s:,.0f} samples/s; valid {valid}")
+        print(f"model bundle: {result.model_dir}")
     return result
 
 
@@ -236,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument(
         "--resume", nargs="?", const="latest", default=None, metavar="PATH",
-        help="continue from the newest checkpoint (train.checkpoint.every > 0), or from PATH",
+        help="continue from the newest checkpoint (train.checkpoint.every > 0), or from PATH "
+        "(a run's checkpoint folder or a ckpt-<step> folder); sets train.resume",
     )  # fmt: skip
     p.set_defaults(func=cmd_train)
 

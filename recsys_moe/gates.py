@@ -2,9 +2,10 @@
 
 Notation: T tasks, B examples, E experts, G groups. Input is ``ModelOutput.gates`` ``[T, B, E]``
 (every mixture reports this shape; see ``mixture.py``), concatenated over batches along B
-(``collect_gates``). ``support`` (``[T, E]`` bool, ``model.gate_support()``) names the experts
-each task's gate ranges over: CGC/PLE tasks see only their own and the shared experts, and entropy
-is normalised by the log of that count. Without it every expert counts.
+(``recsys_moe.predict.predict_with_gates``). ``support`` (``[T, E]`` bool,
+``model.gate_support()``) names the experts each task's gate ranges over: CGC/PLE tasks see only
+their own and the shared experts, and entropy is normalised by the log of that count. Without
+it every expert counts.
 
 Polarization (Zhao et al. 2019 saw MMoE gates collapse onto one expert): a task whose busiest
 expert takes more than ``max_share`` of the usage, or whose normalised entropy is under
@@ -13,12 +14,11 @@ expert takes more than ``max_share`` of the usage, or whose normalised entropy i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def _support(gates: Tensor, support: Tensor | None) -> Tensor:
@@ -104,18 +104,6 @@ def usage_by_group(gates: Tensor, groups: Tensor, num_groups: int) -> np.ndarray
     sums.index_add_(1, groups, gates.double())
     counts = torch.bincount(groups, minlength=num_groups).double()
     return (sums / counts[None, :, None]).cpu().numpy()  # 0/0 -> NaN for empty groups
-
-
-@torch.no_grad()
-def collect_gates(model: nn.Module, batches: Iterable) -> Tensor:
-    """``[T, N, E]``: ``model``'s gates (eval mode) over batches with ``.dense``, ``.sparse``."""
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = [model(b.dense, b.sparse).gates.float().cpu() for b in batches]
-    finally:
-        model.train(was_training)
-    return torch.cat(chunks, dim=1)
 
 
 def plot_expert_heatmap(

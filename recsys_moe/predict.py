@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import torch
+from torch import Tensor
 
 from feature_store import FeatureSet
 from pipelines.mappings import Mappings, apply_mappings
@@ -45,17 +46,46 @@ def predict_frame(
     return predict_tensors(model, data, tasks, batch_size=batch_size)
 
 
-@torch.no_grad()
 def predict_tensors(
     model: MultiTaskModel, data: TensorData, tasks: list[TaskConfig], *, batch_size: int = 8192
 ) -> dict[str, np.ndarray]:
     """``predict_frame`` on already mapped tensors (rows in order)."""
+    return _predict(model, data, tasks, batch_size, keep_gates=False)[0]
+
+
+def predict_with_gates(
+    model: MultiTaskModel, data: TensorData, tasks: list[TaskConfig], *, batch_size: int = 8192
+) -> tuple[dict[str, np.ndarray], Tensor]:
+    """``predict_tensors`` and, from the same forward passes, the gates ``[T, N, E]`` (CPU)."""
+    preds, gates = _predict(model, data, tasks, batch_size, keep_gates=True)
+    assert gates is not None
+    return preds, gates
+
+
+@torch.no_grad()
+def _predict(
+    model: MultiTaskModel,
+    data: TensorData,
+    tasks: list[TaskConfig],
+    batch_size: int,
+    *,
+    keep_gates: bool,
+) -> tuple[dict[str, np.ndarray], Tensor | None]:
+    """One pass in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {output_name(t): [] for t in tasks}
-    for batch in iterate_batches(data, batch_size):
-        logits = model(batch.dense, batch.sparse).logits
-        for t in tasks:
-            chunks[output_name(t)].append(to_natural(t, logits[t.name]).double().numpy())
-    model.train(was_training)
-    return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.float64) for k, v in chunks.items()}
+    gates: list[Tensor] = []
+    try:
+        for batch in iterate_batches(data, batch_size):
+            out = model(batch.dense, batch.sparse)
+            for t in tasks:
+                chunks[output_name(t)].append(to_natural(t, out.logits[t.name]).double().numpy())
+            if keep_gates:
+                gates.append(out.gates.float().cpu())
+    finally:
+        model.train(was_training)
+    preds = {
+        k: np.concatenate(v) if v else np.zeros(0, dtype=np.float64) for k, v in chunks.items()
+    }
+    return preds, (torch.cat(gates, dim=1) if keep_gates else None)

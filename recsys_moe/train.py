@@ -18,7 +18,6 @@ buffers streamed; the remainder of rows over ranks is dropped), so all ranks tak
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import math
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import mlflow
+import numpy as np
 import polars as pl
 import torch
 from mlflow.entities import Metric
@@ -42,11 +42,10 @@ from pipelines.mappings import Mappings, apply_mappings
 from pipelines.training_set import load_manifest, load_split, split_files
 from recsys_moe import checkpoint, sharding
 from recsys_moe.bundle import save_bundle
-from recsys_moe.config import Config, TaskConfig, load_config
-from recsys_moe.data import TensorData, iterate_batches, to_tensor_data
+from recsys_moe.config import Config, TaskConfig
+from recsys_moe.data import TensorData, to_tensor_data
 from recsys_moe.dist import DistInfo, broadcast_object, mean_across_ranks, setup, shutdown
 from recsys_moe.gates import (
-    collect_gates,
     gate_stats,
     plot_expert_heatmap,
     polarization_warning,
@@ -56,7 +55,7 @@ from recsys_moe.loader import Loader, MemoryLoader, ParquetLoader
 from recsys_moe.losses import combine_losses, label_columns, objective, task_losses
 from recsys_moe.metrics import task_label_stats, task_metrics
 from recsys_moe.model import build_model, count_parameters, model_cost
-from recsys_moe.predict import output_name, predict_tensors
+from recsys_moe.predict import output_name, predict_with_gates
 from recsys_moe.tracking import TRAIN_JOB_TAG, ensure_experiment
 
 log = logging.getLogger(__name__)
@@ -98,9 +97,9 @@ def check_dataset(cfg: Config) -> dict:
 
 
 def validation_metrics(
-    cfg: Config, model: torch.nn.Module, data: TensorData, manifest: dict
+    cfg: Config, preds: dict[str, np.ndarray], data: TensorData, manifest: dict
 ) -> dict[str, float]:
-    preds = predict_tensors(model, data, cfg.tasks, batch_size=cfg.train.eval_batch_size)
+    """Each task's metrics of ``preds`` (``predict_tensors`` of ``data``) against its labels."""
     out: dict[str, float] = {}
     for t in cfg.tasks:
         label = data.labels[t.label].numpy()
@@ -505,8 +504,10 @@ def _loop(
         if step % sched.steps_per_epoch == 0:
             t_eval = time.perf_counter()
             pause()
-            result.valid = validation_metrics(cfg, evaluated, valid_data, manifest)
-            gates = collect_gates(evaluated, iterate_batches(valid_data, cfg.train.eval_batch_size))
+            preds, gates = predict_with_gates(
+                evaluated, valid_data, cfg.tasks, batch_size=cfg.train.eval_batch_size
+            )  # one pass for the metrics and the gate statistics
+            result.valid = validation_metrics(cfg, preds, valid_data, manifest)
             support = dmp.module.model.gate_support()
             result.gates = gate_stats(gates, [t.name for t in cfg.tasks], support)
             warning = polarization_warning(gates, [t.name for t in cfg.tasks], support)
@@ -545,7 +546,7 @@ def expert_heatmaps(
     columns = [c for c in cfg.train.heatmap_by if c in raw.columns]
     if not columns or data.num_rows == 0:
         return []
-    gates = collect_gates(model, iterate_batches(data, cfg.train.eval_batch_size))
+    _, gates = predict_with_gates(model, data, cfg.tasks, batch_size=cfg.train.eval_batch_size)
     tasks = [t.name for t in cfg.tasks]
     plots = model_dir.with_name(f"{model_dir.name}-plots")
     out = []
@@ -590,35 +591,10 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 # ---- torchrun entry ----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m recsys_moe.train",
-        description="Train (alone, or one rank under torchrun --nproc-per-node N).",
-    )
-    parser.add_argument("--config", help="config TOML (default: the embedded configs/demo.toml)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
-    )  # fmt: skip
-    parser.add_argument("--workdir", help="override the config's workdir")
-    parser.add_argument(
-        "--resume", nargs="?", const="latest", default=None, metavar="PATH",
-        help="continue from the newest checkpoint, or from PATH (a run's checkpoint folder or a "
-        "ckpt-<step> folder); sets train.resume",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = load_config(args.config, args.set, workdir=args.workdir)
-        if args.resume is not None:
-            cfg.train.resume = args.resume
-        result = train(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if result.model is not None:
-        print(f"trained run {result.run_id}: {result.samples_per_s:,.0f} samples/s")
-        print(f"model bundle: {result.model_dir}")
-    return 0
+    """``python -m recsys_moe.train ARGS`` (a rank under torchrun) = ``recsys-moe -v train``."""
+    from recsys_moe.cli import main as cli_main
+
+    return cli_main(["-v", "train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from test_model import FEATURES_TOML, TASKS, make_sparse
 
 from feature_store.definitions import FeatureSet
 from recsys_moe.config import ModelConfig
+from recsys_moe.data import to_tensor_data
 from recsys_moe.gates import (
-    collect_gates,
     expert_usage,
     gate_entropy,
     gate_stats,
@@ -26,6 +26,7 @@ from recsys_moe.heads import TaskHead
 from recsys_moe.losses import task_losses
 from recsys_moe.mixture import Experts, Gate, TopKMMoE
 from recsys_moe.model import MIXTURES, build_mixture, build_model, match_compute, model_cost
+from recsys_moe.predict import predict_with_gates
 
 D_IN, T = 12, 2
 NAMES = [t.name for t in TASKS]
@@ -45,12 +46,7 @@ def small_cfg(mixture: str, **overrides: object) -> ModelConfig:
     return replace(base, **overrides)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # tiny ops: thread hand-offs cost more than they save on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -264,8 +260,12 @@ def test_usage_by_group_and_heatmap(tmp_path, features: FeatureSet) -> None:
     np.testing.assert_allclose(by[0, :2], [[0.75, 0.25], [0.0, 1.0]])
     assert np.isnan(by[0, 2]).all()  # no examples in group 2
     model = build_model(features, small_cfg("cgc"), NAMES)
-    batch = SimpleNamespace(dense=torch.randn(4, 1), sparse=make_sparse())
-    gates = collect_gates(model, [batch, batch])
+    rows = pl.DataFrame(
+        {"user_id": [1, 2, 3, 4] * 2, "item_id": [5, 6, 7, 8] * 2,
+         "tags": [[1], [2, 3], [], [4]] * 2, "duration_s": [0.1, -0.2, 0.3, 0.0] * 2},
+        schema_overrides={"tags": pl.List(pl.Int64)},
+    )  # fmt: skip
+    _, gates = predict_with_gates(model, to_tensor_data(rows, features), TASKS, batch_size=4)
     assert gates.shape == (T, 8, 4) and model.training
     by_group = usage_by_group(gates, torch.tensor([0, 1, 2, 0] * 2), 3)
     path = plot_expert_heatmap(by_group, ["a", "b", "c"], tmp_path / "h.png", task_names=NAMES)
