@@ -21,13 +21,7 @@ from recsys_moe.losses import (
 )
 from recsys_moe.model import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # tiny ops: thread hand-offs cost more than they save on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CLICK = TaskConfig(name="click", kind="binary", label="click")

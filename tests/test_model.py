@@ -64,12 +64,7 @@ B, T, E, H = 4, 2, 3, 8
 D_IN = 4 + 6 + 3 + 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # tiny ops: thread hand-offs cost more than they save on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -71,14 +71,14 @@ def write_store(root: Path, **overrides: pl.DataFrame) -> OfflineStore:
     return OfflineStore(root)
 
 
-def build(store: OfflineStore, out: Path) -> dict:
+def build(store: OfflineStore, out: Path, *, valid_days: int = 2, test_days: int = 3) -> dict:
     return build_training_set(
         store=store,
         out=out,
         features=FeatureSet.load(FEATURES),
         labels=LABELS,
-        valid_days=2,
-        test_days=3,
+        valid_days=valid_days,
+        test_days=test_days,
     )
 
 
@@ -199,14 +199,7 @@ def test_negative_watch_time_rejected(tmp_path):
 def test_too_few_days(tmp_path):
     store = write_store(tmp_path / "store")
     with pytest.raises(DataError, match="10 distinct days"):
-        build_training_set(
-            store=store,
-            out=tmp_path / "ds",
-            features=FeatureSet.load(FEATURES),
-            labels=LABELS,
-            valid_days=5,
-            test_days=5,
-        )
+        build(store, tmp_path / "ds", valid_days=5, test_days=5)
 
 
 def test_missing_table(tmp_path):
@@ -229,14 +222,7 @@ def test_partitioned_events_table(tmp_path):
 
 def test_empty_split_and_single_file_layout(tmp_path):
     store = write_store(tmp_path / "store")
-    manifest = build_training_set(
-        store=store,
-        out=tmp_path / "ds",
-        features=FeatureSet.load(FEATURES),
-        labels=LABELS,
-        valid_days=0,
-        test_days=3,
-    )
+    manifest = build(store, tmp_path / "ds", valid_days=0, test_days=3)
     assert manifest["rows"] == {"train": 28, "valid": 0, "test": 12}
     valid = load_split(tmp_path / "ds", "valid").collect()
     assert (
