@@ -51,7 +51,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("gpu")
     cfg = _config(work)
     s = cfg.synth
-    synthesize(cfg.store_dir, users=s.users, items=s.items, days=s.days, seed=s.seed)
+    synthesize(cfg.store_dir, users=s.users, items=s.items, days=s.days, seed=s.seed,
+               task_conflict=s.task_conflict)  # fmt: skip
     build_dataset(cfg)
     return work
 
@@ -79,12 +80,11 @@ def test_dmp_trains_on_cuda_with_fused_kernels(trained: SimpleNamespace) -> None
 def test_bundle_on_cpu_matches_the_sharded_gpu_model(trained: SimpleNamespace) -> None:
     cfg = trained.cfg
     rep = evaluate(cfg, run_id=trained.result.run_id, split="valid", output=cfg.path("v.json"))
-    assert rep["metrics"]["click_auc"] == pytest.approx(trained.result.valid["click_auc"], rel=1e-3)
-    # Watch time, masked to clicks since the demo config's change, differed by 0.4 % on the H200
-    # (0.34405 on the CPU bundle vs 0.34267 in the GPU validation; 0.1 % held while it was judged
-    # on all rows). Cause not found yet (#4 notes); a wrong gather of the tables is far larger.
-    k = "watch_time_rmse_log"
-    assert rep["metrics"][k] == pytest.approx(trained.result.valid[k], rel=1e-2), k
+    # The GPU run's own validation (sharded tables, fused TBE kernels) and the gathered bundle on
+    # the CPU agree per row to 1e-6 on the H200 (scripts/gpu_precision_probe.py); a wrong gather
+    # of a table, or a bundle of another step, moves these metrics by far more than 1e-4.
+    for k in ("click_auc", "click_logloss", "watch_time_rmse_log"):
+        assert rep["metrics"][k] == pytest.approx(trained.result.valid[k], rel=1e-4), k
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
