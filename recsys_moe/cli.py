@@ -126,7 +126,7 @@ def cmd_score(args: argparse.Namespace, cfg: Config | None = None) -> dict:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from recsys_moe.sweep import sweep
 
-    result = sweep(args.config, args.grid, args.set, workdir=args.workdir)
+    result = sweep(args.config, args.grid, args.set, workdir=args.workdir, match=args.match_compute)
     print(f"\nsweep {result.parent_run_id} ({len(result.rows)} runs, validation metrics):")
     print(result.table)
 
@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid", action="append", default=[], required=True, metavar="KEY=V1,V2",
         help="values to sweep, e.g. --grid model.mixture=mmoe,shared_bottom (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--match-compute", action="store_true",
+        help="rescale each setting's expert (or bottom) widths to the base config's FLOPs/example",
     )  # fmt: skip
     p.set_defaults(func=cmd_sweep)
 

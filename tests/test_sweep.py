@@ -7,9 +7,10 @@ import pytest
 
 from pipelines.synth import synthesize
 from recsys_moe.cli import main
-from recsys_moe.config import DEMO_CONFIG, load_config
+from recsys_moe.config import DEMO_CONFIG, TaskConfig, load_config
 from recsys_moe.dataset import build_dataset
-from recsys_moe.sweep import parse_grid
+from recsys_moe.model import model_cost
+from recsys_moe.sweep import parse_grid, shown_metrics
 from recsys_moe.tracking import client_for
 
 SMALL = [
@@ -58,3 +59,42 @@ def test_sweep_runs_each_setting_as_a_child_run(tmp_path: Path, capsys) -> None:
     table = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/sweep.md")
     assert table.startswith("| model.mixture | train.seed | flops_per_example |")
     assert "Mean ± standard deviation" in table and parent.data.params["grid.0.model.mixture"]
+
+
+def test_match_compute_gives_every_setting_the_base_configs_flops(
+    tmp_path: Path,
+    capsys,  # noqa: ANN001
+) -> None:
+    cfg = load_config(DEMO_CONFIG, SMALL, workdir=tmp_path)
+    synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
+    build_dataset(cfg)
+    budget = model_cost(cfg.model, cfg.feature_set(), [t.name for t in cfg.tasks])
+    args = ["sweep", "--workdir", str(tmp_path), "--match-compute",
+            "--grid", "model.mixture=mmoe,shared_bottom,cgc"]  # fmt: skip
+    assert main(args + [a for s in SMALL for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert "| model.mixture | widths | flops_per_example |" in out
+
+    client = client_for(cfg)
+    exp = client.get_experiment_by_name("sweep").experiment_id
+    parent = client.search_runs([exp], "tags.`recsys_moe.job` = 'sweep'")[0]
+    assert parent.data.params["match_compute"] == "true"
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    runs = {c.data.params["model.mixture"]: c.data.params for c in children}
+    flops = {m: int(p["model.flops_per_example"]) for m, p in runs.items()}
+    # at or under the MMoE's budget, and within a few percent of it (widths are integers)
+    assert all(0.9 * budget["flops_per_example"] <= f <= budget["flops_per_example"]
+               for f in flops.values()), (flops, budget)  # fmt: skip
+    # one bottom gets the compute of four experts: wider than an expert
+    assert int(runs["shared_bottom"]["model.bottom_dims"].strip("[]").split(",")[0]) > 16
+
+
+def test_the_table_shows_each_configured_tasks_metrics() -> None:
+    tasks = [
+        TaskConfig(name="income", kind="binary", label="y"),
+        TaskConfig(name="secs", kind="regression", label="s", transform="log1p"),
+        TaskConfig(name="rating", kind="regression", label="r"),
+    ]
+    assert shown_metrics(tasks) == [
+        "income_auc", "income_logloss", "secs_rmse", "secs_rmse_log", "rating_rmse"
+    ]  # fmt: skip
