@@ -280,20 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Two warnings TorchRec's planner gives on every run that a user cannot act on (shown with -v):
-# the Topology is built directly because torchrec 1.6 (the GPU device's) has no TopologyFactory,
-# and the planner sees the dense part on "meta" (the model is built there; it is ~50 KB).
-_PLANNER_NOTICES = {
-    "torchrec.distributed.planner.types": "The topology was constructed directly",
-    "torchrec.distributed.planner.storage_reservations": "There is a known issue with TorchRec's",
-}
-
-
-def _drop_planner_notices(record: logging.LogRecord) -> bool:
-    prefix = _PLANNER_NOTICES.get(record.name)
-    return not (prefix and record.getMessage().startswith(prefix))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -301,9 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(message)s",
     )
-    if not args.verbose:
-        for name in _PLANNER_NOTICES:
-            logging.getLogger(name).addFilter(_drop_planner_notices)
     try:
         args.func(args)
     except ValueError as e:  # user errors (DataError is one): say what to do, no traceback

@@ -22,6 +22,13 @@ from torchrec import EmbeddingBagCollection
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import (
+    HardwareConfig,
+    KernelConfig,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.optim import RowWiseAdagrad
@@ -54,6 +61,27 @@ def _check_types(types: list[str], where: str) -> None:
     bad = [t for t in types if t not in SHARDING_TYPES]
     if bad:
         raise ValueError(f"{where}: unknown sharding type(s) {bad}; choose from {SHARDING_TYPES}")
+
+
+RESERVED_MEMORY = 0.15  # the planner's default share
+
+
+def topology_for(device: torch.device, world_size: int) -> Topology:
+    """The planner's view of the devices: ranks, ranks per host and, on CUDA, the memory this
+    GPU really has (TorchRec's default is 32 GiB; an H200 has 141 GB)."""
+    local = int(torch.cuda.device_count()) if device.type == "cuda" else world_size
+    hardware = None
+    if device.type == "cuda":
+        hardware = HardwareConfig(
+            hbm_cap_bytes=torch.cuda.get_device_properties(device).total_memory
+        )
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=world_size, local_world_size=min(world_size, local or world_size)
+        ),
+        hardware_config=hardware,
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
 
 
 def constraints_for(
@@ -107,14 +135,13 @@ def shard(
             )
     pg = dist.group.WORLD
     world_size = dist.get_world_size()
-    local_world_size = int(torch.cuda.device_count()) if device.type == "cuda" else world_size
-    topology = Topology(
-        world_size=world_size,
-        compute_device=device.type,
-        local_world_size=min(world_size, local_world_size or world_size),
-    )
     planner = EmbeddingShardingPlanner(
-        topology=topology, constraints=constraints_for(module, cfg, device)
+        topology=topology_for(device, world_size),
+        constraints=constraints_for(module, cfg, device),
+        # the share of each device's memory kept out of the plan (activations, the dense part and
+        # its optimizer, input batches); TorchRec's default heuristic instead estimates the dense
+        # tensors' size, which is 0 here (the model is planned on "meta"), and warns about it
+        storage_reservation=FixedPercentageStorageReservation(RESERVED_MEMORY),
     )
     sharders = [EmbeddingBagCollectionSharder()]
     plan = planner.collective_plan(module, sharders, pg)
