@@ -113,9 +113,10 @@ class TrainConfig:
     # tensors take ~8x the Parquet size (demo: 19 MB -> 154 MB), so 128 MB -> ~1 GB per rank
     loader: str = "auto"
     memory_loader_max_mb: int = 128
-    # torch's CPU threads per process (torch.set_num_threads); 0 = torch's default (all cores;
-    # torchrun sets OMP_NUM_THREADS=1 per process). Fewer can help a GPU host whose spinning
-    # OpenMP threads starve the loader's threads (see the #4 notes: measured, not conclusive)
+    # torch's CPU threads per process (torch.set_num_threads); 0 = auto: on CUDA at most 4 (the
+    # host side of a GPU step is small ops; on the 32-core H200 host all cores' spinning OpenMP
+    # threads halved throughput: batch 512, 26k -> 51k samples/s with 4), on CPU torch's
+    # default (all cores; torchrun sets OMP_NUM_THREADS=1 per process)
     cpu_threads: int = 0
     bf16: bool = True  # autocast the model's forward to bfloat16 on CUDA (losses stay float32)
     # training-set columns to break expert usage down by (validation split; absent ones skipped)

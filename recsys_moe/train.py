@@ -346,6 +346,18 @@ class NullLogger:
 
 
 # ---- training ----------------------------------------------------------------------------------
+GPU_HOST_THREADS = 4  # train.cpu_threads = 0 on CUDA: at most this many
+
+
+def cpu_threads(setting: int, device: torch.device) -> int:
+    """torch's CPU threads for a run on ``device`` (``train.cpu_threads``); 0 = leave torch's."""
+    if setting:
+        return setting
+    if device.type == "cuda":
+        return min(torch.get_num_threads(), GPU_HOST_THREADS)
+    return 0
+
+
 def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
     """Train ``cfg``'s model; under torchrun, each process is one rank of the run.
 
@@ -355,8 +367,9 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
     """
     info = setup()
     before = torch.get_num_threads()
-    if cfg.train.cpu_threads:
-        torch.set_num_threads(cfg.train.cpu_threads)
+    threads = cpu_threads(cfg.train.cpu_threads, info.device)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         return _train(cfg, info, parent_run_id)
     finally:

@@ -8,7 +8,8 @@
 #     pyre-extensions typing-inspect mypy-extensions pandas==3.1.1 python-dateutil six tzdata
 # Sections (environment, 1 = on): GPU_TESTS=1 `pytest -m gpu`; GPU_DEMO=1 the demo;
 # GPU_BF16_PROBE=0 valid AUC with and without bf16; GPU_TPUT=1 throughput at batch 8192 and 32768
-# on 1 and 2 GPUs, or with GPU_LOADERS=1 instead: train.loader memory vs stream (1 and 2 GPUs).
+# on 1 and 2 GPUs, or with GPU_LOADERS=1 instead: train.loader memory vs stream (1 and 2 GPUs);
+# GPU_STEP=0 batch-512 step time under thread, pipeline and sharding-type settings.
 # Later calls in the same lease skip the unpack: /tmp/site stays while the machine is warm.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,6 +37,21 @@ if [ "${GPU_BF16_PROBE:-0}" = 1 ]; then  # valid AUC with and without bf16 autoc
     python -m recsys_moe.cli train --workdir $W $S --set train.batch_size=2048 --set train.bf16=$bf 2>&1 \
       | grep -a "trained run" | cut -c1-120 | sed "s/^/1 GPU bf16=$bf: /" | tee -a "$OUT/bf16.txt"
   done
+fi
+if [ "${GPU_STEP:-0}" = 1 ]; then  # batch-512 step time: what costs the most on one GPU
+  W=/tmp/gpu-step; S="--set train.epochs=1 --set train.batch_size=512"
+  python -m recsys_moe.cli data synth --out $W/data --users 3000 --items 1500 >/dev/null 2>&1
+  python -m recsys_moe.cli features build --workdir $W >/dev/null 2>&1
+  step() {  # name, VAR=value for the environment, extra --set
+    env "$2" python -m recsys_moe.cli train --workdir $W $S $3 2>&1 | grep -a "trained run" \
+      | cut -c1-80 | sed "s/^/1 GPU, batch 512, $1: /" | tee -a "$OUT/step.txt"
+  }
+  step default X=1 ""
+  step "OMP_NUM_THREADS=4" OMP_NUM_THREADS=4 ""
+  step "pipeline=plain" X=1 "--set train.pipeline=plain"
+  step "table_wise" X=1 "--set train.sharding.types=['table_wise']"
+  step "table_wise, OMP 4" OMP_NUM_THREADS=4 "--set train.sharding.types=['table_wise']"
+  step "plain, table_wise, OMP 4" OMP_NUM_THREADS=4 "--set train.pipeline=plain --set train.sharding.types=['table_wise']"
 fi
 [ "${GPU_TPUT:-1}" = 1 ] || exit 0
 # throughput of the demo model at a GPU-sized batch: one GPU, then two under torchrun

@@ -3,8 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from recsys_moe.config import DEMO_CONFIG, config_from_dict, load_config
+from recsys_moe.train import GPU_HOST_THREADS, cpu_threads
 
 
 def test_demo_config_loads_with_its_feature_definitions() -> None:
@@ -55,3 +57,16 @@ def test_config_round_trips_through_dict() -> None:
     cfg = load_config(DEMO_CONFIG, ["train.lr=0.01"])
     back = config_from_dict(cfg.to_dict(), config_dir=cfg.config_dir, where="test")
     assert back.to_dict() == cfg.to_dict()
+
+
+def test_cpu_threads_auto_caps_a_gpu_hosts_threads_only() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(GPU_HOST_THREADS + 2)
+        assert cpu_threads(0, torch.device("cuda", 0)) == GPU_HOST_THREADS
+        assert cpu_threads(0, torch.device("cpu")) == 0  # torch's default stays
+        assert cpu_threads(3, torch.device("cuda", 0)) == 3  # a setting wins
+        torch.set_num_threads(1)
+        assert cpu_threads(0, torch.device("cuda", 0)) == 1  # never more than torch has
+    finally:
+        torch.set_num_threads(before)
