@@ -47,6 +47,7 @@ if [ "${GPU_STEP:-0}" = 1 ]; then  # batch-512 step time: what costs the most on
       | cut -c1-80 | sed "s/^/1 GPU, batch 512, $1: /" | tee -a "$OUT/step.txt"
   }
   step default X=1 ""
+  [ "${GPU_STEP_ONLY_DEFAULT:-0}" = 1 ] && exit 0
   step "OMP_NUM_THREADS=4" OMP_NUM_THREADS=4 ""
   step "pipeline=plain" X=1 "--set train.pipeline=plain"
   step "table_wise" X=1 "--set train.sharding.types=['table_wise']"
