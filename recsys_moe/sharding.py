@@ -139,8 +139,8 @@ def shard(
         topology=topology_for(device, world_size),
         constraints=constraints_for(module, cfg, device),
         # the share of each device's memory kept out of the plan (activations, the dense part and
-        # its optimizer, input batches); TorchRec's default heuristic instead estimates the dense
-        # tensors' size, which is 0 here (the model is planned on "meta"), and warns about it
+        # its optimizer, input batches); TorchRec's default, a heuristic from the dense tensors'
+        # sizes, warns on every run and is deprecated in torchrec 1.8 (FutureWarning)
         storage_reservation=FixedPercentageStorageReservation(RESERVED_MEMORY),
     )
     sharders = [EmbeddingBagCollectionSharder()]
