@@ -11,6 +11,7 @@ the full, unsharded state dict on rank 0 for the model bundle.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -224,9 +225,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         if hasattr(value, "local_shards") and hasattr(value, "gather"):  # ShardedTensor
-            full = (
-                torch.empty(value.size(), dtype=value.dtype, device=device) if rank == 0 else None
-            )
+            with warnings.catch_warnings():  # TorchRec emits ShardedTensors: not ours to change
+                warnings.filterwarnings("ignore", "Please use DTensor", FutureWarning)
+                size = value.size()
+            full = torch.empty(size, dtype=value.dtype, device=device) if rank == 0 else None
             value.gather(dst=0, out=full)
             tensor = full
         elif hasattr(value, "full_tensor"):  # DTensor
