@@ -101,3 +101,14 @@ def test_the_table_shows_each_configured_tasks_metrics() -> None:
     assert shown_metrics(tasks) == [
         "income_auc", "income_logloss", "secs_rmse", "secs_rmse_log", "rating_rmse"
     ]  # fmt: skip
+
+
+def test_match_compute_names_a_setting_that_cannot_fit(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    # the budget of a one-unit shared bottom is below any MMoE's gates alone
+    sets = [*SMALL, "model.mixture=shared_bottom", "model.bottom_dims=[1]"]
+    args = ["sweep", "--workdir", str(tmp_path), "--match-compute",
+            "--grid", "model.mixture=shared_bottom,mmoe"]  # fmt: skip
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 2
+    err = capsys.readouterr().err
+    assert "--match-compute" in err and "mmoe" in err
+    assert not (tmp_path / "mlflow.db").exists()  # nothing ran, nothing was logged
