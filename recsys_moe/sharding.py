@@ -227,9 +227,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
         if hasattr(value, "local_shards") and hasattr(value, "gather"):  # ShardedTensor
             with warnings.catch_warnings():  # TorchRec emits ShardedTensors: not ours to change
                 warnings.filterwarnings("ignore", "Please use DTensor", FutureWarning)
-                size = value.size()
-            full = torch.empty(size, dtype=value.dtype, device=device) if rank == 0 else None
-            value.gather(dst=0, out=full)
+                shape, dtype = value.size(), value.dtype
+                full = torch.empty(shape, dtype=dtype, device=device) if rank == 0 else None
+                value.gather(dst=0, out=full)
             tensor = full
         elif hasattr(value, "full_tensor"):  # DTensor
             tensor = value.full_tensor()
