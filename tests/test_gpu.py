@@ -83,9 +83,10 @@ def test_bundle_on_cpu_matches_the_sharded_gpu_model(trained: SimpleNamespace) -
     keys = ("click_auc", "click_logloss", "watch_time_rmse_log")
     gaps = {k: rep["metrics"][k] / trained.result.valid[k] - 1 for k in keys}
     print(f"\nbundle on CPU vs the GPU run's validation, relative: {gaps}")
-    # Usually equal to 1e-8 (scripts/gpu_precision_probe.py: per row to 1e-6). Twice on the H200
-    # (in 7 runs) they differed by 0.3-0.4 % (click AUC 0.5669 vs 0.5688; watch log-RMSE 0.34405
-    # vs 0.34267), cause not found (#4 notes); a wrongly gathered table moves them far more.
+    # Usually equal to 1e-8 (scripts/gpu_precision_probe.py: per row to 1e-6; 13 runs agreed in
+    # session 3). Twice on the H200, one run in each of two sessions, they differed by 0.3-0.4 %
+    # (click AUC 0.5669 vs 0.5688; watch log-RMSE 0.34405 vs 0.34267), cause not found (#4
+    # notes); a wrongly gathered table moves them far more.
     for k in keys:
         assert rep["metrics"][k] == pytest.approx(trained.result.valid[k], rel=1e-2), k
 
