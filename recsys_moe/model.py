@@ -15,6 +15,8 @@ parameters of mixture + heads (embeddings excluded); ``match_compute`` rescales 
 
     budget = model_cost(mmoe_cfg, features, tasks)["flops_per_example"]
     sb_cfg = match_compute(replace(mmoe_cfg, mixture="shared_bottom"), features, tasks, budget)
+
+(``recsys-moe sweep --match-compute`` does this for every setting of a grid.)
 """
 
 from __future__ import annotations
