@@ -27,6 +27,7 @@ from torch import Tensor
 from torchrec import KeyedJaggedTensor
 
 from feature_store.definitions import Feature, FeatureSet
+from pipelines.mappings import Mappings, apply_mappings
 
 
 @dataclass
@@ -131,6 +132,17 @@ def to_tensor_data(
             col = labels.get_column(name).cast(pl.Float32).to_numpy()
             out_labels[name] = torch.from_numpy(np.array(col, dtype=np.float32))
     return TensorData(dense=dense, sparse=sparse, labels=out_labels, num_rows=n)
+
+
+def map_to_tensors(
+    raw: pl.DataFrame,
+    features: FeatureSet,
+    mappings: Mappings,
+    labels: list[str] | None = None,
+) -> TensorData:
+    """Raw feature rows → ``apply_mappings`` → tensors, with ``raw``'s ``labels`` columns."""
+    mapped = apply_mappings(raw.lazy(), features, mappings).collect()
+    return to_tensor_data(mapped, features, None if labels is None else raw.select(labels))
 
 
 # ---- tensors -> batches ------------------------------------------------------------------------

@@ -50,9 +50,9 @@ import pyarrow.parquet as pq
 import torch
 
 from feature_store import FeatureSet
-from pipelines.mappings import Mappings, apply_mappings
+from pipelines.mappings import Mappings
 from pipelines.training_set import split_files
-from recsys_moe.data import Batch, TensorData, iterate_batches, take_rows, to_tensor_data
+from recsys_moe.data import Batch, TensorData, iterate_batches, map_to_tensors, take_rows
 
 STATE_VERSION = 2
 READ_AHEAD = 2  # buffers read and mapped in background threads while one is being batched
@@ -255,9 +255,7 @@ class ParquetLoader(_Position):
         return pa.concat_tables(tables)
 
     def _tensors(self, table: pa.Table) -> TensorData:
-        raw = pl.from_arrow(table)
-        mapped = apply_mappings(raw.lazy(), self.features, self.mappings).collect()
-        return to_tensor_data(mapped, self.features, raw.select(self.labels))
+        return map_to_tensors(pl.from_arrow(table), self.features, self.mappings, self.labels)
 
 
 class MemoryLoader(_Position):
@@ -301,8 +299,7 @@ class MemoryLoader(_Position):
         """A loader over split ``split`` of a training set, read and mapped now."""
         columns = list(dict.fromkeys([*features.input_columns, *labels]))
         raw = pl.read_parquet(split_files(dataset_dir, split), columns=columns)
-        mapped = apply_mappings(raw.lazy(), features, mappings).collect()
-        return cls(to_tensor_data(mapped, features, raw.select(labels)), **kwargs)
+        return cls(map_to_tensors(raw, features, mappings, list(labels)), **kwargs)
 
     def __iter__(self) -> Iterator[Batch]:
         """The remaining batches of the current epoch; then the position is the next epoch's."""

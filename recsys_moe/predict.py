@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from feature_store import FeatureSet
-from pipelines.mappings import Mappings, apply_mappings
+from pipelines.mappings import Mappings
 from recsys_moe.config import TaskConfig
-from recsys_moe.data import TensorData, iterate_batches, to_tensor_data
+from recsys_moe.data import TensorData, iterate_batches, map_to_tensors
 from recsys_moe.losses import to_natural
 from recsys_moe.model import MultiTaskModel
 
@@ -42,7 +42,7 @@ def predict_frame(
     missing = [c for c in features.input_columns if c not in frame.columns]
     if missing:
         raise ValueError(f"input lacks feature column(s) {missing}; columns: {frame.columns}")
-    data = to_tensor_data(apply_mappings(frame.lazy(), features, mappings).collect(), features)
+    data = map_to_tensors(frame, features, mappings)
     return predict_tensors(model, data, tasks, batch_size=batch_size)
 
 

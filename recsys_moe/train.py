@@ -38,12 +38,12 @@ from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from feature_store import FeatureSet
-from pipelines.mappings import Mappings, apply_mappings
+from pipelines.mappings import Mappings
 from pipelines.training_set import load_manifest, load_split, split_files
 from recsys_moe import checkpoint, sharding
 from recsys_moe.bundle import save_bundle
 from recsys_moe.config import Config, TaskConfig
-from recsys_moe.data import TensorData, to_tensor_data
+from recsys_moe.data import TensorData, map_to_tensors
 from recsys_moe.dist import DistInfo, broadcast_object, mean_across_ranks, setup, shutdown
 from recsys_moe.gates import (
     gate_stats,
@@ -79,8 +79,7 @@ def load_split_data(cfg: Config, mappings: Mappings, split: str) -> tuple[pl.Dat
     """A split of the training set: raw rows and the model's tensors (labels included)."""
     features = cfg.feature_set()
     raw = load_split(cfg.dataset_dir, split).collect()
-    mapped = apply_mappings(raw.lazy(), features, mappings).collect()
-    return raw, to_tensor_data(mapped, features, raw.select(label_columns(cfg.tasks)))
+    return raw, map_to_tensors(raw, features, mappings, label_columns(cfg.tasks))
 
 
 def check_dataset(cfg: Config) -> dict:
