@@ -10,9 +10,9 @@ Jobs, each run ``--runs`` times in a fresh subprocess (peak RSS = that process's
   value checks, ``pd.merge_asof(by=key, tolerance=ttl)`` per entity, split by day, ``to_parquet``,
   vocabularies by ``value_counts`` and numeric mean/std. Its output is compared with Polars' on a
   sample of rows before any number is reported.
-- ``load/streaming``: ``recsys_moe.loader.ParquetLoader`` over the train split, batch 4096,
+- ``load/streaming``: ``recsys_moe.training.loader.ParquetLoader`` over the train split, batch 4096,
   mapping included (Parquet → mapped ids → ``Batch`` with a ``KeyedJaggedTensor``).
-- ``load/in-memory``: what ``recsys_moe.loader.MemoryLoader`` does: collect the split,
+- ``load/in-memory``: what ``recsys_moe.training.loader.MemoryLoader`` does: collect the split,
   ``apply_mappings``, ``to_tensor_data``, ``iterate_batches``.
 
 Every job runs with ``OMP_WAIT_POLICY=PASSIVE``, except the one marked "(OMP spin)": on 2 cores
@@ -143,24 +143,21 @@ def _loader_setup(out: Path):
 
 
 def job_load_streaming(data: Path, out: Path) -> int:
-    from recsys_moe.loader import ParquetLoader
+    from recsys_moe.training.loader import ParquetLoader
 
-    features, mappings = _loader_setup(out)
+    features, _ = _loader_setup(out)
     loader = ParquetLoader.from_split(
-        out, "train", features=features, mappings=mappings, labels=list(LABELS), batch_size=BATCH
+        out, "train", features=features, labels=list(LABELS), batch_size=BATCH
     )
     return sum(len(b) for b in loader)
 
 
 def job_load_in_memory(data: Path, out: Path) -> int:
-    from pipelines.mappings import apply_mappings
-    from pipelines.training_set import load_split
-    from recsys_moe.data import iterate_batches, to_tensor_data
+    from recsys_moe.data import iterate_batches
+    from recsys_moe.training.loader import read_mapped
 
-    features, mappings = _loader_setup(out)
-    raw = load_split(out, "train").collect()
-    mapped = apply_mappings(raw.lazy(), features, mappings).collect()
-    tensors = to_tensor_data(mapped, features, raw.select(list(LABELS)))
+    features, _ = _loader_setup(out)
+    tensors = read_mapped(out, "train", features, list(LABELS))
     return sum(len(b) for b in iterate_batches(tensors, BATCH))
 
 
@@ -178,7 +175,7 @@ def child(name: str, data: Path, out: Path) -> None:
     # Imports are not timed (a training process has them loaded already) and a build job does
     # not import torch, whose ~0.4 GB would count in its peak RSS.
     if name.startswith("load/"):
-        import recsys_moe.loader  # noqa: F401  (torch, torchrec, polars, pyarrow)
+        import recsys_moe.training.loader  # noqa: F401  (torch, torchrec, polars, pyarrow)
     else:
         import pandas  # noqa: F401
 

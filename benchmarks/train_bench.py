@@ -8,7 +8,7 @@
 Variants, all on the same batches (same rows, same order: the first rows of a seeded permutation
 of the train split, as ``MemoryLoader``'s epoch 0), ``torch.set_num_threads(2)``:
 
-- ``ours/dmp``: the training step of ``recsys_moe.train``: ``TrainModule`` sharded by
+- ``ours/dmp``: the training step of ``recsys_moe.training.train``: ``TrainModule`` sharded by
   ``sharding.shard`` in a process group of one (``DistributedModelParallel``, row-wise Adagrad
   fused into the tables' backward), ``sharding.build_optimizer`` (Adam on the dense part),
   ``sharding.train_step``'s step and the LR scheduler's step.
@@ -79,9 +79,8 @@ def load(dataset: Path, rows: int, item_rows: int):
     from feature_store import FeatureSet
     from pipelines.mappings import Mappings, apply_mappings
     from pipelines.training_set import load_split
-    from recsys_moe.config import load_config
+    from recsys_moe.config import label_columns, load_config
     from recsys_moe.data import take_rows, to_tensor_data
-    from recsys_moe.losses import label_columns
 
     cfg = load_config(CONFIG, [], workdir=dataset.parent)
     text = cfg.features_path.read_text().replace(
@@ -102,12 +101,8 @@ def load(dataset: Path, rows: int, item_rows: int):
 
 def our_batches(data, batch_size: int) -> list:
     from recsys_moe.data import iterate_batches
-    from recsys_moe.train import TrainBatch
 
-    return [
-        TrainBatch(dense=b.dense, sparse=b.sparse, labels=b.labels)
-        for b in iterate_batches(data, batch_size, drop_last=True)
-    ]
+    return list(iterate_batches(data, batch_size, drop_last=True))
 
 
 def peer_batches(data, features, batch_size: int) -> list[tuple[dict[str, Tensor], Tensor]]:
@@ -136,19 +131,20 @@ def peer_batches(data, features, batch_size: int) -> list[tuple[dict[str, Tensor
 
 # ---- variants: each is ``step(batch) -> None`` ---------------------------------------------------
 def ours_dmp(cfg, features, total_steps: int):
-    from recsys_moe import sharding
     from recsys_moe.model import build_model
-    from recsys_moe.train import TrainModule, build_scheduler
+    from recsys_moe.training import sharding
+    from recsys_moe.training.module import TrainLoss, TrainModule
+    from recsys_moe.training.train import build_scheduler
 
     tasks = [t.name for t in cfg.tasks]
     model = build_model(features, cfg.model, tasks, device="meta")
-    module = TrainModule(model, cfg.tasks, autocast=False)
+    module = TrainModule(model, TrainLoss.for_config(cfg.model, cfg.tasks))
     cpu = torch.device("cpu")
     dmp, _ = sharding.shard(
         module, cfg.train.sharding, device=cpu, embedding_lr=cfg.train.embedding_lr
     )
     optimizer = sharding.build_optimizer(dmp, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    scheduler = build_scheduler(optimizer, cfg.train.lr_schedule, total_steps)
     progress, _ = sharding.train_step(dmp, optimizer, cpu, pipeline=cfg.train.pipeline)
     dmp.train()
 
@@ -161,10 +157,10 @@ def ours_dmp(cfg, features, total_steps: int):
 
 def ours_plain(cfg, features):
     from recsys_moe.model import build_model
-    from recsys_moe.train import TrainModule
+    from recsys_moe.training.module import TrainLoss, TrainModule
 
     model = build_model(features, cfg.model, [t.name for t in cfg.tasks])
-    module = TrainModule(model, cfg.tasks, autocast=False).train()
+    module = TrainModule(model, TrainLoss.for_config(cfg.model, cfg.tasks)).train()
     optimizer = torch.optim.Adam(module.parameters(), lr=cfg.train.lr)
 
     def step(batch) -> None:
@@ -233,7 +229,7 @@ def profile(step, batches: list, steps: int, top: int = 12) -> str:
 
 def measure(args: argparse.Namespace) -> dict:
     """Samples/s of every variant, batch size and repeat, in this process (its OMP policy)."""
-    from recsys_moe.dist import setup, shutdown
+    from recsys_moe.training.dist import setup, shutdown
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)

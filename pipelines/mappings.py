@@ -16,6 +16,7 @@ Saved as one Parquet file per vocabulary plus ``numeric.json``; no pickle.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,9 +216,19 @@ def _index(x: pl.Expr, f: Feature, mappings: Mappings, dtype: pl.DataType) -> pl
     return _vocab_index(x, f, mappings.vocabs[f.name], dtype)
 
 
-def apply_mappings(lf: pl.LazyFrame, features: FeatureSet, mappings: Mappings) -> pl.LazyFrame:
-    """Exactly the feature columns, named ``feature.name`` in definition order, same rows:
-    categorical → Int64 index (0 = unknown / null), multi_categorical → List(Int64) (null list →
-    empty list, unknown element → 0), numeric → Float32 standardized (null / NaN → 0.0)."""
+def apply_mappings(
+    lf: pl.LazyFrame, features: FeatureSet, mappings: Mappings, *, keep: Sequence[str] = ()
+) -> pl.LazyFrame:
+    """The feature columns, named ``feature.name`` in definition order, then the ``keep``
+    columns unchanged, same rows: categorical → Int64 index (0 = unknown / null),
+    multi_categorical → List(Int64) (null list → empty list, unknown element → 0), numeric →
+    Float32 standardized (null / NaN → 0.0)."""
     schema = lf.collect_schema()
-    return lf.select([_apply_one(schema, f, mappings) for f in features.features])
+    names = {f.name for f in features.features}
+    clash = [c for c in keep if c in names]
+    if clash:
+        raise ValueError(f"column(s) {clash} are both kept and a feature's name; rename one")
+    missing = [c for c in keep if c not in schema]
+    if missing:
+        raise ValueError(f"column(s) {missing} to keep are not in the frame: {schema.names()}")
+    return lf.select(*[_apply_one(schema, f, mappings) for f in features.features], *keep)

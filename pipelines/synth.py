@@ -140,18 +140,35 @@ class _Items:
     log_popularity: np.ndarray
 
 
+@dataclass
+class SynthParams:
+    """The generator's settings: the one source of their defaults (``synthesize``'s keywords,
+    the config's ``[synth]`` section, ``recsys-moe data synth``'s flags)."""
+
+    users: int = 4000
+    items: int = 800
+    days: int = 14
+    seed: int = 0
+    requests_per_user_day: float = 0.7
+    items_per_request: int = 10
+    task_conflict: float = 0.0  # share of watch time's affinity that click does not share
+
+
+_D = SynthParams()
+
+
 def synthesize(
     out: str | Path,
     *,
-    users: int = 4000,
-    items: int = 800,
-    days: int = 14,
-    seed: int = 0,
-    requests_per_user_day: float = 0.7,
-    items_per_request: int = 10,
+    users: int = _D.users,
+    items: int = _D.items,
+    days: int = _D.days,
+    seed: int = _D.seed,
+    requests_per_user_day: float = _D.requests_per_user_day,
+    items_per_request: int = _D.items_per_request,
     test_days: int = 1,
     start: str = "2026-01-01",
-    task_conflict: float = 0.0,
+    task_conflict: float = _D.task_conflict,
 ) -> dict:
     """Write the data set into directory ``out`` (atomically) and return its ``meta.json`` dict.
 

@@ -9,8 +9,14 @@ stream to the sink (``feature_store.join_features``). Output (``out/``)::
 
     train.parquet valid.parquet test.parquet   raw feature values + keys, event time, labels;
                                               event order; row groups of ROW_GROUP_ROWS rows
+    mapped/{train,valid,test}.parquet         the same rows, model-ready: each feature mapped
+                                              (ids → rows, numerics standardized), named by
+                                              feature, then the labels and ``carry`` columns
     mappings/                                 vocab_<feature>.parquet ..., numeric.json
     manifest.json                             fingerprint, rows, split days, label stats, sources
+
+Ids are mapped here, once: training reads the ``mapped/`` splits (``mapped_files``) as ready
+integer columns; scoring maps raw rows with the saved ``mappings/``, the same functions.
 
 Read a split with ``load_split`` (or ``split_files`` for its files in order); both also take a
 split stored as a directory ``<split>/`` of Parquet files, e.g. one written by a partitioned job.
@@ -22,6 +28,7 @@ Everything is written into a hidden sibling directory and renamed into place at 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,12 +37,13 @@ import polars as pl
 
 from feature_store import DataError, FeatureSet, OfflineStore, join_features, validate_events
 from pipelines.atomic import replacing_dir
-from pipelines.mappings import fit_mappings
+from pipelines.mappings import apply_mappings, fit_mappings
 
 SPLITS = ("train", "valid", "test")
 LABEL_KINDS = ("binary", "regression")
 MANIFEST = "manifest.json"
 MAPPINGS_DIR = "mappings"
+MAPPED_DIR = "mapped"
 ROW_GROUP_ROWS = 16_384
 _SPLIT = "__split"
 _ENGINE = "streaming"
@@ -49,9 +57,12 @@ def build_training_set(
     labels: dict[str, str],
     valid_days: int,
     test_days: int,
+    carry: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Build ``out/`` (see the module docstring) atomically and return its manifest.
 
+    ``carry``: columns besides the labels that the mapped splits keep (e.g. a mask or duration
+    column the losses read).
     ``labels`` maps label column → "binary" (must be 0/1) or "regression" (finite, >= 0). The
     last ``test_days`` calendar days present in the events are the test split, the ``valid_days``
     days before them the validation split, all earlier days the training split.
@@ -62,7 +73,7 @@ def build_training_set(
     if valid_days < 0 or test_days < 0:
         raise ValueError(f"valid_days ({valid_days}) and test_days ({test_days}) must be >= 0")
     with replacing_dir(out) as tmp, pl.Config(engine_affinity=_ENGINE):  # also validation's
-        return _build(store, tmp, features, labels, valid_days, test_days)
+        return _build(store, tmp, features, labels, valid_days, test_days, list(carry))
 
 
 def split_files(dataset_dir: str | Path, split: str) -> list[Path]:
@@ -80,6 +91,19 @@ def split_files(dataset_dir: str | Path, split: str) -> list[Path]:
             "build it with build_training_set"
         )
     return files
+
+
+def mapped_files(dataset_dir: str | Path, split: str) -> list[Path]:
+    """The model-ready Parquet file of a split (``mapped/<split>.parquet``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    file = Path(dataset_dir) / MAPPED_DIR / f"{split}.parquet"
+    if not file.is_file():
+        raise ValueError(
+            f"dataset {dataset_dir}: no {MAPPED_DIR}/{file.name} (built by an older version?); "
+            "rebuild it with `recsys-moe features build`"
+        )
+    return [file]
 
 
 def load_split(dataset_dir: str | Path, split: str) -> pl.LazyFrame:
@@ -103,6 +127,7 @@ def _build(
     labels: dict[str, str],
     valid_days: int,
     test_days: int,
+    carry: list[str],
 ) -> dict[str, Any]:
     ev = features.events
     events_path = store.path(ev.table)
@@ -124,11 +149,19 @@ def _build(
     )
 
     days = _split_days(events, ev.time, str(events_path), valid_days, test_days)
-    columns = list(dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *labels]))
+    keep = list(dict.fromkeys([*labels, *carry]))  # what the mapped splits hold besides features
+    columns = list(dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *keep]))
     # entity keys join the features even when they are not part of the output (census: person_id)
     wanted = {*columns, *(e.key for e in features.entities.values())}
     event_columns = [c for c in events.collect_schema().names() if c in wanted]
     joined = join_features(events.select(event_columns), store, features, event_time=ev.time)
+    missing = [c for c in carry if c not in joined.collect_schema()]
+    if missing:
+        raise DataError(
+            f"events file {events_path}: no column(s) {missing}, which the tasks read (masks, "
+            f"positives, durations); columns of the events and features: "
+            f"{joined.collect_schema().names()}"
+        )
     day = pl.col(ev.time).dt.date()
     split = (
         pl.when(day < days["valid"][0])
@@ -155,8 +188,14 @@ def _build(
             empty = pl.DataFrame(schema=joined.select(columns).collect_schema())
             empty.write_parquet(tmp / f"{name}.parquet")
 
-    fit_mappings(load_split(tmp, "train"), features).save(tmp / MAPPINGS_DIR)
-    manifest = _manifest(store, tmp, features, labels, days)
+    mappings = fit_mappings(load_split(tmp, "train"), features)
+    mappings.save(tmp / MAPPINGS_DIR)
+    (tmp / MAPPED_DIR).mkdir()
+    for name in SPLITS:
+        apply_mappings(load_split(tmp, name), features, mappings, keep=keep).sink_parquet(
+            tmp / MAPPED_DIR / f"{name}.parquet", row_group_size=ROW_GROUP_ROWS, engine=_ENGINE
+        )
+    manifest = _manifest(store, tmp, features, labels, days) | {"mapped_columns": keep}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 

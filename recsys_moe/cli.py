@@ -1,7 +1,7 @@
 """``recsys-moe``: the batch jobs of the system, one subcommand each, and the demo that chains them.
 
     recsys-moe demo [--workdir DIR]
-    recsys-moe data synth --out DIR [--users N --items N --days N --seed S]
+    recsys-moe data synth [--config FILE] [--out DIR] [--users N --items N --days N --seed S]
     recsys-moe data import {census,movielens,kuairand} --out DIR [--src DIR]
     recsys-moe features build --config FILE [--set key=value ...]
     recsys-moe train --config FILE [--set key=value ...]
@@ -13,7 +13,9 @@
 
 Every job takes ``--config`` (default: the embedded ``configs/demo.toml``), ``--set key=value``
 overrides and ``--workdir``. Bad input ends with ``error: ...`` on stderr and exit status 2.
-This module is the only one that imports ``serving`` (DESIGN.md, dependency direction).
+Under torchrun, each rank runs this module: ``torchrun --nproc-per-node 2 -m recsys_moe.cli
+train ...``. The top floor: nothing imports this module, and it is the only one below
+``serving/`` that imports ``serving`` (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -23,54 +25,59 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict, fields, replace
 from datetime import datetime
 from pathlib import Path
 
+from pipelines.synth import SynthParams
 from recsys_moe.config import Config, load_config
+
+SYNTH_FLAGS = tuple(f.name for f in fields(SynthParams))
 
 
 def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.set, workdir=args.workdir)
 
 
-# ---- jobs ------------------------------------------------------------------------------------
-def cmd_synth(args: argparse.Namespace) -> dict:
+# ---- jobs: each parses its arguments, calls the plain function and prints what it did --------
+def cmd_synth(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    flags = {k: getattr(args, k) for k in SYNTH_FLAGS if getattr(args, k) is not None}
+    out = args.out or cfg.store_dir
+    synth_data(
+        out,
+        replace(cfg.synth, **flags),
+        test_days=cfg.data.test_days if args.test_days is None else args.test_days,
+    )
+
+
+def synth_data(out: Path, params: SynthParams, *, test_days: int) -> dict:
     from pipelines.synth import synthesize
 
-    meta = synthesize(
-        args.out, users=args.users, items=args.items, days=args.days, seed=args.seed,
-        test_days=args.test_days, task_conflict=args.task_conflict,
-        requests_per_user_day=args.requests_per_user_day,
-        items_per_request=args.items_per_request,
-    )  # fmt: skip
-    print(f"wrote {args.out}: {meta['rows']}")
+    meta = synthesize(out, test_days=test_days, **asdict(params))
+    print(f"wrote {out}: {meta['rows']}")
     return meta
 
 
-def cmd_import(args: argparse.Namespace) -> dict:
+def cmd_import(args: argparse.Namespace) -> None:
     from pipelines.importers import DEFAULT_SRC, import_dataset
 
     src = args.src or Path("..") / "shared" / "data" / DEFAULT_SRC[args.name]
     meta = import_dataset(args.name, src=src, out=args.out)
     print(f"imported {args.name} from {src} into {args.out}: {meta.get('rows', '')}")
-    return meta
 
 
-def cmd_build(args: argparse.Namespace, cfg: Config | None = None) -> dict:
+def build(cfg: Config) -> dict:
     from recsys_moe.dataset import build_dataset
 
-    cfg = cfg or _config(args)
     manifest = build_dataset(cfg)
     print(f"wrote training set {cfg.dataset_dir}: rows {manifest['rows']}")
     return manifest
 
 
-def cmd_train(args: argparse.Namespace, cfg: Config | None = None):  # noqa: ANN201
-    from recsys_moe.train import train
+def run_train(cfg: Config):  # noqa: ANN201  (TrainResult: torch is imported only when training)
+    from recsys_moe.training.train import train
 
-    cfg = cfg or _config(args)
-    if getattr(args, "resume", None) is not None:
-        cfg.train.resume = args.resume
     result = train(cfg)
     if result.model is not None:  # rank 0 (the only rank without torchrun)
         valid = " ".join(f"{k}={v:.4f}" for k, v in result.valid.items())
@@ -79,41 +86,52 @@ def cmd_train(args: argparse.Namespace, cfg: Config | None = None):  # noqa: ANN
     return result
 
 
-def cmd_evaluate(args: argparse.Namespace, cfg: Config | None = None) -> dict:
-    from recsys_moe.evaluate import evaluate
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    if args.resume is not None:
+        cfg.train.resume = args.resume
+    run_train(cfg)
 
-    cfg = cfg or _config(args)
-    output = Path(args.output) if getattr(args, "output", None) else None
-    report = evaluate(cfg, run_id=args.run_id, split=args.split, output=output)
+
+def run_evaluate(cfg: Config, run_id: str | None, split: str, output: Path | None) -> dict:
+    from recsys_moe.evaluation.evaluate import evaluate
+
+    report = evaluate(cfg, run_id=run_id, split=split, output=output)
     for k, v in report["metrics"].items():
-        print(f"  {args.split}/{k:<32} {v:.4f}")
+        print(f"  {split}/{k:<32} {v:.4f}")
     print(f"wrote {report['output']}")
     return report
 
 
-def cmd_register(args: argparse.Namespace, cfg: Config | None = None):  # noqa: ANN201
+def run_register(cfg: Config, run_id: str | None):  # noqa: ANN201  (registry.Registered)
     from recsys_moe.registry import register
     from serving.pyfunc import CODE_PATH
 
-    cfg = cfg or _config(args)
-    reg = register(cfg, python_model=CODE_PATH, run_id=args.run_id)
+    reg = register(cfg, python_model=CODE_PATH, run_id=run_id)
     print(f"registered {reg.name} version {reg.version} (run {reg.run_id}) as @{reg.alias}")
     return reg
 
 
-def cmd_score(args: argparse.Namespace, cfg: Config | None = None) -> dict:
+def run_score(
+    cfg: Config,
+    model: str,
+    candidates: Path,
+    output: Path,
+    *,
+    top_k: int | None = None,
+    as_of: str | None = None,
+    store: Path | None = None,
+) -> dict:
     from serving.score import score
 
-    cfg = cfg or _config(args)
-    as_of = datetime.fromisoformat(args.as_of) if args.as_of else None
     manifest = score(
-        model_uri=args.model,
-        candidates=args.candidates,
-        output=args.output,
-        top_k=args.top_k or cfg.score.top_k,
+        model_uri=model,
+        candidates=candidates,
+        output=output,
+        top_k=cfg.score.top_k if top_k is None else top_k,
         cfg=cfg,
-        as_of=as_of,
-        store_dir=args.store,
+        as_of=datetime.fromisoformat(as_of) if as_of else None,
+        store_dir=store,
     )
     print(
         f"scored {manifest['candidate_rows']} candidates with {manifest['model_uri']} "
@@ -123,8 +141,26 @@ def cmd_score(args: argparse.Namespace, cfg: Config | None = None) -> dict:
     return manifest
 
 
+def cmd_build(args: argparse.Namespace) -> None:
+    build(_config(args))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    output = Path(args.output) if args.output else None
+    run_evaluate(_config(args), args.run_id, args.split, output)
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    run_register(_config(args), args.run_id)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    run_score(_config(args), args.model, args.candidates, args.output, top_k=args.top_k,
+              as_of=args.as_of, store=args.store)  # fmt: skip
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from recsys_moe.sweep import sweep
+    from recsys_moe.training.sweep import sweep
 
     result = sweep(args.config, args.grid, args.set, workdir=args.workdir, match=args.match_compute)
     print(f"\nsweep {result.parent_run_id} ({len(result.rows)} runs, validation metrics):")
@@ -133,33 +169,22 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Every job on the embedded synthetic data, in ``--workdir`` (default ./demo-run)."""
-    cfg = load_config(args.config, args.set, workdir=args.workdir or None)
+    cfg = _config(args)
     t0 = time.perf_counter()
     store = cfg.store_dir
-    s = cfg.synth
     print(f"== 1/6 synthetic data → {store}")
-    meta = cmd_synth(
-        argparse.Namespace(out=store, users=s.users, items=s.items, days=s.days, seed=s.seed,
-                           test_days=cfg.data.test_days, task_conflict=s.task_conflict,
-                           requests_per_user_day=s.requests_per_user_day,
-                           items_per_request=s.items_per_request)
-    )  # fmt: skip
+    meta = synth_data(store, cfg.synth, test_days=cfg.data.test_days)
     print("== 2/6 training set (point-in-time features, split by time)")
-    cmd_build(args, cfg)
+    build(cfg)
     print("== 3/6 train")
-    result = cmd_train(args, cfg)
+    result = run_train(cfg)
     print("== 4/6 evaluate (test split)")
-    ev = cmd_evaluate(argparse.Namespace(run_id=result.run_id, split="test", output=None), cfg)
+    ev = run_evaluate(cfg, result.run_id, "test", None)
     print("== 5/6 register")
-    reg = cmd_register(argparse.Namespace(run_id=result.run_id), cfg)
+    reg = run_register(cfg, result.run_id)
     print("== 6/6 score candidates")
-    scores_dir = cfg.path("scores")
-    sc = cmd_score(
-        argparse.Namespace(model=reg.uri, candidates=store / "candidates.parquet",
-                           output=scores_dir, top_k=cfg.score.top_k,
-                           as_of=meta["scoring_time"], store=None),
-        cfg,
-    )  # fmt: skip
+    sc = run_score(cfg, reg.uri, store / "candidates.parquet", cfg.path("scores"),
+                   as_of=meta["scoring_time"])  # fmt: skip
     m = ev["metrics"]
     print("\n== summary")
     print(f"  click AUC (test)       {m['click_auc']:.4f}   Bayes-optimal {meta_auc(m, meta):.4f}")
@@ -194,6 +219,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set train.epochs=3 (repeatable)",
     )  # fmt: skip
     p.add_argument("--workdir", help="override the config's workdir (relative paths resolve here)")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="log progress (INFO)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,17 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_cmd", required=True)
-    p = data.add_parser("synth", help="write the synthetic data set (users, items, impressions)")
-    p.add_argument("--out", required=True, type=Path, help="output folder (replaced if present)")
-    p.add_argument("--users", type=int, default=4000, help="number of users")
-    p.add_argument("--items", type=int, default=800, help="number of items")
-    p.add_argument("--days", type=int, default=14, help="days of impressions")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
-    p.add_argument("--test-days", type=int, default=1, help="days the Bayes AUC is reported on")
-    p.add_argument("--requests-per-user-day", type=float, default=0.7, help="mean requests")
-    p.add_argument("--items-per-request", type=int, default=10, help="impressions per request")
+    p = data.add_parser(
+        "synth", help="write the synthetic data set (users, items, impressions)",
+        description="Write the synthetic data set. Settings come from the config's [synth] "
+        "section (default: the embedded demo config, so this reproduces the demo's data); a flag "
+        "overrides one of them.",
+    )  # fmt: skip
+    _common(p)
+    p.add_argument("--out", type=Path, help="output folder, replaced if present (default: "
+                   "the config's data.store)")  # fmt: skip
+    p.add_argument("--users", type=int, help="number of users")
+    p.add_argument("--items", type=int, help="number of items")
+    p.add_argument("--days", type=int, help="days of impressions")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same data)")
+    p.add_argument("--test-days", type=int, help="days the Bayes AUC is reported on "
+                   "(default: the config's data.test_days)")  # fmt: skip
+    p.add_argument("--requests-per-user-day", type=float, help="mean requests")
+    p.add_argument("--items-per-request", type=int, help="impressions per request")
     p.add_argument(
-        "--task-conflict", type=float, default=0.0,
+        "--task-conflict", type=float,
         help="0..1: share of watch time's segment x category affinity that click does not share",
     )  # fmt: skip
     p.set_defaults(func=cmd_synth)
@@ -284,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(asctime)s %(name)s %(message)s",
     )
     try:

@@ -2,19 +2,52 @@
 
 Relative paths in ``[data]`` resolve against ``workdir``; ``features`` resolves against the
 config file's own folder (feature definitions travel with the configs).
+
+Validated once, when loaded (or built): every value's type against the dataclass annotations
+(``Literal`` choices list the accepted values), ranges and cross-field rules in each section's
+``__post_init__``. The parts of the system receive their section (``cfg.train``, ``cfg.model``,
+``cfg.tasks``) and trust it; they do not check it again.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from feature_store import FeatureSet
+from pipelines.synth import SynthParams
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+
+Mixture = Literal["single_task", "shared_bottom", "omoe", "mmoe", "topk_mmoe", "cgc", "ple"]
+MIXTURES: tuple[str, ...] = get_args(Mixture)
+LossWeighting = Literal["fixed", "uncertainty"]
+TaskKind = Literal["binary", "regression"]
+Transform = Literal["none", "log1p"]
+# "" = from kind and transform: bce (binary); mse_log1p (transform log1p) or mse (regression)
+Objective = Literal["", "bce", "mse_log1p", "mse", "weighted_logistic", "duration_quantile"]
+LrSchedule = Literal["constant", "linear"]
+Pipeline = Literal["auto", "sparse_dist", "plain"]
+LoaderKind = Literal["auto", "memory", "stream"]
+# TorchRec ``ShardingType`` values (tests/test_config.py checks them against TorchRec's enum)
+ShardingName = Literal[
+    "data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise",
+    "table_column_wise", "grid_shard",
+]  # fmt: skip
+
+
+def _at_least(where: str, **values: float) -> None:
+    """``name=(value, minimum)`` pairs: each value must be >= its minimum."""
+    for name, (value, low) in values.items():
+        if value < low:
+            raise ValueError(f"{where}.{name} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -24,22 +57,28 @@ class DataConfig:
     valid_days: int = 1  # the day(s) before the test days
     test_days: int = 1  # the last day(s) of events
 
+    def __post_init__(self) -> None:
+        _check_fields(self, "data")
+        _at_least("data", valid_days=(self.valid_days, 0), test_days=(self.test_days, 0))
+
 
 @dataclass
-class SynthConfig:
-    users: int = 4000
-    items: int = 800
-    days: int = 14
-    seed: int = 0
-    requests_per_user_day: float = 0.7
-    items_per_request: int = 10
-    task_conflict: float = 0.0  # share of watch time's affinity that click does not share
+class SynthConfig(SynthParams):
+    """``[synth]``: the synthetic data set's settings; their defaults live in one place
+    (``pipelines.synth.SynthParams``), shared with ``synthesize`` and ``recsys-moe data synth``."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "synth")
+        _at_least("synth", users=(self.users, 1), items=(self.items, 1), days=(self.days, 1),
+                  items_per_request=(self.items_per_request, 1),
+                  requests_per_user_day=(self.requests_per_user_day, 0.0))  # fmt: skip
+        if not 0.0 <= self.task_conflict <= 1.0:
+            raise ValueError(f"synth.task_conflict must lie in [0, 1], got {self.task_conflict}")
 
 
 @dataclass
 class ModelConfig:
-    # single_task | shared_bottom | omoe | mmoe | topk_mmoe | cgc | ple (recsys_moe/model.py)
-    mixture: str = "mmoe"
+    mixture: Mixture = "mmoe"  # recsys_moe/model/model.py
     num_experts: int = 4  # omoe, mmoe, topk_mmoe
     expert_dims: list[int] = field(default_factory=lambda: [64, 32])
     tower_dims: list[int] = field(default_factory=lambda: [32])
@@ -51,22 +90,77 @@ class ModelConfig:
     num_task_experts: int = 1  # cgc/ple: experts owned by each task, per level
     num_shared_experts: int = 2  # cgc/ple: experts shared by all tasks, per level
     num_levels: int = 2  # ple: stacked CGC levels (cgc is one level)
-    loss_weighting: str = "fixed"  # fixed (TaskConfig.weight) | uncertainty (Kendall et al. 2018)
+    loss_weighting: LossWeighting = "fixed"  # fixed (TaskConfig.weight) | uncertainty (Kendall)
+
+    def __post_init__(self) -> None:
+        w = "model"
+        _check_fields(self, w)
+        _at_least(w, num_experts=(self.num_experts, 1), top_k=(self.top_k, 1),
+                  capacity_factor=(self.capacity_factor, 0.0),
+                  aux_loss_weight=(self.aux_loss_weight, 0.0), num_levels=(self.num_levels, 1),
+                  num_task_experts=(self.num_task_experts, 0),
+                  num_shared_experts=(self.num_shared_experts, 0))  # fmt: skip
+        for name in ("expert_dims", "tower_dims", "bottom_dims"):
+            dims = getattr(self, name)
+            if any(d < 1 for d in dims) or (name == "expert_dims" and not dims):
+                raise ValueError(f"{w}.{name} must be widths >= 1 (expert_dims non-empty): {dims}")
+        if not 0.0 <= self.gate_dropout < 1.0:
+            raise ValueError(f"{w}.gate_dropout must lie in [0, 1), got {self.gate_dropout}")
+        if self.mixture == "topk_mmoe" and self.top_k > self.num_experts:
+            raise ValueError(
+                f"{w}.top_k ({self.top_k}) exceeds model.num_experts ({self.num_experts})"
+            )
+        if self.mixture in ("cgc", "ple") and self.num_task_experts + self.num_shared_experts < 1:
+            raise ValueError(f"{w}: {self.mixture} needs >= 1 expert per task gate")
+        if self.mixture == "ple" and self.num_levels > 1 and self.num_shared_experts < 1:
+            raise ValueError(f"{w}: ple with num_levels > 1 needs num_shared_experts >= 1")
 
 
 @dataclass
 class TaskConfig:
     name: str
-    kind: str  # binary | regression
+    kind: TaskKind
     label: str
     weight: float = 1.0
-    transform: str = "none"  # regression target transform: none | log1p
-    # "" = from kind/transform (bce; mse_log1p or mse) | mse_log1p | mse | weighted_logistic |
-    # duration_quantile (recsys_moe/losses.py)
-    objective: str = ""
+    transform: Transform = "none"  # regression target transform
+    # "" = resolved here from kind/transform (bce; mse_log1p or mse) | mse_log1p | mse |
+    # weighted_logistic | duration_quantile (recsys_moe/training/losses.py)
+    objective: Objective = ""
     mask: str = ""  # label column: the loss counts only rows where it is 1 ("" = all non-null rows)
     positive: str = ""  # weighted_logistic: column that is 1 for positives ("" = label > 0)
     quantile_of: str = ""  # duration_quantile: the duration column (target = label / duration)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, f"tasks.{self.name}")
+        where = f"tasks.{self.name}"
+        if not self.name or not self.label:
+            raise ValueError(f"{where}: a task needs a name and a label column")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"{where}.weight must be finite and >= 0, got {self.weight}")
+        if self.kind == "binary":
+            if self.objective not in ("", "bce"):
+                raise ValueError(
+                    f"{where}: a binary task's objective is bce, not {self.objective!r}"
+                )
+            self.objective = "bce"
+            return
+        if not self.objective:
+            self.objective = "mse_log1p" if self.transform == "log1p" else "mse"
+        elif self.objective == "bce":
+            raise ValueError(f"{where}: bce is for binary tasks; {_choices(Objective)[2:]}")
+        if self.transform == "log1p" and self.objective != "mse_log1p":
+            raise ValueError(
+                f"{where}: transform log1p goes with objective mse_log1p; drop the transform for "
+                f"{self.objective}"
+            )
+        if self.objective == "duration_quantile" and not self.quantile_of:
+            raise ValueError(f"{where}: duration_quantile needs quantile_of = the duration column")
+
+
+def label_columns(tasks: list[TaskConfig]) -> list[str]:
+    """Every column the losses read (labels, masks, positives, durations), first-seen order."""
+    cols = [c for t in tasks for c in (t.label, t.mask, t.positive, t.quantile_of) if c]
+    return list(dict.fromkeys(cols))
 
 
 @dataclass
@@ -77,8 +171,11 @@ class ShardingConfig:
     table_row_wise, table_column_wise, data_parallel. Row-wise has no CPU kernel.
     """
 
-    types: list[str] = field(default_factory=list)  # allowed for every table; [] = device default
-    constraints: dict[str, list[str]] = field(default_factory=dict)  # table -> allowed types
+    types: list[ShardingName] = field(default_factory=list)  # for every table; [] = the default
+    constraints: dict[str, list[ShardingName]] = field(default_factory=dict)  # table -> types
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "train.sharding")
 
 
 @dataclass
@@ -89,6 +186,10 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = none
     keep: int = 2  # complete checkpoints kept per run (older ones deleted); 0 = all
 
+    def __post_init__(self) -> None:
+        _check_fields(self, "train.checkpoint")
+        _at_least("train.checkpoint", every=(self.every, 0), keep=(self.keep, 0))
+
 
 @dataclass
 class TrainConfig:
@@ -98,7 +199,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     embedding_lr: float = 0.05  # embedding tables: Adagrad (row-wise / fused under DMP)
     embedding_weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | linear (decays every learning rate to 0 at the end)
+    lr_schedule: LrSchedule = (
+        "constant"  # constant | linear (decays every learning rate to 0 at the end)
+    )
     seed: int = 0
     # every step's losses are logged, sent to MLflow in one batch per log_every steps: each batch
     # is a store commit (2-core demo: every 50 steps cost 13 % of throughput, every 500 nothing
@@ -106,12 +209,12 @@ class TrainConfig:
     log_every: int = 500
     eval_batch_size: int = 8192
     # auto = TorchRec's TrainPipelineSparseDist on CUDA, else a plain step; or sparse_dist | plain
-    pipeline: str = "auto"
+    pipeline: Pipeline = "auto"
     # memory: the train split mapped once and held (recsys_moe.loader.MemoryLoader), by every
     # rank; stream: Parquet row groups read and mapped on the fly (ParquetLoader); auto: memory
     # when the split's Parquet files total at most memory_loader_max_mb, else stream. Held
     # tensors take ~8x the Parquet size (demo: 19 MB -> 154 MB), so 128 MB -> ~1 GB per rank
-    loader: str = "auto"
+    loader: LoaderKind = "auto"
     memory_loader_max_mb: int = 128
     # torch's CPU threads per process (torch.set_num_threads); 0 = auto: on CUDA at most 4 (the
     # host side of a GPU step is small ops; on the 32-core H200 host all cores' spinning OpenMP
@@ -127,6 +230,19 @@ class TrainConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def __post_init__(self) -> None:
+        _check_fields(self, "train")
+        _at_least("train", batch_size=(self.batch_size, 1), epochs=(self.epochs, 1),
+                  weight_decay=(self.weight_decay, 0.0),
+                  embedding_weight_decay=(self.embedding_weight_decay, 0.0),
+                  log_every=(self.log_every, 1), eval_batch_size=(self.eval_batch_size, 1),
+                  memory_loader_max_mb=(self.memory_loader_max_mb, 0),
+                  cpu_threads=(self.cpu_threads, 0))  # fmt: skip
+        for name in ("lr", "embedding_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"train.{name} must be a finite number > 0, got {value}")
+
 
 @dataclass
 class MlflowConfig:
@@ -134,12 +250,22 @@ class MlflowConfig:
     experiment: str = "recsys-moe"
     registered_model: str = "recsys-moe"
 
+    def __post_init__(self) -> None:
+        _check_fields(self, "mlflow")
+
 
 @dataclass
 class ScoreConfig:
     top_k: int = 10
     # combined score = prod over tasks of p_task ** w (binary) or (1 + prediction) ** w (regression)
     weights: dict[str, float] = field(default_factory=lambda: {"click": 1.0, "watch_time": 1.0})
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "score")
+        _at_least("score", top_k=(self.top_k, 1))
+        bad = {k: v for k, v in self.weights.items() if not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"score.weights must be finite numbers, got {bad}")
 
 
 def _default_tasks() -> list[TaskConfig]:
@@ -162,6 +288,18 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     config_dir: str = field(default=".", metadata={"internal": True})
 
+    def __post_init__(self) -> None:
+        _check_fields(self, "")
+        names = [t.name for t in self.tasks]
+        if not names:
+            raise ValueError("config: [[tasks]] is empty; configure at least one task")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"config: task name(s) {dup} appear more than once in [[tasks]]")
+        unknown = sorted(set(self.score.weights) - set(names))
+        if unknown:
+            raise ValueError(f"score.weights: no task(s) {unknown}; tasks are {names}")
+
     # ---- paths ---------------------------------------------------------------------------------
     def path(self, rel: str | Path) -> Path:
         p = Path(rel)
@@ -181,7 +319,13 @@ class Config:
         return p if p.is_absolute() else Path(self.config_dir) / p
 
     def feature_set(self) -> FeatureSet:
-        return FeatureSet.load(self.features_path)
+        """The feature definitions, parsed once per config (and again if ``features`` changes)."""
+        path = self.features_path
+        cached = self.__dict__.get("_feature_set")
+        if cached is None or cached[0] != path:
+            cached = (path, FeatureSet.load(path))
+            self.__dict__["_feature_set"] = cached  # not a field: asdict and replace skip it
+        return cached[1]
 
     def tracking_uri(self) -> str:
         if self.mlflow.tracking_uri:
@@ -221,23 +365,101 @@ class Config:
         return out
 
 
-def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
+def _choices(hint: Any) -> str:
+    return ", ".join(repr(a) for a in get_args(hint))
+
+
+def _describe(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return f"one of {_choices(hint)}"
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(get_args(hint)[0])}"
+    if origin is dict:
+        return f"a table of {_describe(get_args(hint)[1])}"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _conform(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as type ``hint`` (an int where a float is expected becomes a float), or a
+    ValueError naming ``where``, what was given and what is accepted."""
+    origin = get_origin(hint)
+    ok = True
+    if origin is Literal:
+        ok = value in get_args(hint) and type(value) in {type(a) for a in get_args(hint)}
+    elif origin in (types.UnionType, typing.Union):
+        for arm in get_args(hint):
+            try:
+                return _conform(value, arm, where)
+            except ValueError:
+                continue
+        ok = False
+    elif origin is list:
+        if isinstance(value, list):
+            return [_conform(v, get_args(hint)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        ok = False
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {k: _conform(v, get_args(hint)[1], f"{where}.{k}") for k, v in value.items()}
+        ok = False
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint in (bool, str):
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ValueError(f"{where}: expected {_describe(hint)}, got {value!r}")
+    return value
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _check_fields(obj: Any, where: str) -> None:
+    """Check (and conform) every field of dataclass ``obj`` against its annotation."""
+    cls = type(obj)
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    for f in fields(obj):
+        hint = _HINTS[cls][f.name]
+        value = getattr(obj, f.name)
+        if is_dataclass(hint) or get_origin(hint) is list and is_dataclass(get_args(hint)[0]):
+            continue  # sections check themselves
+        setattr(obj, f.name, _conform(value, hint, f"{where}.{f.name}".lstrip(".")))
+
+
+def _build(cls: type, raw: dict[str, Any], where: str = "") -> Any:
+    """``cls`` from a raw TOML table at section ``where`` ("" = the root)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a table of settings, got {raw!r}")
+    at = f"{where}: " if where else ""
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        hints = [m for u in unknown for m in difflib.get_close_matches(u, known, n=1)]
+        also = f" (did you mean {hints}?)" if hints else ""
+        raise ValueError(f"{at}unknown key(s) {unknown}{also}; known: {sorted(known)}")
+    hints_of = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
-        default = getattr(cls(), name) if cls is not TaskConfig else None
-        if is_dataclass(default) and isinstance(value, dict):
-            value = _build(type(default), value, f"{where}.{name}")
-        elif name == "tasks":
-            value = [_build(TaskConfig, t, f"{where}.tasks[{i}]") for i, t in enumerate(value)]
+        hint = hints_of[name]
+        key = f"{where}.{name}" if where else name
+        if is_dataclass(hint):
+            value = _build(hint, value, key)
+        elif get_origin(hint) is list and is_dataclass(get_args(hint)[0]):
+            if not isinstance(value, list):
+                raise ValueError(f"{key}: expected a list of tables, got {value!r}")
+            value = [_build(get_args(hint)[0], t, f"{key}[{i}]") for i, t in enumerate(value)]
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from e
+    except TypeError as e:  # a required key missing
+        raise ValueError(f"{at}{e}") from e
 
 
 def _parse_value(text: str) -> Any:
@@ -289,16 +511,19 @@ def load_config(
         apply_override(raw, item)
     if workdir is not None:
         raw["workdir"] = str(workdir)
-    cfg: Config = _build(Config, raw, f"config {path}")
+    try:
+        cfg: Config = _build(Config, raw)
+    except ValueError as e:
+        raise ValueError(f"config {path}: {e}") from None
     cfg.config_dir = str(path.resolve().parent)
-    for t in cfg.tasks:
-        if t.kind not in ("binary", "regression"):
-            raise ValueError(f"config {path}: task {t.name!r} kind {t.kind!r}: binary|regression")
     return cfg
 
 
 def config_from_dict(raw: dict[str, Any], *, config_dir: str | Path, where: str) -> Config:
     """Rebuild a ``Config`` from ``Config.to_dict()`` output (e.g. a model bundle's config.json)."""
-    cfg: Config = _build(Config, raw, where)
+    try:
+        cfg: Config = _build(Config, raw)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     cfg.config_dir = str(config_dir)
     return cfg

@@ -1,5 +1,9 @@
 """Mapped feature frames → tensors → batches of (dense, ``KeyedJaggedTensor``, labels).
 
+``Batch`` is the one batch type of the project: what the loaders yield, what TorchRec's train
+pipelines move (``Pipelineable``: ``to`` and ``record_stream``), what the model and the losses
+read, and what inference iterates over.
+
 Notation: N rows, B batch, Dn dense features, F sparse features.
 
 ``to_tensor_data`` converts once, vectorised through Arrow/NumPy: numeric columns → ``dense
@@ -8,7 +12,9 @@ categorical column is the jagged case with every length 1). ``iterate_batches`` 
 index with offset arithmetic (no Python loop over rows) and packs the F features into one KJT,
 keys in ``features.sparse`` order.
 
-Input contract (``pipelines.mappings.apply_mappings``): one column per feature, named
+Input contract (``pipelines.mappings.apply_mappings``, run when the training set is built, so the
+training loaders read ready integer columns; inference maps raw rows with ``map_to_tensors``):
+one column per feature, named
 ``feature.name``: categorical Int64 in ``[0, num_embeddings)``, multi_categorical List(Int64),
 numeric Float32. Null ids (and null lists) read as row 0 / empty, the unknown value.
 """
@@ -25,6 +31,7 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 from torchrec import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from feature_store.definitions import Feature, FeatureSet
 from pipelines.mappings import Mappings, apply_mappings
@@ -53,7 +60,7 @@ class TensorData:
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     dense: Tensor  # [B, Dn]
     sparse: KeyedJaggedTensor  # F keys x B bags
     labels: dict[str, Tensor]  # label column -> [B]
@@ -64,6 +71,12 @@ class Batch:
             sparse=self.sparse.to(torch.device(device), non_blocking=non_blocking),
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
         )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.dense.record_stream(stream)
+        self.sparse.record_stream(stream)
+        for v in self.labels.values():
+            v.record_stream(stream)
 
     def __len__(self) -> int:
         return self.dense.shape[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from feature_store import OfflineStore
 from pipelines.training_set import build_training_set
-from recsys_moe.config import Config
+from recsys_moe.config import Config, label_columns
 
 
 def build_dataset(cfg: Config) -> dict:
@@ -19,4 +19,5 @@ def build_dataset(cfg: Config) -> dict:
         labels={t.label: t.kind for t in cfg.tasks},
         valid_days=cfg.data.valid_days,
         test_days=cfg.data.test_days,
+        carry=label_columns(cfg.tasks),
     )

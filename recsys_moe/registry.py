@@ -20,7 +20,7 @@ import mlflow
 from feature_store.signature import model_signature
 from pipelines.training_set import load_split
 from recsys_moe.config import Config
-from recsys_moe.predict import output_name
+from recsys_moe.model.objectives import output_name
 from recsys_moe.tracking import client_for, latest_train_run
 
 PACKAGES = ("recsys_moe", "pipelines", "feature_store", "serving")

@@ -69,7 +69,7 @@ if [ "${GPU_LOADERS:-0}" = 1 ]; then  # train.loader memory vs stream, and strea
   run1 stream X=1 stream
   run1 "stream, cpu_threads=16" X=1 "stream --set train.cpu_threads=16"
   for kind in memory stream; do
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m recsys_moe.train --workdir $W $S \
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m recsys_moe.cli train --workdir $W $S \
       --set train.batch_size=16384 --set train.loader=$kind 2>&1 | grep -a "trained run" | cut -c1-80 \
       | sed "s/^/2 GPUs, batch 16384 per rank, $kind: /" | tee -a "$OUT/loaders.txt"
   done
@@ -78,6 +78,6 @@ fi
 for bs in 8192 32768; do
   S="--set train.batch_size=$bs --set train.epochs=2 --set train.lr=2e-2 --set train.embedding_lr=0.2"
   python -m recsys_moe.cli train --workdir $W $S 2>&1 | grep -a "trained run" | sed "s/^/1 GPU, batch $bs: /" | tee -a "$OUT/throughput.txt"
-  python -m torch.distributed.run --standalone --nproc-per-node 2 -m recsys_moe.train --workdir $W $S \
+  python -m torch.distributed.run --standalone --nproc-per-node 2 -m recsys_moe.cli train --workdir $W $S \
     --set train.batch_size=$((bs / 2)) 2>&1 | grep -a "trained run" | sed "s/^/2 GPUs, batch $((bs / 2)) per rank: /" | tee -a "$OUT/throughput.txt"
 done

@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import recsys_moe.train as train_mod
+import recsys_moe.training.train as train_mod
 from pipelines.synth import synthesize
-from recsys_moe.config import DEMO_CONFIG, load_config
+from recsys_moe.config import DEMO_CONFIG, label_columns, load_config
 from recsys_moe.dataset import build_dataset
-from recsys_moe.predict import output_name, predict_tensors
-from recsys_moe.train import OnDevice, load_split_data
+from recsys_moe.evaluation.predict import predict_tensors
+from recsys_moe.model.objectives import output_name
+from recsys_moe.training.loader import read_mapped
+from recsys_moe.training.module import OnDevice
 
 SETS = ["synth.users=3000", "synth.items=600", "synth.days=6", "train.epochs=2",
         "train.batch_size=2048", "train.log_every=5", "mlflow.experiment=probe"]  # fmt: skip
@@ -36,18 +38,18 @@ def main(work: Path) -> None:
                task_conflict=s.task_conflict)  # fmt: skip
     build_dataset(cfg)
     captured: list[dict[str, np.ndarray]] = []
-    original = train_mod.validation_metrics
+    original = train_mod.split_metrics
 
-    def keep(cfg_, preds, data, manifest):  # the last epoch's predictions of the GPU run
+    def keep(tasks, preds, labels, manifest):  # the last epoch's predictions of the GPU run
         captured.append({k: v.copy() for k, v in preds.items()})
-        return original(cfg_, preds, data, manifest)
+        return original(tasks, preds, labels, manifest)
 
-    train_mod.validation_metrics = keep
+    train_mod.split_metrics = keep
     try:
         result = train_mod.train(cfg)
     finally:
-        train_mod.validation_metrics = original
-    _, data = load_split_data(cfg, result.mappings, "valid")
+        train_mod.split_metrics = original
+    data = read_mapped(cfg.dataset_dir, "valid", cfg.feature_set(), label_columns(cfg.tasks))
     manifest = json.loads((cfg.dataset_dir / "manifest.json").read_text())
     model = result.model
     variants = {"gpu_sharded_run": captured[-1]}
@@ -63,7 +65,8 @@ def main(work: Path) -> None:
     report: dict = {"flags": {"float32_matmul_precision": precision}}
     ref = variants["cpu_bundle"]
     for name, preds in variants.items():
-        metrics = original(cfg, preds, data, manifest)
+        labels = {k: v.numpy() for k, v in data.labels.items()}
+        metrics = original(cfg.tasks, preds, labels, manifest)
         diffs = {}
         for t in cfg.tasks:
             a, b = preds[output_name(t)], ref[output_name(t)]

@@ -26,7 +26,7 @@ class RecsysModel(PythonModel):
         self.bundle = load_bundle(context.artifacts["bundle"])
 
     def predict_polars(self, frame: pl.DataFrame) -> pl.DataFrame:
-        from recsys_moe.predict import predict_frame
+        from recsys_moe.evaluation.predict import predict_frame
 
         b = self.bundle
         preds = predict_frame(

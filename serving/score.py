@@ -68,7 +68,7 @@ def read_candidates(path: Path, *, time_column: str) -> pl.LazyFrame:
 def combined_score(tasks: list[TaskConfig], weights: dict[str, float]) -> pl.Expr:
     """``prod_t p_t ** w_t`` (binary tasks) ``* (1 + y_t) ** w_t`` (regression tasks); tasks
     without a weight (or weight 0) do not count."""
-    from recsys_moe.predict import output_name
+    from recsys_moe.model.objectives import output_name
 
     expr = pl.lit(1.0)
     for t in tasks:

@@ -36,7 +36,7 @@ def test_two_process_training_shards_table_and_column_wise(tmp_path: Path) -> No
     build_dataset(cfg)
     args = [arg for s in SMALL for arg in ("--set", s)]
     proc = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "recsys_moe.train",
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "recsys_moe.cli", "train",
          "--workdir", str(tmp_path), *args],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip

@@ -16,15 +16,16 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipelines.mappings import Mappings
 from pipelines.synth import synthesize
 from pipelines.training_set import load_split
 from recsys_moe.config import DEMO_CONFIG, load_config
 from recsys_moe.dataset import build_dataset
-from recsys_moe.evaluate import evaluate
-from recsys_moe.predict import predict_frame
+from recsys_moe.evaluation.evaluate import evaluate
+from recsys_moe.evaluation.predict import predict_frame
 from recsys_moe.registry import register
 from recsys_moe.tracking import client_for
-from recsys_moe.train import train
+from recsys_moe.training.train import train
 from serving.pyfunc import CODE_PATH
 from serving.score import MANIFEST, PART, score
 
@@ -108,7 +109,8 @@ def test_registered_pyfunc_scores_exactly_as_the_in_process_model(run: SimpleNam
     rows = load_split(run.cfg.dataset_dir, "test").collect()
     fs = run.cfg.feature_set()
     expected = predict_frame(
-        run.result.model, fs, run.result.mappings, run.cfg.tasks, rows,
+        run.result.model, fs, Mappings.load(run.cfg.dataset_dir / "mappings", fs), run.cfg.tasks,
+        rows,
         batch_size=run.cfg.train.eval_batch_size,
     )  # fmt: skip
     loaded = mlflow.pyfunc.load_model(run.reg.uri)

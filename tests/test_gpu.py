@@ -22,9 +22,9 @@ import torch
 from pipelines.synth import synthesize
 from recsys_moe.config import DEMO_CONFIG, Config, load_config
 from recsys_moe.dataset import build_dataset
-from recsys_moe.evaluate import evaluate
+from recsys_moe.evaluation.evaluate import evaluate
 from recsys_moe.tracking import client_for
-from recsys_moe.train import train
+from recsys_moe.training.train import train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -102,7 +102,7 @@ def test_torchrun_on_two_gpus_shards_tables_over_both(
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "recsys_moe.train", "--workdir", str(dataset), *sets],
+         "-m", "recsys_moe.cli", "train", "--workdir", str(dataset), *sets],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

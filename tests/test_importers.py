@@ -194,7 +194,7 @@ def test_bad_sources_name_the_file_and_column(tmp_path: Path) -> None:
 def test_movielens_subset_builds_and_trains(
     movielens: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from recsys_moe.train import train
+    from recsys_moe.training.train import train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     full, meta = movielens

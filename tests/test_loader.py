@@ -1,5 +1,5 @@
-"""ParquetLoader (recsys_moe/loader.py): streamed batches equal the in-memory path; rank shards
-are disjoint, equal in size and cover all but the documented remainder; resume is exact."""
+"""Loaders (recsys_moe/training/loader.py): streamed batches equal the in-memory path; rank
+shards are disjoint, equal in size and cover all but the documented remainder; resume is exact."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from feature_store import FeatureSet
 from pipelines.mappings import Mappings, apply_mappings, fit_mappings
 from recsys_moe.data import Batch, iterate_batches, to_tensor_data
-from recsys_moe.loader import Loader, MemoryLoader, ParquetLoader
+from recsys_moe.training.loader import Loader, MemoryLoader, ParquetLoader
 
 FEATURES = Path(__file__).resolve().parents[1] / "configs" / "features" / "synth.toml"
 N = 1001  # not a multiple of the batch size, the row-group size or the world sizes below
@@ -23,8 +23,8 @@ LABELS = ["click", "watch_time_s", "rid"]  # rid: the row's position, to identif
 
 @dataclass
 class Split:
-    path: Path
-    frame: pl.DataFrame
+    path: Path  # the mapped split, as the training-set builder writes it: mapped/train.parquet
+    frame: pl.DataFrame  # its raw rows
     features: FeatureSet
     mappings: Mappings
 
@@ -55,10 +55,13 @@ def split(tmp_path_factory) -> Split:
         },
         schema_overrides={"interests": pl.List(pl.String), "tags": pl.List(pl.String)},
     )
-    path = tmp_path_factory.mktemp("split") / "train.parquet"
-    frame.write_parquet(path, row_group_size=97)
     features = FeatureSet.load(FEATURES)
-    return Split(path, frame, features, fit_mappings(frame.lazy(), features))
+    mappings = fit_mappings(frame.lazy(), features)
+    path = tmp_path_factory.mktemp("split") / "mapped" / "train.parquet"
+    path.parent.mkdir()
+    mapped = apply_mappings(frame.lazy(), features, mappings, keep=LABELS).collect()
+    mapped.write_parquet(path, row_group_size=97)
+    return Split(path, frame, features, mappings)
 
 
 @pytest.fixture(params=["parquet", "memory"])
@@ -69,13 +72,11 @@ def kind(request) -> str:
 def loader(split: Split, kind: str = "parquet", **kwargs) -> Loader:
     if kind == "memory":
         return MemoryLoader.from_split(
-            split.path.parent, "train", features=split.features, mappings=split.mappings,
+            split.path.parent.parent, "train", features=split.features,
             labels=LABELS, **{"batch_size": 64} | kwargs,
         )  # fmt: skip
     kwargs = {"batch_size": 64, "buffer_batches": 3} | kwargs
-    return ParquetLoader(
-        [split.path], features=split.features, mappings=split.mappings, labels=LABELS, **kwargs
-    )
+    return ParquetLoader([split.path], features=split.features, labels=LABELS, **kwargs)
 
 
 def rows(batch: Batch) -> list[int]:

@@ -1,4 +1,4 @@
-"""Objectives, masks and loss weighting (recsys_moe/losses.py)."""
+"""Objectives, masks and loss weighting (recsys_moe/training/losses.py, module.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,16 @@ import torch
 from test_model import FEATURES_TOML
 
 from feature_store.definitions import FeatureSet
-from recsys_moe.config import ModelConfig, TaskConfig
-from recsys_moe.losses import (
+from recsys_moe.config import ModelConfig, TaskConfig, label_columns
+from recsys_moe.model import build_model
+from recsys_moe.model.objectives import to_natural
+from recsys_moe.training.losses import (
     UncertaintyWeighting,
     combine_losses,
-    label_columns,
-    objective,
     task_loss,
-    to_natural,
     total_loss,
 )
-from recsys_moe.model import build_model
+from recsys_moe.training.module import TrainLoss, TrainModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,21 +110,19 @@ def test_duration_quantile_target_and_natural_units() -> None:
 
 
 def test_objectives_derive_and_validate() -> None:
-    assert objective(CLICK) == "bce"
-    assert objective(WATCH_ON_CLICK) == "mse_log1p"
+    assert CLICK.objective == "bce"
+    assert WATCH_ON_CLICK.objective == "mse_log1p"
     plain = TaskConfig(name="w", kind="regression", label="w")
-    assert objective(plain) == "mse"
+    assert plain.objective == "mse"
     torch.testing.assert_close(to_natural(plain, torch.tensor([-2.0])), torch.tensor([-2.0]))
-    for bad, match in (
-        (TaskConfig(name="c", kind="binary", label="c", objective="mse"), "bce"),
-        (TaskConfig(name="w", kind="regression", label="w", objective="duration_quantile"),
-         "quantile_of"),
-        (TaskConfig(name="w", kind="regression", label="w", transform="log1p",
-                    objective="weighted_logistic"), "log1p"),
-        (TaskConfig(name="w", kind="regression", label="w", objective="huber"), "objective"),
+    for bad, match in (  # checked when the config is built, not at the first loss
+        ({"kind": "binary", "objective": "mse"}, "bce"),
+        ({"objective": "duration_quantile"}, "quantile_of"),
+        ({"transform": "log1p", "objective": "weighted_logistic"}, "log1p"),
+        ({"objective": "huber"}, "objective: expected one of .*'weighted_logistic'"),
     ):  # fmt: skip
         with pytest.raises(ValueError, match=match):
-            objective(bad)
+            TaskConfig(**{"name": "w", "kind": "regression", "label": "w"} | bad)
     tasks = [CLICK, WATCH_ON_CLICK, TaskConfig(name="q", kind="regression", label="watch_time_s",
              objective="duration_quantile", quantile_of="duration_s")]  # fmt: skip
     assert label_columns(tasks) == ["click", "watch_time_s", "duration_s"]
@@ -149,13 +146,15 @@ def test_combine_losses_fixed_uncertainty_and_aux() -> None:
     torch.testing.assert_close(grad, torch.tensor([0.5 - 0.7, 0.5 - 1.0]))
 
 
-def test_uncertainty_weighting_lives_in_the_model() -> None:
+def test_uncertainty_weighting_lives_in_the_train_module_not_the_model() -> None:
     features = FeatureSet.from_toml(FEATURES_TOML)
     cfg = ModelConfig(expert_dims=[8], tower_dims=[4], loss_weighting="uncertainty")
     model = build_model(features, cfg, ["click", "watch_time"])
-    params = dict(model.named_parameters())
-    assert "loss_weighting.log_vars" in params
-    assert build_model(features, ModelConfig(), ["click"]).loss_weighting is None
-    with pytest.raises(ValueError, match="uncertainty"):
-        build_model(features, ModelConfig(loss_weighting="gradnorm"), ["click"])
-    assert math.isclose(float(params["loss_weighting.log_vars"].detach().sum()), 0.0)
+    assert not [n for n in dict(model.named_parameters()) if "log_vars" in n]
+    module = TrainModule(model, TrainLoss.for_config(cfg, [CLICK, WATCH_ON_CLICK]))
+    params = dict(module.named_parameters())
+    assert "loss.weighting.log_vars" in params  # trained and checkpointed with the module
+    assert math.isclose(float(params["loss.weighting.log_vars"].detach().sum()), 0.0)
+    assert TrainLoss.for_config(ModelConfig(), [CLICK]).weighting is None
+    with pytest.raises(ValueError, match="loss_weighting: expected one of 'fixed', 'uncertainty'"):
+        ModelConfig(loss_weighting="gradnorm")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from recsys_moe.config import TaskConfig
-from recsys_moe.metrics import task_label_stats, task_metrics
+from recsys_moe.evaluation.metrics import task_label_stats, task_metrics
 
 WATCH = TaskConfig(name="watch_time", kind="regression", label="watch_time_s", transform="log1p")
 WATCH_GIVEN_CLICK = TaskConfig(

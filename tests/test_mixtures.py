@@ -11,9 +11,9 @@ import torch
 from test_model import FEATURES_TOML, TASKS, make_sparse
 
 from feature_store.definitions import FeatureSet
-from recsys_moe.config import ModelConfig
+from recsys_moe.config import MIXTURES, ModelConfig
 from recsys_moe.data import to_tensor_data
-from recsys_moe.gates import (
+from recsys_moe.evaluation.gates import (
     expert_usage,
     gate_entropy,
     gate_stats,
@@ -22,11 +22,11 @@ from recsys_moe.gates import (
     top1_share,
     usage_by_group,
 )
-from recsys_moe.heads import TaskHead
-from recsys_moe.losses import task_losses
-from recsys_moe.mixture import Experts, Gate, TopKMMoE
-from recsys_moe.model import MIXTURES, build_mixture, build_model, match_compute, model_cost
-from recsys_moe.predict import predict_with_gates
+from recsys_moe.evaluation.predict import predict_with_gates
+from recsys_moe.model import build_mixture, build_model, match_compute, model_cost
+from recsys_moe.model.heads import TaskHead
+from recsys_moe.model.mixture import Experts, Gate, TopKMMoE
+from recsys_moe.training.losses import task_losses
 
 D_IN, T = 12, 2
 NAMES = [t.name for t in TASKS]

@@ -10,8 +10,8 @@ from recsys_moe.cli import main
 from recsys_moe.config import DEMO_CONFIG, TaskConfig, load_config
 from recsys_moe.dataset import build_dataset
 from recsys_moe.model import model_cost
-from recsys_moe.sweep import parse_grid, shown_metrics
 from recsys_moe.tracking import client_for
+from recsys_moe.training.sweep import parse_grid, shown_metrics
 
 SMALL = [
     "synth.users=150", "synth.items=60", "synth.days=4", "train.epochs=1",

@@ -58,12 +58,6 @@ def _tables(module: nn.Module) -> list[str]:
     ]
 
 
-def _check_types(types: list[str], where: str) -> None:
-    bad = [t for t in types if t not in SHARDING_TYPES]
-    if bad:
-        raise ValueError(f"{where}: unknown sharding type(s) {bad}; choose from {SHARDING_TYPES}")
-
-
 RESERVED_MEMORY = 0.15  # the planner's default share
 
 
@@ -96,11 +90,9 @@ def constraints_for(
     default = list(cfg.types) or list(
         CPU_DEFAULT_TYPES if device.type == "cpu" else CUDA_DEFAULT_TYPES
     )
-    _check_types(default, "train.sharding.types")
     out: dict[str, ParameterConstraints] = {}
     for table in tables:
         types = list(cfg.constraints.get(table, default))
-        _check_types(types, f"train.sharding.constraints.{table}")
         if types:
             out[table] = ParameterConstraints(sharding_types=types)
     return out
@@ -193,8 +185,6 @@ def train_step(
     distribution with this one's compute; elsewhere, a plain step. ``model(batch)`` returns
     ``(loss, output)`` in both. ``pipeline``: auto (the pipeline on CUDA), sparse_dist, plain.
     """
-    if pipeline not in ("auto", "sparse_dist", "plain"):
-        raise ValueError(f"train.pipeline {pipeline!r}: one of auto, sparse_dist, plain")
     if pipeline == "sparse_dist" or (pipeline == "auto" and device.type == "cuda"):
         pipeline = TrainPipelineSparseDist(model, optimizer, device)
         return pipeline.progress, pipeline.detach  # progress re-attaches

@@ -1,8 +1,8 @@
 """Gate statistics: expert usage, gate entropy, polarization, usage by group (heatmaps).
 
 Notation: T tasks, B examples, E experts, G groups. Input is ``ModelOutput.gates`` ``[T, B, E]``
-(every mixture reports this shape; see ``mixture.py``), concatenated over batches along B
-(``recsys_moe.predict.predict_with_gates``). ``support`` (``[T, E]`` bool,
+(every mixture reports this shape; see ``model/mixture.py``), concatenated over batches along B
+(``recsys_moe.evaluation.predict.predict_with_gates``). ``support`` (``[T, E]`` bool,
 ``model.gate_support()``) names the experts each task's gate ranges over: CGC/PLE tasks see only
 their own and the shared experts, and entropy is normalised by the log of that count. Without
 it every expert counts.
@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from torch import Tensor
 
@@ -143,3 +144,23 @@ def plot_expert_heatmap(
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def expert_heatmaps(
+    gates: Tensor, frame: pl.DataFrame, columns: list[str], task_names: list[str], out_dir: Path
+) -> list[Path]:
+    """Expert usage by each of ``columns`` of ``frame`` (the rows ``gates [T, N, E]`` belong to;
+    absent columns skipped), one PNG each: ``out_dir/experts_by_<column>.png``."""
+    out = []
+    for col in (c for c in columns if c in frame.columns):
+        values = frame[col].cast(pl.String).fill_null("(missing)")
+        names = sorted(values.unique().to_list())
+        codes = values.replace_strict(names, list(range(len(names))), return_dtype=pl.Int64)
+        usage = usage_by_group(gates, torch.tensor(codes.to_numpy()), len(names))
+        out.append(
+            plot_expert_heatmap(
+                usage, names, out_dir / f"experts_by_{col}.png",
+                task_names=task_names, title=f"expert usage by {col} (validation split)",
+            )
+        )  # fmt: skip
+    return out

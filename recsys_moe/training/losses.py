@@ -1,9 +1,10 @@
-"""Per-task losses (masked means), their combination, and the inverse of the target transforms.
+"""Per-task losses (masked means) and their combination: training only (inference needs
+``recsys_moe.model.objectives``).
 
 Notation: B batch. ``out.logits[name]`` is ``[B]``; labels are ``[B]`` float in natural units
 (click 0/1, watch time in seconds; null → NaN), looked up by column name (``label_columns``).
 
-Objectives (``TaskConfig.objective``; "" derives it from ``kind`` and ``transform``):
+Objectives (``TaskConfig.objective``, resolved from ``kind`` and ``transform`` at config load):
 
     bce                binary: BCE with logits against the 0/1 label.
     mse_log1p          regression: MSE of the raw output against log1p(label); natural = expm1.
@@ -31,71 +32,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recsys_moe.model.objectives import target
+
 if TYPE_CHECKING:  # config imports the feature store (and through it Polars); types only here
     from recsys_moe.config import TaskConfig
     from recsys_moe.model import ModelOutput
-
-TRANSFORMS: tuple[str, ...] = ("none", "log1p")
-REGRESSION_OBJECTIVES: tuple[str, ...] = (
-    "mse_log1p",
-    "mse",
-    "weighted_logistic",
-    "duration_quantile",
-)
-WEIGHTINGS: tuple[str, ...] = ("fixed", "uncertainty")
-
-
-def objective(task: TaskConfig) -> str:
-    """The task's objective, after checking it against ``kind``, ``transform`` and its columns."""
-    where = f"task {task.name!r}"
-    if task.kind == "binary":
-        if task.objective not in ("", "bce"):
-            raise ValueError(f"{where}: a binary task's objective is bce, not {task.objective!r}")
-        return "bce"
-    if task.kind != "regression":
-        raise ValueError(f"{where}: kind {task.kind!r} is not binary|regression")
-    if task.transform not in TRANSFORMS:
-        raise ValueError(f"{where}: transform {task.transform!r} is not one of {TRANSFORMS}")
-    if not task.objective:
-        return "mse_log1p" if task.transform == "log1p" else "mse"
-    if task.objective not in REGRESSION_OBJECTIVES:
-        raise ValueError(
-            f"{where}: objective {task.objective!r} is not one of {REGRESSION_OBJECTIVES}"
-        )
-    if task.transform == "log1p" and task.objective != "mse_log1p":
-        raise ValueError(
-            f"{where}: transform log1p goes with objective mse_log1p; drop the transform for "
-            f"{task.objective}"
-        )
-    if task.objective == "duration_quantile" and not task.quantile_of:
-        raise ValueError(f"{where}: duration_quantile needs quantile_of = the duration column")
-    return task.objective
-
-
-def label_columns(tasks: list[TaskConfig]) -> list[str]:
-    """Every column the losses read (labels, masks, positives, durations), first-seen order."""
-    cols = [c for t in tasks for c in (t.label, t.mask, t.positive, t.quantile_of) if c]
-    return list(dict.fromkeys(cols))
-
-
-def target(task: TaskConfig, label: Tensor) -> Tensor:
-    """The label on the scale the MSE objectives fit (``[B]`` float); the label otherwise."""
-    label = label.float()
-    return torch.log1p(label) if objective(task) == "mse_log1p" else label
 
 
 def _column(labels: dict[str, Tensor], name: str, task: TaskConfig) -> Tensor:
     if name not in labels:
         raise ValueError(
             f"task {task.name!r}: column {name!r} not in batch labels {sorted(labels)}; "
-            "load losses.label_columns(tasks)"
+            "load config.label_columns(tasks)"
         )
     return labels[name].float()
 
 
 def task_loss(task: TaskConfig, raw: Tensor, labels: dict[str, Tensor]) -> Tensor:
     """Scalar loss of one task: the mean of its per-row loss over counted rows (module doc)."""
-    obj = objective(task)
+    obj = task.objective
     y = _column(labels, task.label, task).to(raw.dtype)
     valid = ~torch.isnan(y)
     if task.mask:
@@ -176,22 +131,3 @@ def combine_losses(
     else:
         loss = weighting_module(losses, tasks)
     return loss if aux_loss is None else loss + aux_loss
-
-
-def to_natural(task: TaskConfig, raw: Tensor, *, duration: Tensor | None = None) -> Tensor:
-    """Raw head output → prediction in natural units (probability; seconds).
-
-    duration_quantile gives the watched share unless ``duration`` ([B], the ``quantile_of``
-    column) is given, then seconds.
-    """
-    obj = objective(task)
-    if obj == "bce":
-        return torch.sigmoid(raw)
-    if obj == "mse_log1p":
-        return torch.expm1(raw).clamp_min(0.0)
-    if obj == "weighted_logistic":
-        return torch.exp(raw)
-    if obj == "duration_quantile":
-        share = torch.sigmoid(raw)
-        return share if duration is None else share * duration.to(share.dtype)
-    return raw

@@ -22,8 +22,9 @@ from pipelines.atomic import write_text_atomic
 from pipelines.training_set import load_split
 from recsys_moe.bundle import Bundle, load_bundle
 from recsys_moe.config import Config, TaskConfig
-from recsys_moe.metrics import task_label_stats, task_metrics
-from recsys_moe.predict import output_name, predict_frame
+from recsys_moe.evaluation.metrics import task_label_stats, task_metrics
+from recsys_moe.evaluation.predict import predict_frame
+from recsys_moe.model.objectives import output_name
 from recsys_moe.tracking import client_for, latest_train_run
 
 ORACLE = "oracle.parquet"

@@ -14,6 +14,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from recsys_moe.config import TaskConfig
+from recsys_moe.model.objectives import output_name
 
 EPS = 1e-7
 
@@ -102,3 +103,21 @@ def task_metrics(
             train_mean=stats.get("train_mean"), train_mean_log1p=stats.get("train_mean_log1p"),
         )  # fmt: skip
     return {f"{task.name}_{k}": v for k, v in m.items()}
+
+
+def split_metrics(
+    tasks: list[TaskConfig],
+    preds: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    manifest: dict,
+) -> dict[str, float]:
+    """Every task's metrics of ``preds`` (by ``output_name``) against ``labels`` (label and mask
+    columns by name), with the constant-predictor baselines of the training set's ``manifest``."""
+    out: dict[str, float] = {}
+    for t in tasks:
+        out |= task_metrics(
+            t, preds[output_name(t)], np.asarray(labels[t.label], dtype=np.float64),
+            label_stats=task_label_stats(t, manifest),
+            mask=np.asarray(labels[t.mask]) if t.mask else None,
+        )  # fmt: skip
+    return out

@@ -28,9 +28,8 @@ import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
-from recsys_moe.heads import TaskHead
-from recsys_moe.losses import WEIGHTINGS, UncertaintyWeighting
-from recsys_moe.mixture import (
+from recsys_moe.model.heads import TaskHead
+from recsys_moe.model.mixture import (
     PLE,
     CGCLevel,
     Experts,
@@ -41,35 +40,27 @@ from recsys_moe.mixture import (
     SingleTask,
     TopKMMoE,
 )
-from recsys_moe.tower import EmbeddingTower
+from recsys_moe.model.tower import EmbeddingTower
 
 if TYPE_CHECKING:  # the feature store and config pull in Polars; types only here
     from feature_store.definitions import FeatureSet
     from recsys_moe.config import ModelConfig
 
-MIXTURES: tuple[str, ...] = (
-    "single_task",
-    "shared_bottom",
-    "omoe",
-    "mmoe",
-    "topk_mmoe",
-    "cgc",
-    "ple",
-)
-
 
 class ModelOutput(NamedTuple):
     logits: dict[str, Tensor]  # task name -> [B]: a logit (binary) or a transformed-scale value
     gates: Tensor  # [T, B, E]: each task's weights over the mixture's experts (mixture.py)
-    aux_loss: Tensor | None = None  # weighted load-balancing loss, to add to the training loss
+    # the mixture's load-balancing loss (topk_mmoe), unweighted: training adds it to the loss
+    # with weight model.aux_loss_weight (recsys_moe.training.module.TrainLoss)
+    aux_loss: Tensor | None = None
     drop_rate: Tensor | None = None  # topk_mmoe: share of routed (row, expert) pairs dropped
 
 
 class MultiTaskModel(nn.Module):
     """``forward(dense [B, Dn], sparse KJT) -> ModelOutput``; task order = ``heads`` order.
 
-    ``loss_weighting`` (optional, e.g. ``UncertaintyWeighting``) is held here so that its
-    parameters train with the model; pass it to ``losses.combine_losses``.
+    Inference weights only: training-only state (the loss weighting, head initialisation) lives
+    in ``recsys_moe.training.module``.
     """
 
     def __init__(
@@ -78,8 +69,6 @@ class MultiTaskModel(nn.Module):
         tower: nn.Module,
         mixture: nn.Module,
         heads: dict[str, nn.Module],
-        loss_weighting: nn.Module | None = None,
-        aux_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         num_tasks = getattr(mixture, "num_tasks", len(heads))
@@ -88,8 +77,6 @@ class MultiTaskModel(nn.Module):
         self.tower = tower
         self.mixture = mixture
         self.heads = nn.ModuleDict(heads)
-        self.loss_weighting = loss_weighting
-        self.aux_loss_weight = aux_loss_weight
 
     @property
     def tasks(self) -> list[str]:
@@ -105,8 +92,7 @@ class MultiTaskModel(nn.Module):
         res = self.mixture(self.tower(dense, sparse))
         mixed, gates, balance, drop_rate = res[0], res[1], res[2], res[3]
         logits = {name: head(mixed[t]) for t, (name, head) in enumerate(self.heads.items())}
-        aux = None if balance is None else self.aux_loss_weight * balance
-        return ModelOutput(logits=logits, gates=gates, aux_loss=aux, drop_rate=drop_rate)
+        return ModelOutput(logits=logits, gates=gates, aux_loss=balance, drop_rate=drop_rate)
 
 
 def build_mixture(cfg: ModelConfig, in_dim: int, num_tasks: int) -> nn.Module:
@@ -119,11 +105,7 @@ def build_mixture(cfg: ModelConfig, in_dim: int, num_tasks: int) -> nn.Module:
         return SharedBottom(bottom=Experts(1, in_dim, dims), num_tasks=t)
     if cfg.mixture in ("cgc", "ple"):
         levels = 1 if cfg.mixture == "cgc" else cfg.num_levels
-        if levels < 1 or cfg.num_task_experts < 0 or cfg.num_shared_experts < 0:
-            raise ValueError("model.num_levels must be >= 1 and expert counts >= 0")
-        nt, ns = cfg.num_task_experts, cfg.num_shared_experts
-        if nt + ns < 1 or (levels > 1 and ns < 1):
-            raise ValueError("CGC needs >= 1 expert per task gate; PLE needs shared experts")
+        nt, ns = cfg.num_task_experts, cfg.num_shared_experts  # checked by ModelConfig
         cgc_levels, d = [], in_dim
         for level in range(levels):
             last = level == levels - 1
@@ -162,12 +144,6 @@ def build_model(
     ``device`` places only the embedding tables (``"meta"`` to build them unallocated for
     sharding); the dense parts are created on the default device.
     """
-    if cfg.mixture not in MIXTURES:
-        raise ValueError(
-            f"model.mixture {cfg.mixture!r} is not supported; choose one of {MIXTURES}"
-        )
-    if cfg.loss_weighting not in WEIGHTINGS:
-        raise ValueError(f"model.loss_weighting {cfg.loss_weighting!r}: one of {WEIGHTINGS}")
     if not tasks:
         raise ValueError("build_model needs at least one task")
     if not features.sparse:
@@ -181,13 +157,10 @@ def build_model(
     tower = EmbeddingTower(ebc=ebc, num_dense=len(features.dense))
     mixture = build_mixture(cfg, tower.out_dim, len(tasks))
     heads = {name: TaskHead(mixture.out_dim, cfg.tower_dims) for name in tasks}
-    weighting = UncertaintyWeighting(tasks) if cfg.loss_weighting == "uncertainty" else None
     return MultiTaskModel(
         tower=tower,
         mixture=mixture,
         heads=heads,
-        loss_weighting=weighting,
-        aux_loss_weight=cfg.aux_loss_weight,
     )
 
 

@@ -9,11 +9,12 @@ The parent run holds the grid and, at the end, the results table (``sweep.md``).
 each task's headline validation metrics (binary: AUC and log loss; regression: RMSE, and RMSE on
 the log scale for ``log1p`` tasks).
 
-Matched compute (``--match-compute``): every setting's widths are rescaled (``model.match_compute``:
-expert widths, or the bottom's for shared_bottom / single_task, by one factor) to the dense FLOPs
-per example of the base config (the config with ``--set`` values, before the grid), so that e.g.
-``--grid model.mixture=mmoe,shared_bottom`` compares the two at one compute budget. The widths
-used are a column of the table and the runs' params.
+Matched compute (``--match-compute``): every setting's widths are rescaled
+(``recsys_moe.model.match_compute``: expert widths, or the bottom's for shared_bottom /
+single_task, by one factor) to the dense FLOPs per example of the base config (the config with
+``--set`` values, before the grid), so that e.g. ``--grid model.mixture=mmoe,shared_bottom``
+compares the two at one compute budget. The widths used are a column of the table and the runs'
+params.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from recsys_moe.config import Config, TaskConfig, load_config
 from recsys_moe.model import match_compute, model_cost
 from recsys_moe.tracking import TRAIN_JOB_TAG, client_for, ensure_experiment
-from recsys_moe.train import train
+from recsys_moe.training.train import train
 
 SEED = "train.seed"  # a grid over it adds a mean ± sd table per other setting
 

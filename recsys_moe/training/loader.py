@@ -1,19 +1,21 @@
-"""Loaders of a training split by rank: ``ParquetLoader`` streams Parquet row groups → mapped
-features → ``Batch``es; ``MemoryLoader`` (end of the file) maps the split once and holds it.
+"""Loaders of a training split by rank: ``ParquetLoader`` streams the mapped split's Parquet row
+groups → ``Batch``es; ``MemoryLoader`` (end of the file) reads the split once and holds it.
 Both share the sharding rule, ``state_dict`` and exact resume; ``train.loader`` picks one.
+A loader is the one owner of the step schedule (``len(loader)`` batches per epoch, the rows of
+each) and of the data position (``state_after(steps)``).
 
-    loader = ParquetLoader.from_split(dataset_dir, "train", features=fs, mappings=m,
+    loader = ParquetLoader.from_split(dataset_dir, "train", features=fs,
                                       labels=["click", "watch_time_s"], batch_size=4096,
                                       rank=rank, world_size=world, shuffle=True, seed=0)
-    for epoch in range(loader.epoch, epochs):
-        for batch in loader:           # the rest of the current epoch, then epoch += 1
-            ...
-        checkpoint["data"] = loader.state_dict()   # or after any step: resumes mid-epoch
+    for batch in loader.until_epoch(epochs):   # from the position to the end of training
+        ...
+    checkpoint["data"] = loader.state_after(step)   # after any step: resumes mid-epoch
 
-Each buffer of ``buffer_batches * batch_size`` rows (by default the fewest batches that hold
-``BUFFER_ROWS``) is read with pyarrow (only the row groups it overlaps), mapped once with
-``apply_mappings`` (vectorised, no Python loop over rows) and cut into batches by
-``recsys_moe.data.iterate_batches``, so a batch equals what the in-memory path
+The split's ids were mapped when the training set was built (``mapped/<split>.parquet``, see
+``pipelines.training_set``): the loaders read ready integer columns. Each buffer of
+``buffer_batches * batch_size`` rows (by default the fewest batches that hold ``BUFFER_ROWS``)
+is read with pyarrow (only the row groups it overlaps), turned into tensors once and cut into
+batches by ``recsys_moe.data.iterate_batches``, so a batch equals what the in-memory path
 (``to_tensor_data`` + ``iterate_batches``) gives for the same rows. ``READ_AHEAD`` buffers are
 prepared in background threads; a few buffers are in memory at a time. A row group that
 straddles two buffers is decoded by both: row groups well below the buffer size keep that small
@@ -50,11 +52,10 @@ import pyarrow.parquet as pq
 import torch
 
 from feature_store import FeatureSet
-from pipelines.mappings import Mappings
-from pipelines.training_set import split_files
-from recsys_moe.data import Batch, TensorData, iterate_batches, map_to_tensors, take_rows
+from pipelines.training_set import mapped_files
+from recsys_moe.data import Batch, TensorData, iterate_batches, take_rows, to_tensor_data
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 READ_AHEAD = 2  # buffers read and mapped in background threads while one is being batched
 BUFFER_ROWS = 65_536  # default buffer: rows of ~4 shuffled row groups are mixed in each batch
 
@@ -97,7 +98,24 @@ class _Position:
         self._num_batches = whole + (1 if part and not self.drop_last else 0)
 
     def __len__(self) -> int:
+        """Batches per epoch on this rank (every rank the same)."""
         return self._num_batches
+
+    def rows_in_batch(self, index: int) -> int:
+        """Rows of batch ``index`` (0-based, within an epoch): the last one may be short."""
+        return min(self.batch_size, self.rows_per_rank - index * self.batch_size)
+
+    def state_after(self, steps: int) -> dict[str, Any]:
+        """The position after ``steps`` batches counted from the start of epoch 0, as
+        ``state_dict`` gives it; for checkpoints, since train pipelines read batches ahead and
+        the loader's own position is then further on."""
+        epoch, batches = divmod(steps, len(self))
+        return self.state_dict() | {"epoch": epoch, "batches": batches}
+
+    def until_epoch(self, epochs: int) -> Iterator[Batch]:
+        """Every batch from the current position to the end of epoch ``epochs - 1``."""
+        while self.epoch < epochs:
+            yield from self
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -137,7 +155,6 @@ class ParquetLoader(_Position):
         files: Sequence[str | Path],
         *,
         features: FeatureSet,
-        mappings: Mappings,
         labels: Sequence[str],
         batch_size: int,
         rank: int = 0,
@@ -155,16 +172,16 @@ class ParquetLoader(_Position):
         if not files:
             raise ValueError("no Parquet files to load")
         self.files = [Path(f) for f in files]
-        self.features, self.mappings, self.labels = features, mappings, list(labels)
+        self.features, self.labels = features, list(labels)
         self.buffer_rows = buffer_batches * batch_size
-        self.columns = list(dict.fromkeys([*features.input_columns, *self.labels]))
+        self.columns = mapped_columns(features, self.labels)
         self._groups = self._row_groups()
         self._rows(sum(g.rows for g in self._groups))
 
     @classmethod
     def from_split(cls, dataset_dir: str | Path, split: str, **kwargs: Any) -> ParquetLoader:
-        """A loader over split ``split`` of a training set (``pipelines.training_set``)."""
-        return cls(split_files(dataset_dir, split), **kwargs)
+        """A loader over split ``split`` of a training set (its ``mapped/`` file)."""
+        return cls(mapped_files(dataset_dir, split), **kwargs)
 
     # ---- iteration -------------------------------------------------------------------------
 
@@ -218,7 +235,8 @@ class ParquetLoader(_Position):
             missing = [c for c in self.columns if c not in meta.schema.to_arrow_schema().names]
             if missing:
                 raise ValueError(
-                    f"{path}: no column(s) {missing}; is it a split of this feature set?"
+                    f"{path}: no column(s) {missing}; is it a split of this feature set and "
+                    "these tasks? rebuild it with `recsys-moe features build`"
                 )
             groups += [_Group(i, j, meta.row_group(j).num_rows) for j in range(meta.num_row_groups)]
         return groups
@@ -255,11 +273,11 @@ class ParquetLoader(_Position):
         return pa.concat_tables(tables)
 
     def _tensors(self, table: pa.Table) -> TensorData:
-        return map_to_tensors(pl.from_arrow(table), self.features, self.mappings, self.labels)
+        return mapped_tensors(pl.from_arrow(table), self.features, self.labels)
 
 
 class MemoryLoader(_Position):
-    """The split mapped once and held in memory; same interface, sharding rule and resume as
+    """The split read once and held in memory; same interface, sharding rule and resume as
     ``ParquetLoader``, with a global shuffle: epoch e permutes all N rows with seed ``seed + e``
     and rank r takes the r-th of ``world_size`` slices of ``N // world_size`` rows.
 
@@ -292,14 +310,11 @@ class MemoryLoader(_Position):
         split: str,
         *,
         features: FeatureSet,
-        mappings: Mappings,
         labels: Sequence[str],
         **kwargs: Any,
     ) -> MemoryLoader:
-        """A loader over split ``split`` of a training set, read and mapped now."""
-        columns = list(dict.fromkeys([*features.input_columns, *labels]))
-        raw = pl.read_parquet(split_files(dataset_dir, split), columns=columns)
-        return cls(map_to_tensors(raw, features, mappings, list(labels)), **kwargs)
+        """A loader over split ``split`` of a training set, read now."""
+        return cls(read_mapped(dataset_dir, split, features, labels), **kwargs)
 
     def __iter__(self) -> Iterator[Batch]:
         """The remaining batches of the current epoch; then the position is the next epoch's."""
@@ -319,3 +334,29 @@ class MemoryLoader(_Position):
 
 
 Loader = ParquetLoader | MemoryLoader
+
+
+def mapped_columns(features: FeatureSet, labels: Sequence[str]) -> list[str]:
+    """The columns of a mapped split the model reads: features (by name), then labels."""
+    return list(dict.fromkeys([*(f.name for f in features.features), *labels]))
+
+
+def mapped_tensors(frame: pl.DataFrame, features: FeatureSet, labels: Sequence[str]) -> TensorData:
+    """Tensors of mapped-split rows (``frame``'s feature columns and ``labels``)."""
+    return to_tensor_data(frame, features, frame.select(list(labels)))
+
+
+def read_mapped(
+    dataset_dir: str | Path, split: str, features: FeatureSet, labels: Sequence[str]
+) -> TensorData:
+    """A whole mapped split as tensors (validation, the memory loader)."""
+    files = mapped_files(dataset_dir, split)
+    columns = mapped_columns(features, labels)
+    schema = pq.read_schema(files[0]).names
+    missing = [c for c in columns if c not in schema]
+    if missing:
+        raise ValueError(
+            f"{files[0]}: no column(s) {missing}; is it a split of this feature set and these "
+            "tasks? rebuild it with `recsys-moe features build`"
+        )
+    return mapped_tensors(pl.read_parquet(files, columns=columns), features, labels)

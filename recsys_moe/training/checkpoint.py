@@ -6,7 +6,7 @@ Layout, one folder per MLflow run::
         ckpt-<step>/
             *.distcp, .metadata    DCP: model (sharded tables as shards) and both optimizers
             rank-<r>.pt            per rank: torch (and CUDA) RNG state, LR scheduler state
-            .complete              JSON loop state: step, epoch, batch in epoch, run id, loader
+            .complete              JSON loop state: step, run id, the loader's position
         LATEST                     "ckpt-<step>": the newest complete checkpoint
 
 A save writes ``ckpt-<step>`` (every rank), then rank 0 writes ``.complete`` and replaces
@@ -41,10 +41,8 @@ FAULT_ENV = "RECSYS_MOE_CHECKPOINT_FAULT"
 @dataclass
 class LoopState:
     step: int  # optimizer steps done
-    epoch: int  # epoch of the next batch
-    batch_in_epoch: int  # index of the next batch in that epoch
     run_id: str
-    data: dict[str, Any] = field(default_factory=dict)  # the loader's state_dict at that batch
+    data: dict[str, Any] = field(default_factory=dict)  # the loader's position after that step
 
 
 def _step_of(path: Path) -> int:

@@ -15,13 +15,8 @@ from feature_store import FeatureSet
 from pipelines.mappings import Mappings
 from recsys_moe.config import TaskConfig
 from recsys_moe.data import TensorData, iterate_batches, map_to_tensors
-from recsys_moe.losses import to_natural
 from recsys_moe.model import MultiTaskModel
-
-
-def output_name(task: TaskConfig) -> str:
-    """Prediction column of a task: ``p_<task>`` for binary tasks, the label's name otherwise."""
-    return f"p_{task.name}" if task.kind == "binary" else task.label
+from recsys_moe.model.objectives import output_name, to_natural
 
 
 @torch.no_grad()

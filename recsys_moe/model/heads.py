@@ -5,6 +5,7 @@ x [B, H] ─► (Linear → ReLU) × len(dims) ─► Linear(…, 1) ─► [B]
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -23,6 +24,11 @@ class TaskHead(nn.Module):
     def flops_per_example(self) -> int:
         """Multiply-adds × 2 of the tower on one example."""
         return sum(2 * m.in_features * m.out_features for m in self.mlp if isinstance(m, nn.Linear))
+
+    def init_output_bias(self, value: float) -> None:
+        """Set the output layer's bias (the head's output for a zero input) to ``value``."""
+        with torch.no_grad():
+            self.mlp[-1].bias.fill_(value)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x).squeeze(-1)

@@ -1,0 +1,110 @@
+"""What training wraps around the model: losses, their weighting, head initialisation.
+
+    TrainModule(model, TrainLoss(tasks, weighting, aux_weight)): Batch -> (loss, (loss, per task))
+
+The shape TorchRec's train pipelines expect (torchrec's golden training example). Everything
+here is training-only state: the model bundle saves ``TrainModule.model`` alone, so a registered
+model carries inference weights only; the loss weighting's parameters are trained and
+checkpointed with the module (``TrainModule.loss``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchrec import KeyedJaggedTensor
+
+from recsys_moe.config import ModelConfig, TaskConfig
+from recsys_moe.data import Batch
+from recsys_moe.model import ModelOutput
+from recsys_moe.training.losses import UncertaintyWeighting, combine_losses, task_losses
+
+LossOutput = tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]
+
+
+class TrainLoss(nn.Module):
+    """Per-task losses, combined: ``(outputs, labels) -> (loss, (loss, per-task losses))``.
+
+    A module of its own, holding no sharded part, so that the fx trace of TorchRec's train
+    pipeline keeps it as one leaf call instead of tracing through the dict and mask logic. Owns
+    the loss weighting (``UncertaintyWeighting`` or none for fixed weights) and the weight of the
+    mixture's load-balancing loss."""
+
+    def __init__(
+        self, tasks: list[TaskConfig], weighting: nn.Module | None, aux_loss_weight: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.weighting = weighting
+        self.aux_loss_weight = aux_loss_weight
+
+    @classmethod
+    def for_config(cls, model: ModelConfig, tasks: list[TaskConfig]) -> TrainLoss:
+        uncertainty = model.loss_weighting == "uncertainty"
+        weighting = UncertaintyWeighting([t.name for t in tasks]) if uncertainty else None
+        return cls(tasks, weighting, model.aux_loss_weight)
+
+    def forward(self, out: ModelOutput, labels: dict[str, Tensor]) -> LossOutput:
+        out = out._replace(logits={k: v.float() for k, v in out.logits.items()})
+        losses = task_losses(out, labels, self.tasks)
+        aux = None if out.aux_loss is None else self.aux_loss_weight * out.aux_loss
+        loss = combine_losses(losses, self.tasks, self.weighting, aux_loss=aux)
+        if aux is not None:
+            losses["aux"] = aux
+        return loss, (loss.detach(), {k: v.detach() for k, v in losses.items()})
+
+
+class TrainModule(nn.Module):
+    """Model and losses: ``forward(batch) -> (loss, (loss, per-task losses))``, outputs detached.
+    bf16 autocast over the model where enabled; losses in float32."""
+
+    def __init__(self, model: nn.Module, loss: TrainLoss, *, autocast: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.autocast = autocast
+
+    def forward(self, batch: Batch) -> LossOutput:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(batch.dense, batch.sparse)
+        return self.loss(out, batch.labels)
+
+
+class OnDevice(nn.Module):
+    """``model(dense, sparse)`` with inputs moved to ``device`` and logits back to the CPU (the
+    sharded model's inner module, used for validation between epochs)."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.model = model
+        self.device = device
+
+    def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Any:
+        out = self.model(dense.to(self.device), sparse.to(self.device))
+        return out._replace(logits={k: v.float().cpu() for k, v in out.logits.items()})
+
+
+def init_head_biases(model: nn.Module, tasks: list[TaskConfig], label_stats: dict) -> None:
+    """Start each head's output at the constant predictor of its label (training-split mean):
+    logit(rate) for BCE, the mean of the fitted target for MSE. Without it a head on a far-off
+    scale (ratings near 3.5) spends its first epochs, and the shared experts, on the offset.
+
+    ``label_stats``: task name → the training split's means (``evaluation.metrics.
+    task_label_stats``; a masked task's are those where its mask is 1)."""
+    for t in tasks:
+        s = label_stats.get(t.name)
+        if not s:
+            continue
+        if t.objective == "bce":
+            rate = min(max(s["train_mean"], 1e-4), 1 - 1e-4)
+            value = math.log(rate / (1 - rate))
+        elif t.objective == "mse_log1p" and "train_mean_log1p" in s:
+            value = s["train_mean_log1p"]
+        elif t.objective == "mse":
+            value = s["train_mean"]
+        else:
+            continue
+        model.heads[t.name].init_output_bias(value)

@@ -1,0 +1,341 @@
+"""Training: one ``train(cfg)`` entry, alone or under torchrun.
+
+    recsys-moe train --config configs/demo.toml [--set train.epochs=3 --set model.num_experts=8]
+    torchrun --nproc-per-node 2 -m recsys_moe.cli train --config FILE [--set k=v ...] [--resume]
+
+``_train`` reads top to bottom as the phases of a run: data (this rank's loader of the mapped
+train split, the validation split) → model (tables on "meta", head biases at the label means)
+wrapped with its losses → sharding (planner, ``DistributedModelParallel``, row-wise Adagrad
+fused into the tables' backward) and optimizers → resume from a checkpoint → metric logger
+(MLflow on rank 0, a do-nothing one elsewhere) → loop (every step's per-task losses, sent to
+MLflow in one batch every ``log_every`` steps; validation every epoch; checkpoints every
+``train.checkpoint.every`` steps) → the full state dict on rank 0 → model bundle (the plain,
+unsharded model alone) logged to the run as artifact ``model``, expert-usage heatmaps as
+``plots``.
+
+``train.batch_size`` is per rank; the loader owns the schedule: each epoch every rank takes an
+equal, disjoint slice of the epoch's order, ``len(loader)`` batches (``recsys_moe.training.
+loader``), so all ranks take the same steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from feature_store import FeatureSet
+from pipelines.training_set import load_manifest, load_split, mapped_files
+from recsys_moe.bundle import save_bundle
+from recsys_moe.config import Config, TrainConfig, label_columns
+from recsys_moe.evaluation.gates import expert_heatmaps, gate_stats, polarization_warning
+from recsys_moe.evaluation.metrics import split_metrics, task_label_stats
+from recsys_moe.evaluation.predict import predict_with_gates
+from recsys_moe.model import build_model, count_parameters, model_cost
+from recsys_moe.tracking import TRAIN_JOB_TAG
+from recsys_moe.training import checkpoint, sharding
+from recsys_moe.training.dist import DistInfo, broadcast_object, setup, shutdown
+from recsys_moe.training.loader import Loader, MemoryLoader, ParquetLoader, read_mapped
+from recsys_moe.training.loggers import MetricLogger, Step, StepWindow, metric_logger
+from recsys_moe.training.module import OnDevice, TrainLoss, TrainModule, init_head_biases
+
+log = logging.getLogger(__name__)
+
+GPU_HOST_THREADS = 4  # train.cpu_threads = 0 on CUDA: at most this many
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_dir: Path = Path()
+    losses: list[float] = field(default_factory=list)  # this rank's total loss per step
+    valid: dict[str, float] = field(default_factory=dict)  # last epoch's validation metrics
+    samples_per_s: float = 0.0
+    model: nn.Module | None = None  # the trained model, plain, on the CPU (rank 0)
+    gates: dict[str, float] = field(default_factory=dict)  # last validation's gate statistics
+    plots: list[Path] = field(default_factory=list)
+    cost: dict[str, int] = field(default_factory=dict)  # model_cost: parameters, flops_per_example
+
+
+@dataclass
+class TrainState:
+    """What the loop advances and a checkpoint holds."""
+
+    model: nn.Module  # DistributedModelParallel over TrainModule
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Loader
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
+    """Train ``cfg``'s model; under torchrun, each process is one rank of the run.
+
+    The result's ``model``, ``model_dir`` and ``plots`` are filled on rank 0; ``losses`` are
+    this rank's own. ``parent_run_id`` makes the MLflow run a child of that run (sweeps).
+    """
+    info = setup()
+    before = torch.get_num_threads()
+    threads = cpu_threads(cfg.train.cpu_threads, info.device)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(cfg, info, parent_run_id)
+    finally:
+        torch.set_num_threads(before)
+        shutdown(info)
+        # The run's DMP, optimizers and process group sit in reference cycles; until the cyclic
+        # collector frees them, a next run in this process (a sweep) trained at less than half
+        # the speed on CPU (178k -> 77k samples/s on the demo, 2 cores).
+        gc.collect()
+
+
+def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResult:
+    t = cfg.train
+    # ---- data: the mapped splits of the training set -----------------------------------------
+    features = cfg.feature_set()
+    manifest = check_dataset(cfg.dataset_dir, features, cfg.features_path)
+    labels = label_columns(cfg.tasks)
+    loader = train_loader(cfg.dataset_dir, t, features, labels, info)
+    valid = read_mapped(cfg.dataset_dir, "valid", features, labels)
+    total_steps = t.epochs * len(loader)
+
+    # ---- model (tables on "meta") and its losses ---------------------------------------------
+    torch.manual_seed(t.seed)
+    names = [task.name for task in cfg.tasks]
+    model = build_model(features, cfg.model, names, device="meta")
+    init_head_biases(model, cfg.tasks, {x.name: task_label_stats(x, manifest) for x in cfg.tasks})
+    module = TrainModule(
+        model,
+        TrainLoss.for_config(cfg.model, cfg.tasks),
+        autocast=t.bf16 and info.device.type == "cuda",
+    )
+    params = {
+        "model.num_parameters": count_parameters(model),
+        "train.world_size": info.world_size,
+    }
+    cost = model_cost(model, features, names)  # mixture + heads: for matched-compute studies
+    params |= {"model.dense_parameters": cost["parameters"],
+               "model.flops_per_example": cost["flops_per_example"]}  # fmt: skip
+
+    # ---- sharding and optimizers -------------------------------------------------------------
+    dmp, plan = sharding.shard(
+        module,
+        t.sharding,
+        device=info.device,
+        embedding_lr=t.embedding_lr,
+        embedding_weight_decay=t.embedding_weight_decay,
+    )
+    plan_summary = sharding.plan_summary(plan)
+    log.info("sharding plan: %s", plan_summary)
+    optimizer = sharding.build_optimizer(dmp, t.lr, t.weight_decay)
+    state = TrainState(dmp, optimizer, build_scheduler(optimizer, t.lr_schedule, total_steps),
+                       loader)  # fmt: skip
+
+    # ---- resume ------------------------------------------------------------------------------
+    ckpt_root = cfg.path(t.checkpoint.dir)
+    resume_from = checkpoint.resolve(t.resume, ckpt_root)
+    start = checkpoint.LoopState(step=0, run_id="")
+    if resume_from is not None:
+        start = checkpoint.load(
+            resume_from, model=dmp, optimizer=optimizer, scheduler=state.scheduler
+        )
+        loader.load_state_dict(start.data)  # checks seed, batch size, ranks and rows match
+        log.info("resumed from %s at step %d", resume_from, start.step)
+
+    # ---- tracking ----------------------------------------------------------------------------
+    tags = {
+        TRAIN_JOB_TAG: "train",
+        "recsys_moe.features_fingerprint": features.fingerprint(),
+        "recsys_moe.dataset_created_at": manifest.get("created_at", ""),
+        "recsys_moe.dataset": str(cfg.dataset_dir.resolve()),
+        "recsys_moe.world_size": str(info.world_size),
+    }
+    if resume_from is not None:
+        tags["recsys_moe.resumed_from"] = str(resume_from)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    logger = metric_logger(info.is_main, cfg, run_id=start.run_id or None, tags=tags)
+    ok = False
+    try:
+        run_id = broadcast_object(logger.run_id)
+        logger.log_params(cfg.flat() | params)
+        logger.log_text(features.source, "features.toml")
+        logger.log_dict(plan_summary, "sharding_plan.json")
+
+        # ---- loop ----------------------------------------------------------------------------
+        run_dir = resume_from.parent if resume_from is not None else ckpt_root / run_id
+        result = TrainResult(run_id=run_id, cost=cost)
+
+        def validate(model: nn.Module) -> Tensor:
+            """Metrics and gate statistics of the validation split, logged; its gates."""
+            preds, gates = predict_with_gates(
+                OnDevice(model, info.device), valid, cfg.tasks, batch_size=t.eval_batch_size
+            )  # one pass for the metrics and the gate statistics
+            result.valid = split_metrics(cfg.tasks, preds, _numpy(valid.labels), manifest)
+            support = model.gate_support()
+            result.gates = gate_stats(gates, names, support)
+            warning = polarization_warning(gates, names, support)
+            if warning:
+                log.warning("%s", warning)
+            return gates
+
+        def save(step: int) -> None:
+            checkpoint.save(
+                run_dir,
+                checkpoint.LoopState(step=step, run_id=run_id, data=loader.state_after(step)),
+                model=dmp, optimizer=optimizer, scheduler=state.scheduler,
+                keep=t.checkpoint.keep,
+            )  # fmt: skip
+
+        gates = _loop(state, t, info.device, start.step, logger, result, validate,
+                      save if t.checkpoint.every else None)  # fmt: skip
+
+        # ---- the full model on rank 0: bundle and heatmaps -----------------------------------
+        full = sharding.full_state_dict(dmp)
+        if full is not None:
+            plain = build_model(features, cfg.model, names)
+            plain.load_state_dict({k.removeprefix("model."): v for k, v in full.items()
+                                   if k.startswith("model.")})  # fmt: skip
+            result.model = plain.eval()
+            result.model_dir = save_bundle(
+                cfg.path("models") / run_id, model=plain, cfg=cfg, features=features,
+                dataset_dir=cfg.dataset_dir,
+            )  # fmt: skip
+            logger.log_artifacts(result.model_dir, artifact_path="model")
+            result.plots = heatmaps(cfg, gates, names, result.model_dir)
+            if result.plots:
+                logger.log_artifacts(result.plots[0].parent, artifact_path="plots")
+        ok = True
+        return result
+    finally:
+        logger.close(ok)
+
+
+def _loop(
+    state: TrainState,
+    t: TrainConfig,
+    device: torch.device,
+    start_step: int,
+    logger: MetricLogger,
+    result: TrainResult,
+    validate: Callable[[nn.Module], Tensor],
+    save: Callable[[int], None] | None,
+) -> Tensor:
+    """Steps ``start_step + 1 ..`` to the end of epoch ``t.epochs - 1``; validation at each
+    epoch's end, a checkpoint every ``t.checkpoint.every`` steps. The last validation's gates."""
+    dmp, loader = state.model, state.loader
+    progress, pause = sharding.train_step(dmp, state.optimizer, device, pipeline=t.pipeline)
+    batches = loader.until_epoch(t.epochs)
+    per_epoch, total = len(loader), t.epochs * len(loader)
+    window = StepWindow(logger)
+    gates = torch.zeros(0)
+    seen, t0, eval_s = 0, time.perf_counter(), 0.0  # throughput excludes validation
+    dmp.train()
+    for step in range(start_step + 1, total + 1):
+        loss, per_task = progress(batches)
+        window.add(Step(step, int(time.time() * 1000), loss, per_task))
+        state.scheduler.step()
+        seen += loader.rows_in_batch((step - 1) % per_epoch)
+        if step % t.log_every == 0 or step == total:
+            result.losses += window.flush()
+        if step % per_epoch == 0:
+            t_eval = time.perf_counter()
+            pause()
+            gates = validate(dmp.module.model)
+            dmp.train()
+            logger.log_metrics({f"valid/{k}": v for k, v in result.valid.items()}, step=step)
+            logger.log_metrics(result.gates, step=step)
+            eval_s += time.perf_counter() - t_eval
+            log.info("epoch %d step %d valid %s", step // per_epoch - 1, step,
+                     " ".join(f"{k}={v:.4f}" for k, v in result.valid.items()))  # fmt: skip
+        if save is not None and step % t.checkpoint.every == 0:
+            result.losses += window.flush()
+            save(step)
+    elapsed = time.perf_counter() - t0 - eval_s
+    world = torch.distributed.get_world_size()
+    result.samples_per_s = seen * world / elapsed if elapsed > 0 else 0.0
+    logger.log_metrics({"train/samples_per_s": result.samples_per_s})
+    return gates
+
+
+# ---- the phases' helpers -----------------------------------------------------------------------
+def cpu_threads(setting: int, device: torch.device) -> int:
+    """torch's CPU threads for a run on ``device`` (``train.cpu_threads``); 0 = leave torch's."""
+    if setting:
+        return setting
+    if device.type == "cuda":
+        return min(torch.get_num_threads(), GPU_HOST_THREADS)
+    return 0
+
+
+def check_dataset(dataset_dir: Path, features: FeatureSet, features_path: Path) -> dict:
+    """The training set's manifest, after checking it was built from the same feature set."""
+    manifest = load_manifest(dataset_dir)
+    expected = features.fingerprint()
+    if manifest.get("feature_set_fingerprint") != expected:
+        raise ValueError(
+            f"training set {dataset_dir} was built from other feature definitions "
+            f"({manifest.get('feature_set_fingerprint')} != {expected} of {features_path}); "
+            "rebuild it with `recsys-moe features build --config ...`"
+        )
+    return manifest
+
+
+def train_loader(
+    dataset_dir: Path, t: TrainConfig, features: FeatureSet, labels: list[str], info: DistInfo
+) -> Loader:
+    """This rank's loader of the train split, of the kind ``train.loader`` asks for."""
+    kind = t.loader
+    if kind == "auto":
+        size = sum(f.stat().st_size for f in mapped_files(dataset_dir, "train"))
+        kind = "memory" if size <= t.memory_loader_max_mb * 2**20 else "stream"
+    cls = MemoryLoader if kind == "memory" else ParquetLoader
+    log.info("train split: %s loader", kind)
+    loader = cls.from_split(
+        dataset_dir, "train", features=features, labels=labels, batch_size=t.batch_size,
+        rank=info.rank, world_size=info.world_size, shuffle=True, seed=t.seed,
+    )  # fmt: skip
+    if loader.rows_per_rank == 0:
+        raise ValueError(
+            f"training split of {dataset_dir} has {loader.num_rows} rows, fewer than "
+            f"the {info.world_size} ranks"
+        )
+    return loader
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """``train.lr_schedule``: constant, or linear decay of every learning rate to 0 at the end."""
+    if schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def heatmaps(cfg: Config, gates: Tensor, tasks: list[str], model_dir: Path) -> list[Path]:
+    """Expert usage of the last validation by each ``train.heatmap_by`` column of the raw
+    validation rows, in ``<model_dir>-plots/``."""
+    if gates.numel() == 0 or not cfg.train.heatmap_by:
+        return []
+    schema = load_split(cfg.dataset_dir, "valid").collect_schema()
+    columns = [c for c in cfg.train.heatmap_by if c in schema]
+    if not columns:
+        return []
+    frame = load_split(cfg.dataset_dir, "valid").select(columns).collect()
+    out_dir = model_dir.with_name(f"{model_dir.name}-plots")
+    return expert_heatmaps(gates, frame, columns, tasks, out_dir)
+
+
+def _numpy(labels: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in labels.items()}
