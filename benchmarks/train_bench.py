@@ -1,5 +1,8 @@
 """CPU training throughput (samples/s): our MMoE against torch-rechub's ``MMOE``, in one process.
 
+Over 400 lines on purpose: a benchmark is one script a user runs and reads as a whole (data,
+peers, variants, timing, report).
+
     .venv/bin/pip install --no-deps -r requirements/bench.txt      # torch-rechub, once
     .venv/bin/recsys-moe data synth --out /tmp/tb/data --users 12000 --items 1500
     .venv/bin/recsys-moe features build --workdir /tmp/tb

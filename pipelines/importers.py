@@ -1,5 +1,8 @@
 """Importers of the real data samples in ``../shared/data`` into the offline store layout.
 
+Over 400 lines on purpose: three importers (census, MovieLens, KuaiRand) sharing one writer and
+one contract; each importer is a screen or two and reads alone.
+
     import_dataset("movielens", src="../shared/data/movielens_latest_small", out="ml-run/data")
 
 Each importer reads the source CSVs lazily, writes ``<table>.parquet`` files plus ``meta.json``

@@ -1,5 +1,8 @@
 """The embedded default data set: a synthetic recommendation log with a known generating process.
 
+Over 400 lines on purpose: one generating process (world, users, items, requests, outcomes,
+oracle) whose parts share its random streams; split up, the order of draws would be hidden.
+
     synthesize("demo-run/data")   # users, items, impressions, candidates, oracle, meta.json
 
 Tables (all timestamps naive UTC, microseconds):

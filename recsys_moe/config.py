@@ -1,5 +1,8 @@
 """One config tree, loaded from TOML, overridable with ``key=value`` (``--set train.epochs=3``).
 
+Over 400 lines on purpose: one config tree, every section with its defaults, comments and checks
+side by side (the type machinery is in ``recsys_moe.fields``).
+
 Relative paths in ``[data]`` resolve against ``workdir``; ``features`` resolves against the
 config file's own folder (feature definitions travel with the configs).
 
@@ -15,7 +18,6 @@ import difflib
 import math
 import os
 import tomllib
-import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from feature_store import FeatureSet
 from pipelines.synth import SynthParams
+from recsys_moe.fields import at_least, check_fields, choices
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
@@ -43,13 +46,6 @@ ShardingName = Literal[
 ]  # fmt: skip
 
 
-def _at_least(where: str, **values: float) -> None:
-    """``name=(value, minimum)`` pairs: each value must be >= its minimum."""
-    for name, (value, low) in values.items():
-        if value < low:
-            raise ValueError(f"{where}.{name} must be >= {low}, got {value}")
-
-
 @dataclass
 class DataConfig:
     store: str = "data"  # offline store root: raw Parquet tables (events, users, items)
@@ -58,8 +54,8 @@ class DataConfig:
     test_days: int = 1  # the last day(s) of events
 
     def __post_init__(self) -> None:
-        _check_fields(self, "data")
-        _at_least("data", valid_days=(self.valid_days, 0), test_days=(self.test_days, 0))
+        check_fields(self, "data")
+        at_least("data", valid_days=(self.valid_days, 0), test_days=(self.test_days, 0))
 
 
 @dataclass
@@ -68,8 +64,8 @@ class SynthConfig(SynthParams):
     (``pipelines.synth.SynthParams``), shared with ``synthesize`` and ``recsys-moe data synth``."""
 
     def __post_init__(self) -> None:
-        _check_fields(self, "synth")
-        _at_least("synth", users=(self.users, 1), items=(self.items, 1), days=(self.days, 1),
+        check_fields(self, "synth")
+        at_least("synth", users=(self.users, 1), items=(self.items, 1), days=(self.days, 1),
                   items_per_request=(self.items_per_request, 1),
                   requests_per_user_day=(self.requests_per_user_day, 0.0))  # fmt: skip
         if not 0.0 <= self.task_conflict <= 1.0:
@@ -94,8 +90,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         w = "model"
-        _check_fields(self, w)
-        _at_least(w, num_experts=(self.num_experts, 1), top_k=(self.top_k, 1),
+        check_fields(self, w)
+        at_least(w, num_experts=(self.num_experts, 1), top_k=(self.top_k, 1),
                   capacity_factor=(self.capacity_factor, 0.0),
                   aux_loss_weight=(self.aux_loss_weight, 0.0), num_levels=(self.num_levels, 1),
                   num_task_experts=(self.num_task_experts, 0),
@@ -131,7 +127,7 @@ class TaskConfig:
     quantile_of: str = ""  # duration_quantile: the duration column (target = label / duration)
 
     def __post_init__(self) -> None:
-        _check_fields(self, f"tasks.{self.name}")
+        check_fields(self, f"tasks.{self.name}")
         where = f"tasks.{self.name}"
         if not self.name or not self.label:
             raise ValueError(f"{where}: a task needs a name and a label column")
@@ -147,7 +143,7 @@ class TaskConfig:
         if not self.objective:
             self.objective = "mse_log1p" if self.transform == "log1p" else "mse"
         elif self.objective == "bce":
-            raise ValueError(f"{where}: bce is for binary tasks; {_choices(Objective)[2:]}")
+            raise ValueError(f"{where}: bce is for binary tasks; {choices(Objective)[2:]}")
         if self.transform == "log1p" and self.objective != "mse_log1p":
             raise ValueError(
                 f"{where}: transform log1p goes with objective mse_log1p; drop the transform for "
@@ -175,7 +171,7 @@ class ShardingConfig:
     constraints: dict[str, list[ShardingName]] = field(default_factory=dict)  # table -> types
 
     def __post_init__(self) -> None:
-        _check_fields(self, "train.sharding")
+        check_fields(self, "train.sharding")
 
 
 @dataclass
@@ -187,8 +183,8 @@ class CheckpointConfig:
     keep: int = 2  # complete checkpoints kept per run (older ones deleted); 0 = all
 
     def __post_init__(self) -> None:
-        _check_fields(self, "train.checkpoint")
-        _at_least("train.checkpoint", every=(self.every, 0), keep=(self.keep, 0))
+        check_fields(self, "train.checkpoint")
+        at_least("train.checkpoint", every=(self.every, 0), keep=(self.keep, 0))
 
 
 @dataclass
@@ -210,8 +206,8 @@ class TrainConfig:
     eval_batch_size: int = 8192
     # auto = TorchRec's TrainPipelineSparseDist on CUDA, else a plain step; or sparse_dist | plain
     pipeline: Pipeline = "auto"
-    # memory: the train split mapped once and held (recsys_moe.loader.MemoryLoader), by every
-    # rank; stream: Parquet row groups read and mapped on the fly (ParquetLoader); auto: memory
+    # memory: the mapped train split read once and held (training.loader.MemoryLoader), by
+    # every rank; stream: its Parquet row groups read on the fly (ParquetLoader); auto: memory
     # when the split's Parquet files total at most memory_loader_max_mb, else stream. Held
     # tensors take ~8x the Parquet size (demo: 19 MB -> 154 MB), so 128 MB -> ~1 GB per rank
     loader: LoaderKind = "auto"
@@ -231,8 +227,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        _check_fields(self, "train")
-        _at_least("train", batch_size=(self.batch_size, 1), epochs=(self.epochs, 1),
+        check_fields(self, "train")
+        at_least("train", batch_size=(self.batch_size, 1), epochs=(self.epochs, 1),
                   weight_decay=(self.weight_decay, 0.0),
                   embedding_weight_decay=(self.embedding_weight_decay, 0.0),
                   log_every=(self.log_every, 1), eval_batch_size=(self.eval_batch_size, 1),
@@ -251,7 +247,7 @@ class MlflowConfig:
     registered_model: str = "recsys-moe"
 
     def __post_init__(self) -> None:
-        _check_fields(self, "mlflow")
+        check_fields(self, "mlflow")
 
 
 @dataclass
@@ -261,8 +257,8 @@ class ScoreConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"click": 1.0, "watch_time": 1.0})
 
     def __post_init__(self) -> None:
-        _check_fields(self, "score")
-        _at_least("score", top_k=(self.top_k, 1))
+        check_fields(self, "score")
+        at_least("score", top_k=(self.top_k, 1))
         bad = {k: v for k, v in self.weights.items() if not math.isfinite(v)}
         if bad:
             raise ValueError(f"score.weights must be finite numbers, got {bad}")
@@ -289,7 +285,7 @@ class Config:
     config_dir: str = field(default=".", metadata={"internal": True})
 
     def __post_init__(self) -> None:
-        _check_fields(self, "")
+        check_fields(self, "")
         names = [t.name for t in self.tasks]
         if not names:
             raise ValueError("config: [[tasks]] is empty; configure at least one task")
@@ -363,74 +359,6 @@ class Config:
 
         walk("", self.to_dict())
         return out
-
-
-def _choices(hint: Any) -> str:
-    return ", ".join(repr(a) for a in get_args(hint))
-
-
-def _describe(hint: Any) -> str:
-    origin = get_origin(hint)
-    if origin is Literal:
-        return f"one of {_choices(hint)}"
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_describe(a) for a in get_args(hint))
-    if origin is list:
-        return f"a list of {_describe(get_args(hint)[0])}"
-    if origin is dict:
-        return f"a table of {_describe(get_args(hint)[1])}"
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _conform(value: Any, hint: Any, where: str) -> Any:
-    """``value`` as type ``hint`` (an int where a float is expected becomes a float), or a
-    ValueError naming ``where``, what was given and what is accepted."""
-    origin = get_origin(hint)
-    ok = True
-    if origin is Literal:
-        ok = value in get_args(hint) and type(value) in {type(a) for a in get_args(hint)}
-    elif origin in (types.UnionType, typing.Union):
-        for arm in get_args(hint):
-            try:
-                return _conform(value, arm, where)
-            except ValueError:
-                continue
-        ok = False
-    elif origin is list:
-        if isinstance(value, list):
-            return [_conform(v, get_args(hint)[0], f"{where}[{i}]") for i, v in enumerate(value)]
-        ok = False
-    elif origin is dict:
-        if isinstance(value, dict):
-            return {k: _conform(v, get_args(hint)[1], f"{where}.{k}") for k, v in value.items()}
-        ok = False
-    elif hint is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint in (bool, str):
-        ok = isinstance(value, hint)
-    if not ok:
-        raise ValueError(f"{where}: expected {_describe(hint)}, got {value!r}")
-    return value
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _check_fields(obj: Any, where: str) -> None:
-    """Check (and conform) every field of dataclass ``obj`` against its annotation."""
-    cls = type(obj)
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    for f in fields(obj):
-        hint = _HINTS[cls][f.name]
-        value = getattr(obj, f.name)
-        if is_dataclass(hint) or get_origin(hint) is list and is_dataclass(get_args(hint)[0]):
-            continue  # sections check themselves
-        setattr(obj, f.name, _conform(value, hint, f"{where}.{f.name}".lstrip(".")))
 
 
 def _build(cls: type, raw: dict[str, Any], where: str = "") -> Any:

@@ -1,5 +1,8 @@
 """Experts, gates, and the mixtures built from them (one per ``ModelConfig.mixture``).
 
+Over 400 lines on purpose: the seven mixtures side by side over the same two parts, so that a
+comparison at matched compute (``model_cost``) reads in one file; each class is short.
+
 Notation: B batch, T tasks, E experts, D_in input dim, H expert output dim (last of ``dims``).
 
 Every mixture is ``forward(x [B, D_in]) -> MixtureOutput(mixed [T, B, H], gates [T, B, E], ...)``

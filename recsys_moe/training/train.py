@@ -122,7 +122,9 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
         "model.num_parameters": count_parameters(model),
         "train.world_size": info.world_size,
     }
-    cost = model_cost(model, features, names)  # mixture + heads: for matched-compute studies
+    # mixture + heads, from the config as sweeps compute it. Building that model draws from the
+    # RNG before the tables are initialised: moving this line changes every seeded result.
+    cost = model_cost(cfg.model, features, names)
     params |= {"model.dense_parameters": cost["parameters"],
                "model.flops_per_example": cost["flops_per_example"]}  # fmt: skip
 
@@ -211,7 +213,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
                 dataset_dir=cfg.dataset_dir,
             )  # fmt: skip
             logger.log_artifacts(result.model_dir, artifact_path="model")
-            result.plots = heatmaps(cfg, gates, names, result.model_dir)
+            result.plots = heatmaps(cfg.dataset_dir, t.heatmap_by, gates, names, result.model_dir)
             if result.plots:
                 logger.log_artifacts(result.plots[0].parent, artifact_path="plots")
         ok = True
@@ -323,16 +325,16 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def heatmaps(cfg: Config, gates: Tensor, tasks: list[str], model_dir: Path) -> list[Path]:
-    """Expert usage of the last validation by each ``train.heatmap_by`` column of the raw
-    validation rows, in ``<model_dir>-plots/``."""
-    if gates.numel() == 0 or not cfg.train.heatmap_by:
+def heatmaps(
+    dataset_dir: Path, by: list[str], gates: Tensor, tasks: list[str], model_dir: Path
+) -> list[Path]:
+    """Expert usage of the last validation by each ``by`` column (``train.heatmap_by``) of the
+    raw validation rows, in ``<model_dir>-plots/``."""
+    valid = load_split(dataset_dir, "valid")
+    columns = [c for c in by if c in valid.collect_schema()]
+    if gates.numel() == 0 or not columns:
         return []
-    schema = load_split(cfg.dataset_dir, "valid").collect_schema()
-    columns = [c for c in cfg.train.heatmap_by if c in schema]
-    if not columns:
-        return []
-    frame = load_split(cfg.dataset_dir, "valid").select(columns).collect()
+    frame = valid.select(columns).collect()
     out_dir = model_dir.with_name(f"{model_dir.name}-plots")
     return expert_heatmaps(gates, frame, columns, tasks, out_dir)
 
