@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 # CUDA variant where nvidia-smi finds a GPU, else the CPU stack (DESIGN.md, version matrix).
 VARIANT := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test lint clean bench-setup
+.PHONY: setup demo test test-fast lint clean bench-setup
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the quick loop: without the tests marked slow (end-to-end, distributed, sweeps; see pyproject);
+# its own -m replaces addopts' "not gpu", so it says "not gpu" again
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu and not slow"
 
 # peers for benchmarks/ (torch-rechub), --no-deps so the pinned stack stays as it is
 bench-setup: $(STAMP)

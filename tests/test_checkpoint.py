@@ -49,6 +49,7 @@ def config(work: Path, dataset: Path, *extra: str) -> Config:
     return load_config(DEMO_CONFIG, [*SMALL, f"data.dataset={dataset}", *extra], workdir=work)
 
 
+# slow (a training run); the tests that use it are marked slow, so that -m "not slow" skips it
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> tuple[Config, TrainResult]:
     cfg = config(tmp_path_factory.mktemp("straight"), dataset)
@@ -62,6 +63,7 @@ def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(straight: tuple[Config, TrainResult]) -> None:
     cfg, full = straight
     steps = len(full.losses)
@@ -77,6 +79,7 @@ def test_resume_continues_exactly(straight: tuple[Config, TrainResult]) -> None:
     assert_same_model(resumed.model, full.model)
 
 
+@pytest.mark.slow
 def test_killed_save_keeps_the_previous_checkpoint(
     tmp_path: Path, dataset: Path, straight: tuple[Config, TrainResult]
 ) -> None:
@@ -105,6 +108,7 @@ def test_killed_save_keeps_the_previous_checkpoint(
     assert (run_dir / "ckpt-6" / checkpoint.COMPLETE).is_file()
 
 
+@pytest.mark.slow
 def test_torchrec_train_pipeline_matches_the_plain_step(
     straight: tuple[Config, TrainResult], dataset: Path, tmp_path: Path
 ) -> None:
@@ -116,6 +120,7 @@ def test_torchrec_train_pipeline_matches_the_plain_step(
     assert piped.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_with_the_streaming_loader_and_not_across_loaders(
     tmp_path: Path, dataset: Path
 ) -> None:
@@ -135,7 +140,7 @@ def test_resume_with_the_streaming_loader_and_not_across_loaders(
     with pytest.raises(ValueError, match="order"):
         train(config(tmp_path, dataset, "train.loader=memory", f"train.resume={run_dir}/ckpt-3"))
     with pytest.raises(
-        ValueError, match="train.loader: expected one of 'auto', 'memory', 'stream'"
+        ValueError, match="train.loader: expected one of 'auto', 'memory', 'device', 'stream'"
     ):
         train(config(tmp_path, dataset, "train.loader=disk"))
 

@@ -63,7 +63,10 @@ def test_bad_config_values_are_named(override: str, needle: str) -> None:
         ("train.lr=-1e-3", r"train.lr must be a finite number > 0"),
         ("train.bf16=1", r"train.bf16: expected true or false, got 1"),
         ("model.mixture=moe", r"model.mixture: expected one of 'single_task', .*'ple', got 'moe'"),
-        ("train.loader=disk", r"train.loader: expected one of 'auto', 'memory', 'stream'"),
+        (
+            "train.loader=disk",
+            r"train.loader: expected one of 'auto', 'memory', 'device', 'stream'",
+        ),
         ("train.lr_schedule=cosine", r"train.lr_schedule: expected one of 'constant', 'linear'"),
         ("train.pipeline=fast", r"train.pipeline: expected one of 'auto', 'sparse_dist'"),
         ("train.sharding.types=['row']", r"train.sharding.types\[0\]: expected one of .*"),

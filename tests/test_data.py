@@ -6,58 +6,16 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from fixtures import DATA_DENSE, DATA_HEADER, DATA_SPARSE
 
 from feature_store.definitions import FeatureSet
 from recsys_moe.data import Batch, iterate_batches, to_tensor_data
 
-HEADER = """
-[entities.user]
-key = "user_id"
-table = "users"
-
-[entities.item]
-key = "item_id"
-table = "items"
-
-[events]
-table = "impressions"
-time = "ts"
-"""
-SPARSE = """
-[[features]]
-name = "user_id"
-entity = "user"
-kind = "categorical"
-num_embeddings = 50
-
-[[features]]
-name = "tags"
-entity = "item"
-kind = "multi_categorical"
-num_embeddings = 20
-
-[[features]]
-name = "item_id"
-entity = "item"
-kind = "categorical"
-num_embeddings = 30
-"""
-DENSE = """
-[[features]]
-name = "duration_s"
-entity = "item"
-kind = "numeric"
-
-[[features]]
-name = "age"
-entity = "user"
-kind = "numeric"
-"""
 N = 53
 
 
 def make_frames(with_dense: bool = True) -> tuple[FeatureSet, pl.DataFrame, pl.DataFrame]:
-    features = FeatureSet.from_toml(HEADER + SPARSE + (DENSE if with_dense else ""))
+    features = FeatureSet.from_toml(DATA_HEADER + DATA_SPARSE + (DATA_DENSE if with_dense else ""))
     rng = np.random.default_rng(0)
     tags = [rng.integers(0, 20, size=rng.integers(0, 4)).tolist() for _ in range(N)]
     cols: dict[str, pl.Series] = {

@@ -27,6 +27,7 @@ SMALL = [
     "train.sharding.constraints={ t_item_id = [\"column_wise\"] }",
     "mlflow.experiment=dist",
 ]  # fmt: skip
+pytestmark = pytest.mark.slow  # two torchrun processes: ~35 s
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="needs the project's .venv/bin/torchrun")

@@ -39,6 +39,7 @@ SMALL = [
     "mlflow.experiment=e2e",
     "mlflow.registered_model=e2e-model",
 ]
+pytestmark = pytest.mark.slow  # every test uses `run` (synth, train, evaluate, register): minutes
 
 
 @pytest.fixture(scope="module")

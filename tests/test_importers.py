@@ -1,5 +1,8 @@
 """Importers of the real samples in ../shared/data: schemas, label rates, no leakage, determinism,
-bad sources, and one real build + 1-epoch training run on a MovieLens subset."""
+bad sources, and one real build + 1-epoch training run on a MovieLens subset.
+
+Without the samples the tests are skipped, or fail where RECSYS_MOE_REQUIRE_DATA=1 (CI, .ci/run).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import gzip
 import json
 import math
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import polars as pl
@@ -27,7 +32,39 @@ from recsys_moe.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RECSYS_MOE_SHARED_DATA", ROOT.parent / "shared" / "data"))
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no real data samples in {DATA}")
+REQUIRE_DATA = "RECSYS_MOE_REQUIRE_DATA"  # "1" (CI): missing samples fail the tests, not skip them
+
+
+def check_data(data: Path, environ: Mapping[str, str]) -> None:
+    """Nothing when ``data`` is a folder; else skip, or fail where ``RECSYS_MOE_REQUIRE_DATA=1``."""
+    if data.is_dir():
+        return
+    where = (
+        f"no real data samples in {data}: put them there (../shared/data next to the checkout) "
+        "or point RECSYS_MOE_SHARED_DATA at their folder"
+    )
+    if environ.get(REQUIRE_DATA) == "1":
+        why = f"{REQUIRE_DATA}=1 requires them (.ci/run sets it: CI must have ../shared/data)"
+        pytest.fail(f"{where}; {why}", pytrace=False)
+    pytest.skip(f"{where} (with {REQUIRE_DATA}=1 this is a failure)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def real_data() -> None:
+    """Every test here runs after this check (module-scoped autouse: before the import fixtures)."""
+    check_data(DATA, os.environ)
+
+
+def test_missing_data_skips_or_fails_when_required(tmp_path: Path) -> None:
+    check_data(tmp_path, {REQUIRE_DATA: "1"})  # present: nothing
+    missing = tmp_path / "nowhere"
+    named = re.escape(f"no real data samples in {missing}")
+    with pytest.raises(pytest.skip.Exception, match=named):
+        check_data(missing, {})
+    with pytest.raises(pytest.skip.Exception):
+        check_data(missing, {REQUIRE_DATA: "0"})
+    with pytest.raises(pytest.fail.Exception, match=named + f".*{REQUIRE_DATA}=1 requires them"):
+        check_data(missing, {REQUIRE_DATA: "1"})
 
 
 def src(name: str) -> Path:
@@ -191,6 +228,7 @@ def test_bad_sources_name_the_file_and_column(tmp_path: Path) -> None:
 # ---- the real pipeline ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_movielens_subset_builds_and_trains(
     movielens: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

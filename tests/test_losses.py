@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_model import FEATURES_TOML
+from fixtures import MODEL_FEATURES_TOML
 
 from feature_store.definitions import FeatureSet
 from recsys_moe.config import ModelConfig, TaskConfig, label_columns
@@ -147,7 +147,7 @@ def test_combine_losses_fixed_uncertainty_and_aux() -> None:
 
 
 def test_uncertainty_weighting_lives_in_the_train_module_not_the_model() -> None:
-    features = FeatureSet.from_toml(FEATURES_TOML)
+    features = FeatureSet.from_toml(MODEL_FEATURES_TOML)
     cfg = ModelConfig(expert_dims=[8], tower_dims=[4], loss_weighting="uncertainty")
     model = build_model(features, cfg, ["click", "watch_time"])
     assert not [n for n in dict(model.named_parameters()) if "log_vars" in n]

@@ -7,63 +7,15 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+from fixtures import MAPPINGS_TOML
 
 from feature_store import FeatureSet
 from pipelines.mappings import Mappings, apply_mappings, fit_mappings, hash_index_py
 
-TOML = """
-[entities.user]
-key = "user_id"
-table = "users"
-
-[events]
-table = "impressions"
-time = "ts"
-keys = ["user_id"]
-
-[[features]]
-name = "user_id"
-entity = "user"
-kind = "categorical"
-mapping = "hash"
-num_embeddings = 11
-
-[[features]]
-name = "seg"
-entity = "user"
-kind = "categorical"
-num_embeddings = 4   # at most 3 values
-
-[[features]]
-name = "country"
-entity = "user"
-kind = "categorical"
-num_embeddings = 10
-min_count = 2
-
-[[features]]
-name = "tags"
-entity = "user"
-kind = "multi_categorical"
-num_embeddings = 10
-
-[[features]]
-name = "dur"
-entity = "user"
-kind = "numeric"
-transform = "log1p"
-
-[[features]]
-name = "score"
-column = "raw_score"
-entity = "user"
-kind = "numeric"
-"""
-
 
 @pytest.fixture
 def features() -> FeatureSet:
-    return FeatureSet.from_toml(TOML)
+    return FeatureSet.from_toml(MAPPINGS_TOML)
 
 
 @pytest.fixture
@@ -142,7 +94,7 @@ def test_apply_schema_and_unseen_values(features, train):
 def test_hash_stable_and_in_range(features):
     ids = [0, 1, -1, 2**63 - 1, -(2**63), *np.random.default_rng(0).integers(-1e12, 1e12, 500)]
     frame = pl.DataFrame({"user_id": pl.Series(ids, dtype=pl.Int64)})
-    only_id = FeatureSet.from_toml(TOML.split('[[features]]\nname = "seg"')[0])
+    only_id = FeatureSet.from_toml(MAPPINGS_TOML.split('[[features]]\nname = "seg"')[0])
     big = FeatureSet.from_toml(only_id.source.replace("= 11", "= 1000001"))
     out = apply_mappings(frame.lazy(), only_id, Mappings()).collect()["user_id"].to_list()
     assert out == [hash_index_py(int(i), 11) for i in ids]

@@ -1,12 +1,24 @@
-"""Offline metrics (recsys_moe/metrics.py): a masked task is judged on the rows its loss counts."""
+"""Offline metrics (recsys_moe/evaluation/metrics.py): a masked task is judged on the rows its loss
+counts; every metric equals a brute-force reference computation."""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 import pytest
 
 from recsys_moe.config import TaskConfig
-from recsys_moe.evaluation.metrics import task_label_stats, task_metrics
+from recsys_moe.evaluation.metrics import (
+    EPS,
+    auc,
+    binary_metrics,
+    regression_metrics,
+    split_metrics,
+    task_label_stats,
+    task_metrics,
+)
 
 WATCH = TaskConfig(name="watch_time", kind="regression", label="watch_time_s", transform="log1p")
 WATCH_GIVEN_CLICK = TaskConfig(
@@ -46,3 +58,207 @@ def test_masked_task_needs_its_mask_and_stats_fall_back_to_none() -> None:
     other = TaskConfig(name="w", kind="regression", label="watch_time_s", mask="liked")
     assert task_label_stats(other, MANIFEST) is None  # no baseline rather than the wrong one
     assert task_metrics(WATCH_GIVEN_CLICK, np.ones(3), np.ones(3), mask=np.zeros(3)) == {}
+
+
+# ---- reference implementations: every metric against a brute-force computation ------------------
+# Written plainly (Python loops, math) so that they share nothing with metrics.py but its
+# definitions: AUC on the predictions as given, the others on predictions clipped to
+# [EPS, 1 - EPS]; the base rate of the scored rows themselves for NE and calibration (NaN with one
+# class only); log1p of max(prediction, 0) for rmse_log.
+
+
+def clip(p: float) -> float:
+    return min(max(float(p), EPS), 1 - EPS)
+
+
+def ref_auc(pred: list[float], label: list[float]) -> float:
+    """The fraction of (positive, negative) pairs ranked correctly, a tie counting 1/2."""
+    pos = [p for p, y in zip(pred, label, strict=True) if y == 1]
+    neg = [p for p, y in zip(pred, label, strict=True) if y == 0]
+    if not pos or not neg:
+        return math.nan
+    won = 0.0
+    for a, b in itertools.product(pos, neg):
+        won += 1.0 if a > b else 0.5 if a == b else 0.0
+    return won / (len(pos) * len(neg))
+
+
+def ref_binary(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    p = [clip(x) for x in pred]
+    y = [float(v) for v in label]
+    n = len(y)
+    total = 0.0
+    for pi, yi in zip(p, y, strict=True):
+        total += -math.log(pi) if yi == 1 else -math.log(1 - pi)
+    logloss = total / n
+    rate = sum(y) / n
+    if rate in (0.0, 1.0):
+        entropy = math.nan
+    else:
+        entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    return {
+        "auc": ref_auc([float(x) for x in pred], y),
+        "logloss": logloss,
+        "ne": logloss / entropy,
+        "calibration": (sum(p) / n) / rate if rate > 0 else math.nan,
+    }
+
+
+def ref_regression(
+    pred: np.ndarray, label: np.ndarray, train_mean: float, train_mean_log1p: float
+) -> dict[str, float]:
+    n = len(label)
+    sq = ab = sq_log = sq_mean = sq_log_mean = 0.0
+    for p, y in zip(pred.tolist(), label.tolist(), strict=True):
+        sq += (p - y) ** 2
+        ab += abs(p - y)
+        sq_log += (math.log1p(max(p, 0.0)) - math.log1p(y)) ** 2
+        sq_mean += (train_mean - y) ** 2
+        sq_log_mean += (train_mean_log1p - math.log1p(y)) ** 2
+    return {
+        "rmse": math.sqrt(sq / n),
+        "mae": ab / n,
+        "rmse_log": math.sqrt(sq_log / n),
+        "rmse_mean_predictor": math.sqrt(sq_mean / n),
+        "rmse_log_mean_predictor": math.sqrt(sq_log_mean / n),
+    }
+
+
+def assert_same(got: dict[str, float], want: dict[str, float]) -> None:
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        # torchmetrics ranks in float64 but returns the area as a float32: ~1e-7 off
+        tol = {"abs": 1e-6} if k.endswith("auc") else {"rel": 1e-9, "abs": 1e-12}
+        assert got[k] == pytest.approx(v, nan_ok=True, **tol), k
+
+
+def random_binary(seed: int, n: int = 61) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    label = (rng.random(n) < 0.3).astype(np.int64)
+    pred = np.clip(rng.random(n) * 0.6 + 0.4 * label * rng.random(n), 0, 1)
+    return pred, label
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binary_metrics_equal_brute_force(seed: int) -> None:
+    pred, label = random_binary(seed)
+    assert_same(binary_metrics(pred, label), ref_binary(pred, label))
+    assert auc(pred, label) == pytest.approx(ref_auc(pred.tolist(), label.tolist()), abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auc_counts_tied_pairs_as_half(seed: int) -> None:
+    pred, label = random_binary(seed)
+    coarse = np.round(pred, 1)  # ~11 distinct values: many tied (positive, negative) pairs
+    assert len(set(coarse.tolist())) < 12
+    assert_same(binary_metrics(coarse, label), ref_binary(coarse, label))
+    assert binary_metrics(np.full(10, 0.3), np.arange(10) % 2)["auc"] == 0.5  # all tied
+
+
+def test_auc_of_hand_computed_cases() -> None:
+    # positives 0.8, 0.4 vs negatives 0.4, 0.1: pairs worth 1, 1, 1/2 (the tie at 0.4) and 1
+    assert auc(np.array([0.8, 0.4, 0.4, 0.1]), np.array([1, 1, 0, 0])) == pytest.approx(3.5 / 4)
+    assert auc(np.array([0.1, 0.9]), np.array([1, 0])) == 0.0
+    assert auc(np.array([0.9, 0.1]), np.array([1.0, 0.0])) == 1.0  # float labels as well
+
+
+def test_predictions_of_exactly_0_and_1_are_clipped_to_eps() -> None:
+    pred = np.array([0.0, 1.0, 1.0, 0.0, 0.5, 1e-12])
+    label = np.array([1, 0, 1, 0, 1, 0])
+    got = binary_metrics(pred, label)
+    assert_same(got, ref_binary(pred, label))
+    assert all(math.isfinite(v) for v in got.values())
+    # each confidently wrong row costs -log(EPS), each confidently right one -log(1 - EPS)
+    wrong, right, half = -math.log(EPS), -math.log(1 - EPS), -math.log(0.5)
+    assert got["logloss"] == pytest.approx((2 * wrong + 3 * right + half) / 6)
+    # AUC is taken on the predictions as given: 0.0 (a positive) below 1e-12 (a negative) is a
+    # pair ranked wrong, worth 0 (clipped, both would be EPS: a tie worth 1/2)
+    assert got["auc"] == pytest.approx(ref_auc(pred.tolist(), label.tolist()))
+    assert got["auc"] != pytest.approx(ref_auc([clip(p) for p in pred], label.tolist()))
+
+
+@pytest.mark.parametrize("value", [0, 1])
+def test_single_class_labels_have_nan_auc_and_ne(value: int) -> None:
+    pred, _ = random_binary(7, n=20)
+    label = np.full(20, value)
+    got = binary_metrics(pred, label)
+    assert math.isnan(got["auc"]) and math.isnan(auc(pred, label))
+    assert_same(got, ref_binary(pred, label))
+    assert math.isfinite(got["logloss"]) and math.isnan(got["ne"])  # entropy 0: undefined
+    assert math.isnan(got["calibration"]) == (value == 0)  # no positives: no observed rate
+
+
+def test_ne_and_calibration_of_the_base_rate_predictor() -> None:
+    label = np.array([1, 0, 0, 0, 1, 0, 0, 0])  # rate 1/4
+    got = binary_metrics(np.full(8, 0.25), label)
+    assert got["ne"] == pytest.approx(1.0)  # predicting the base rate is NE 1
+    assert got["calibration"] == pytest.approx(1.0)
+    assert binary_metrics(np.full(8, 0.5), label)["calibration"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_regression_metrics_equal_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    label = rng.exponential(30.0, 57)
+    label[:3] = 0.0  # zero labels: log1p(0) = 0
+    pred = label + rng.normal(0.0, 10.0, 57)
+    pred[3] = -5.0  # a negative prediction counts as 0 on the log scale only
+    train_mean, train_mean_log1p = float(rng.uniform(10, 50)), float(rng.uniform(1, 4))
+    got = regression_metrics(pred, label, train_mean=train_mean, train_mean_log1p=train_mean_log1p)
+    assert_same(got, ref_regression(pred, label, train_mean, train_mean_log1p))
+    plain = regression_metrics(pred, label)  # without baselines: no baseline keys
+    assert sorted(plain) == ["mae", "rmse", "rmse_log"]
+    assert plain == {k: got[k] for k in plain}
+
+
+def test_regression_metrics_of_hand_computed_case() -> None:
+    got = regression_metrics(np.array([1.0, 3.0, -1.0]), np.array([0.0, 1.0, math.e - 1]))
+    assert got["rmse"] == pytest.approx(math.sqrt((1 + 4 + math.e**2) / 3))
+    assert got["mae"] == pytest.approx((1 + 2 + math.e) / 3)
+    log_err = [math.log(2), math.log(4) - math.log(2), 0.0 - 1.0]
+    assert got["rmse_log"] == pytest.approx(math.sqrt(sum(e * e for e in log_err) / 3))
+
+
+CLICK = TaskConfig(name="click", kind="binary", label="click")
+
+
+def test_task_metrics_prefix_the_task_name_and_pass_the_baselines() -> None:
+    pred, label = random_binary(3)
+    got = task_metrics(CLICK, pred, label)
+    assert got == {f"click_{k}": v for k, v in binary_metrics(pred, label).items()}
+    rng = np.random.default_rng(3)
+    seconds = rng.exponential(20.0, 40)
+    guess = seconds * rng.uniform(0.5, 1.5, 40)
+    stats = MANIFEST["labels"]["watch_time_s"]
+    want = ref_regression(guess, seconds, stats["train_mean"], stats["train_mean_log1p"])
+    got = task_metrics(WATCH, guess, seconds, label_stats=task_label_stats(WATCH, MANIFEST))
+    assert_same(got, {f"watch_time_{k}": v for k, v in want.items()})
+    bare = task_metrics(WATCH, guess, seconds)  # no stats: no baselines
+    assert sorted(bare) == ["watch_time_mae", "watch_time_rmse", "watch_time_rmse_log"]
+    # a mask passed to an unmasked task is ignored: all rows count
+    assert task_metrics(WATCH, guess, seconds, mask=np.zeros(40)) == bare
+
+
+def test_split_metrics_scores_every_task_on_its_rows() -> None:
+    rng = np.random.default_rng(11)
+    n = 80
+    click = (rng.random(n) < 0.4).astype(np.int64)
+    seconds = np.where(click == 1, rng.exponential(40.0, n), 0.0)
+    p_click = np.clip(0.2 + 0.5 * click + rng.normal(0, 0.2, n), 0, 1)
+    p_seconds = np.abs(seconds + rng.normal(0, 5.0, n))
+    preds = {"p_click": p_click, "watch_time_s": p_seconds}
+    labels = {"click": click, "watch_time_s": seconds}
+    got = split_metrics([CLICK, WATCH_GIVEN_CLICK], preds, labels, MANIFEST)
+    keep = click == 1
+    when = MANIFEST["labels"]["watch_time_s"]["when"]["click"]
+    want = {f"click_{k}": v for k, v in ref_binary(p_click, click).items()}
+    masked = ref_regression(
+        p_seconds[keep], seconds[keep], when["train_mean"], when["train_mean_log1p"]
+    )
+    want |= {f"watch_time_{k}": v for k, v in masked.items()}
+    assert_same(got, want)
+    # the same task unmasked: all rows, against the unconditional baselines
+    stats = MANIFEST["labels"]["watch_time_s"]
+    unmasked = split_metrics([WATCH], preds, labels, MANIFEST)
+    everything = ref_regression(p_seconds, seconds, stats["train_mean"], stats["train_mean_log1p"])
+    assert_same(unmasked, {f"watch_time_{k}": v for k, v in everything.items()})

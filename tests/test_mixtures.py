@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from test_model import FEATURES_TOML, TASKS, make_sparse
+from fixtures import MODEL_FEATURES_TOML, MODEL_TASKS, model_sparse
 
 from feature_store.definitions import FeatureSet
 from recsys_moe.config import MIXTURES, ModelConfig
@@ -29,7 +29,7 @@ from recsys_moe.model.mixture import Experts, Gate, TopKMMoE
 from recsys_moe.training.losses import task_losses
 
 D_IN, T = 12, 2
-NAMES = [t.name for t in TASKS]
+NAMES = [t.name for t in MODEL_TASKS]
 
 
 def small_cfg(mixture: str, **overrides: object) -> ModelConfig:
@@ -51,7 +51,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def features() -> FeatureSet:
-    return FeatureSet.from_toml(FEATURES_TOML)
+    return FeatureSet.from_toml(MODEL_FEATURES_TOML)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
@@ -78,14 +78,15 @@ def test_task_losses_reach_only_their_own_head(features: FeatureSet, mixture: st
     labels = {"click": torch.tensor([1.0, 0, 1, 0]), "watch_time_s": torch.tensor([3.0, 0, 40, 0])}
     for task, other in (("click", "watch_time"), ("watch_time", "click")):
         model.zero_grad(set_to_none=True)
-        losses = task_losses(model(torch.randn(4, 1), make_sparse()), labels, TASKS)
+        losses = task_losses(model(torch.randn(4, 1), model_sparse()), labels, MODEL_TASKS)
         losses[task].backward()
         assert all(p.grad is None or not p.grad.any() for p in model.heads[other].parameters())
         assert any(p.grad is not None and p.grad.any() for p in model.heads[task].parameters())
         assert any(p.grad is not None and p.grad.any() for p in model.mixture.parameters())
     if mixture == "single_task":  # independent bottoms: the click loss leaves bottom 1 alone
         model.zero_grad(set_to_none=True)
-        task_losses(model(torch.randn(4, 1), make_sparse()), labels, TASKS)["click"].backward()
+        losses = task_losses(model(torch.randn(4, 1), model_sparse()), labels, MODEL_TASKS)
+        losses["click"].backward()
         assert all(not w.grad[1].any() for w in model.mixture.bottoms.weights)
 
 
@@ -265,7 +266,7 @@ def test_usage_by_group_and_heatmap(tmp_path, features: FeatureSet) -> None:
          "tags": [[1], [2, 3], [], [4]] * 2, "duration_s": [0.1, -0.2, 0.3, 0.0] * 2},
         schema_overrides={"tags": pl.List(pl.Int64)},
     )  # fmt: skip
-    _, gates = predict_with_gates(model, to_tensor_data(rows, features), TASKS, batch_size=4)
+    _, gates = predict_with_gates(model, to_tensor_data(rows, features), MODEL_TASKS, batch_size=4)
     assert gates.shape == (T, 8, 4) and model.training
     by_group = usage_by_group(gates, torch.tensor([0, 1, 2, 0] * 2), 3)
     path = plot_expert_heatmap(by_group, ["a", "b", "c"], tmp_path / "h.png", task_names=NAMES)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import MODEL_FEATURES_TOML, MODEL_TASKS, model_sparse
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
 from feature_store.definitions import FeatureSet
-from recsys_moe.config import ModelConfig, TaskConfig
+from recsys_moe.config import ModelConfig
 from recsys_moe.model import ModelOutput, MultiTaskModel, build_model, count_parameters
 from recsys_moe.model.heads import TaskHead
 from recsys_moe.model.mixture import Experts, Gate, MMoE
@@ -15,51 +16,6 @@ from recsys_moe.model.objectives import to_natural
 from recsys_moe.model.tower import EmbeddingTower
 from recsys_moe.training.losses import task_losses, total_loss
 
-FEATURES_TOML = """
-[entities.user]
-key = "user_id"
-table = "users"
-
-[entities.item]
-key = "item_id"
-table = "items"
-
-[events]
-table = "impressions"
-time = "ts"
-keys = ["user_id", "item_id"]
-
-[[features]]
-name = "user_id"
-entity = "user"
-kind = "categorical"
-num_embeddings = 10
-embedding_dim = 4
-
-[[features]]
-name = "item_id"
-entity = "item"
-kind = "categorical"
-num_embeddings = 12
-embedding_dim = 6
-
-[[features]]
-name = "tags"
-entity = "item"
-kind = "multi_categorical"
-num_embeddings = 8
-embedding_dim = 3
-
-[[features]]
-name = "duration_s"
-entity = "item"
-kind = "numeric"
-"""
-
-TASKS = [
-    TaskConfig(name="click", kind="binary", label="click"),
-    TaskConfig(name="watch_time", kind="regression", label="watch_time_s", transform="log1p"),
-]
 CFG = ModelConfig(num_experts=3, expert_dims=[16, 8], tower_dims=[8])
 B, T, E, H = 4, 2, 3, 8
 D_IN = 4 + 6 + 3 + 1
@@ -70,26 +26,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def features() -> FeatureSet:
-    return FeatureSet.from_toml(FEATURES_TOML)
-
-
-def make_sparse() -> KeyedJaggedTensor:
-    # 4 examples; tags lengths 2, 0, 1, 3 (one empty bag).
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=["user_id", "item_id", "tags"],
-        values=torch.tensor([1, 2, 3, 9, 0, 5, 11, 7, 1, 2, 4, 5, 6, 7]),
-        lengths=torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 2, 0, 1, 3]),
-    )
+    return FeatureSet.from_toml(MODEL_FEATURES_TOML)
 
 
 def make_model(features: FeatureSet, **overrides: object) -> MultiTaskModel:
     cfg = ModelConfig(**{**CFG.__dict__, **overrides})
-    return build_model(features, cfg, [t.name for t in TASKS])
+    return build_model(features, cfg, [t.name for t in MODEL_TASKS])
 
 
 def test_shapes_of_every_part(features: FeatureSet) -> None:
     torch.manual_seed(0)
-    dense, sparse = torch.randn(B, 1), make_sparse()
+    dense, sparse = torch.randn(B, 1), model_sparse()
     ebc = EmbeddingBagCollection(tables=features.embedding_bag_configs())
     tower = EmbeddingTower(ebc=ebc, num_dense=1)
     x = tower(dense, sparse)
@@ -110,7 +57,7 @@ def test_shapes_of_every_part(features: FeatureSet) -> None:
 
 def test_empty_bag_pools_to_zero(features: FeatureSet) -> None:
     ebc = EmbeddingBagCollection(tables=features.embedding_bag_configs())
-    x = EmbeddingTower(ebc=ebc, num_dense=1)(torch.zeros(B, 1), make_sparse())
+    x = EmbeddingTower(ebc=ebc, num_dense=1)(torch.zeros(B, 1), model_sparse())
     assert torch.all(x[1, 10:13] == 0)  # example 1 has no tags; mean pooling of nothing is 0
 
 
@@ -154,7 +101,7 @@ def test_task_losses_are_isolated_to_their_heads(features: FeatureSet) -> None:
     labels = {"click": torch.tensor([1.0, 0, 1, 0]), "watch_time_s": torch.tensor([3.0, 0, 40, 0])}
     for task, other in (("click", "watch_time"), ("watch_time", "click")):
         model.zero_grad(set_to_none=True)
-        losses = task_losses(model(torch.randn(B, 1), make_sparse()), labels, TASKS)
+        losses = task_losses(model(torch.randn(B, 1), model_sparse()), labels, MODEL_TASKS)
         losses[task].backward()
         assert all(p.grad is None or not p.grad.any() for p in model.heads[other].parameters())
         assert any(p.grad is not None and p.grad.any() for p in model.heads[task].parameters())
@@ -167,17 +114,17 @@ def test_losses_and_natural_units() -> None:
         gates=torch.zeros(T, 3, E),
     )
     labels = {"click": torch.tensor([1.0, 0, 1]), "watch_time_s": torch.tensor([0.0, 1, 9])}
-    losses = task_losses(out, labels, TASKS)
+    losses = task_losses(out, labels, MODEL_TASKS)
     torch.testing.assert_close(losses["click"], torch.log(torch.tensor(2.0)))
     torch.testing.assert_close(losses["watch_time"], torch.tensor(0.0))
-    torch.testing.assert_close(total_loss(losses, TASKS), torch.log(torch.tensor(2.0)))
-    torch.testing.assert_close(to_natural(TASKS[0], torch.zeros(2)), torch.full((2,), 0.5))
+    torch.testing.assert_close(total_loss(losses, MODEL_TASKS), torch.log(torch.tensor(2.0)))
+    torch.testing.assert_close(to_natural(MODEL_TASKS[0], torch.zeros(2)), torch.full((2,), 0.5))
     torch.testing.assert_close(
-        to_natural(TASKS[1], out.logits["watch_time"]), labels["watch_time_s"]
+        to_natural(MODEL_TASKS[1], out.logits["watch_time"]), labels["watch_time_s"]
     )
-    assert to_natural(TASKS[1], torch.tensor([-5.0])).item() == 0.0
+    assert to_natural(MODEL_TASKS[1], torch.tensor([-5.0])).item() == 0.0
     with pytest.raises(ValueError, match="watch_time_s"):
-        task_losses(out, {"click": labels["click"]}, TASKS)
+        task_losses(out, {"click": labels["click"]}, MODEL_TASKS)
 
 
 def test_loss_falls_on_learnable_problem(features: FeatureSet) -> None:
@@ -201,7 +148,7 @@ def test_loss_falls_on_learnable_problem(features: FeatureSet) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     history = []
     for _ in range(300):
-        loss = total_loss(task_losses(model(dense, sparse), labels, TASKS), TASKS)
+        loss = total_loss(task_losses(model(dense, sparse), labels, MODEL_TASKS), MODEL_TASKS)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -29,6 +29,7 @@ def test_grid_values_split_on_top_level_commas_only() -> None:
         parse_grid(["model.num_experts"])
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_setting_as_a_child_run(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     cfg = load_config(DEMO_CONFIG, SMALL, workdir=tmp_path)
     synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
@@ -61,6 +62,7 @@ def test_sweep_runs_each_setting_as_a_child_run(tmp_path: Path, capsys) -> None:
     assert "Mean ± standard deviation" in table and parent.data.params["grid.0.model.mixture"]
 
 
+@pytest.mark.slow
 def test_match_compute_gives_every_setting_the_base_configs_flops(
     tmp_path: Path,
     capsys: pytest.CaptureFixture,

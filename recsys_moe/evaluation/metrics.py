@@ -26,16 +26,21 @@ def auc(pred: np.ndarray, label: np.ndarray) -> float:
 
 
 def binary_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
-    p = np.clip(pred.astype(np.float64), EPS, 1 - EPS)
+    """AUC on the predictions as given (clipping would tie the extremes); logloss on predictions
+    clipped to [EPS, 1 - EPS]; NE = logloss over the entropy of the scored rows' positive rate;
+    calibration = mean prediction over that rate. With one class only, AUC, NE (entropy 0) and,
+    without positives, calibration are undefined: NaN, not a huge finite number."""
     y = label.astype(np.float64)
+    p = np.clip(pred.astype(np.float64), EPS, 1 - EPS)
     logloss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    rate = float(np.clip(y.mean(), EPS, 1 - EPS))
-    base = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    rate = float(y.mean())
+    one_class = rate in (0.0, 1.0)
+    base = math.nan if one_class else -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
     return {
-        "auc": auc(p, y),
+        "auc": auc(pred.astype(np.float64), y),
         "logloss": logloss,
         "ne": logloss / base,
-        "calibration": float(p.mean() / max(y.mean(), EPS)),
+        "calibration": float(p.mean() / rate) if rate > 0 else math.nan,
     }
 
 

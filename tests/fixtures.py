@@ -1,0 +1,170 @@
+"""Feature definitions (TOML) and inputs shared by test modules: ``from fixtures import ...``.
+
+Test modules import from here, never from one another. The definitions differ where the tests
+need them to; each says what it is for. They are built from the same entity and events blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchrec import KeyedJaggedTensor
+
+from recsys_moe.config import TaskConfig
+
+USER = """
+[entities.user]
+key = "user_id"
+table = "users"
+"""
+ITEM = """
+[entities.item]
+key = "item_id"
+table = "items"
+"""
+EVENTS = """
+[events]
+table = "impressions"
+time = "ts"
+"""
+
+# ---- the tiny model (test_model, test_losses, test_mixtures) -------------------------------------
+# Every feature kind, each table with its own size and dim: the tower's input is 4 + 6 + 3
+# embedding dims + 1 dense = 14 wide (test_model's D_IN). ``MODEL_TASKS``: a binary and a
+# log1p-regression task on it; ``model_sparse()``: a batch of its sparse inputs.
+
+MODEL_FEATURES_TOML = (
+    USER
+    + ITEM
+    + EVENTS
+    + """keys = ["user_id", "item_id"]
+
+[[features]]
+name = "user_id"
+entity = "user"
+kind = "categorical"
+num_embeddings = 10
+embedding_dim = 4
+
+[[features]]
+name = "item_id"
+entity = "item"
+kind = "categorical"
+num_embeddings = 12
+embedding_dim = 6
+
+[[features]]
+name = "tags"
+entity = "item"
+kind = "multi_categorical"
+num_embeddings = 8
+embedding_dim = 3
+
+[[features]]
+name = "duration_s"
+entity = "item"
+kind = "numeric"
+"""
+)
+
+MODEL_TASKS = [
+    TaskConfig(name="click", kind="binary", label="click"),
+    TaskConfig(name="watch_time", kind="regression", label="watch_time_s", transform="log1p"),
+]
+
+
+def model_sparse() -> KeyedJaggedTensor:
+    """The sparse inputs of ``MODEL_FEATURES_TOML`` for 4 examples; tags lengths 2, 0, 1, 3 (one
+    empty bag)."""
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id", "item_id", "tags"],
+        values=torch.tensor([1, 2, 3, 9, 0, 5, 11, 7, 1, 2, 4, 5, 6, 7]),
+        lengths=torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 2, 0, 1, 3]),
+    )
+
+
+# ---- frames to tensors (test_data) ---------------------------------------------------------------
+# Default embedding dims and no event keys (to_tensor_data needs neither), tables sized for ids
+# drawn from 50 users, 20 tags and 30 items. The dense features are a block of their own so that
+# a set without them can be built: ``DATA_HEADER + DATA_SPARSE (+ DATA_DENSE)``.
+
+DATA_HEADER = USER + ITEM + EVENTS
+DATA_SPARSE = """
+[[features]]
+name = "user_id"
+entity = "user"
+kind = "categorical"
+num_embeddings = 50
+
+[[features]]
+name = "tags"
+entity = "item"
+kind = "multi_categorical"
+num_embeddings = 20
+
+[[features]]
+name = "item_id"
+entity = "item"
+kind = "categorical"
+num_embeddings = 30
+"""
+DATA_DENSE = """
+[[features]]
+name = "duration_s"
+entity = "item"
+kind = "numeric"
+
+[[features]]
+name = "age"
+entity = "user"
+kind = "numeric"
+"""
+
+# ---- vocabularies, hashing, standardization (test_mappings) --------------------------------------
+# Only a user entity, whose raw columns are fitted: a hashed id (11 rows), string vocabularies
+# (one with room for 3 values, one with min_count, a list feature), a log1p numeric and a numeric
+# read from another column. test_hash_stable_and_in_range cuts it before "seg" and edits "= 11".
+
+MAPPINGS_TOML = (
+    USER
+    + EVENTS
+    + """keys = ["user_id"]
+
+[[features]]
+name = "user_id"
+entity = "user"
+kind = "categorical"
+mapping = "hash"
+num_embeddings = 11
+
+[[features]]
+name = "seg"
+entity = "user"
+kind = "categorical"
+num_embeddings = 4   # at most 3 values
+
+[[features]]
+name = "country"
+entity = "user"
+kind = "categorical"
+num_embeddings = 10
+min_count = 2
+
+[[features]]
+name = "tags"
+entity = "user"
+kind = "multi_categorical"
+num_embeddings = 10
+
+[[features]]
+name = "dur"
+entity = "user"
+kind = "numeric"
+transform = "log1p"
+
+[[features]]
+name = "score"
+column = "raw_score"
+entity = "user"
+kind = "numeric"
+"""
+)
