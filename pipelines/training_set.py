@@ -188,16 +188,22 @@ def _build(
             empty = pl.DataFrame(schema=joined.select(columns).collect_schema())
             empty.write_parquet(tmp / f"{name}.parquet")
 
-    mappings = fit_mappings(load_split(tmp, "train"), features)
-    mappings.save(tmp / MAPPINGS_DIR)
-    (tmp / MAPPED_DIR).mkdir()
-    for name in SPLITS:
-        apply_mappings(load_split(tmp, name), features, mappings, keep=keep).sink_parquet(
-            tmp / MAPPED_DIR / f"{name}.parquet", row_group_size=ROW_GROUP_ROWS, engine=_ENGINE
-        )
+    map_splits(tmp, features, keep)
     manifest = _manifest(store, tmp, features, labels, days) | {"mapped_columns": keep}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def map_splits(out: Path, features: FeatureSet, keep: list[str]) -> None:
+    """Fit the mappings on ``out/train.parquet`` (saved to ``out/mappings/``) and write each
+    split mapped, with its ``keep`` columns, to ``out/mapped/<split>.parquet``."""
+    mappings = fit_mappings(load_split(out, "train"), features)
+    mappings.save(out / MAPPINGS_DIR)
+    (out / MAPPED_DIR).mkdir()
+    for name in SPLITS:
+        apply_mappings(load_split(out, name), features, mappings, keep=keep).sink_parquet(
+            out / MAPPED_DIR / f"{name}.parquet", row_group_size=ROW_GROUP_ROWS, engine=_ENGINE
+        )
 
 
 def _split_path(args: Any) -> str:
@@ -222,7 +228,7 @@ def _manifest(
         "event_time": ev.time,
         "keys": list(ev.keys),
         "feature_columns": list(dict.fromkeys(features.input_columns)),
-        "labels": _label_stats(train, labels),
+        "labels": label_stats(train, labels),
         "rows": {s: load_split(tmp, s).select(pl.len()).collect().item() for s in SPLITS},
         "splits": {s: {"start": a.isoformat(), "end": b.isoformat()} for s, (a, b) in days.items()},
         "split_rule": "calendar days of the event time; start inclusive, end exclusive",
@@ -256,7 +262,7 @@ def _split_days(
     }
 
 
-def _label_stats(train: pl.LazyFrame, labels: dict[str, str]) -> dict[str, dict[str, Any]]:
+def label_stats(train: pl.LazyFrame, labels: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Training-split means of each label (the constant predictors); for a regression label also
     its means on the rows where each binary label is 1 (``when``: a task masked by that label,
     e.g. watch time of clicks only, is judged against those)."""

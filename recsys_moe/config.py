@@ -38,7 +38,7 @@ Transform = Literal["none", "log1p"]
 Objective = Literal["", "bce", "mse_log1p", "mse", "weighted_logistic", "duration_quantile"]
 LrSchedule = Literal["constant", "linear"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
-LoaderKind = Literal["auto", "memory", "stream"]
+LoaderKind = Literal["auto", "memory", "device", "stream"]
 # TorchRec ``ShardingType`` values (tests/test_config.py checks them against TorchRec's enum)
 ShardingName = Literal[
     "data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise",
@@ -207,9 +207,10 @@ class TrainConfig:
     # auto = TorchRec's TrainPipelineSparseDist on CUDA, else a plain step; or sparse_dist | plain
     pipeline: Pipeline = "auto"
     # memory: the mapped train split read once and held (training.loader.MemoryLoader), by
-    # every rank; stream: its Parquet row groups read on the fly (ParquetLoader); auto: memory
-    # when the split's Parquet files total at most memory_loader_max_mb, else stream. Held
-    # tensors take ~8x the Parquet size (demo: 19 MB -> 154 MB), so 128 MB -> ~1 GB per rank
+    # every rank; device: the same, held on the training device (a GPU: batches are cut there);
+    # stream: its Parquet row groups read on the fly (ParquetLoader); auto: memory (device on
+    # CUDA) when the split's Parquet files total at most memory_loader_max_mb, else stream.
+    # Held tensors take ~8x the Parquet size (demo: 19 MB -> 154 MB): 128 MB -> ~1 GB per rank
     loader: LoaderKind = "auto"
     memory_loader_max_mb: int = 128
     # torch's CPU threads per process (torch.set_num_threads); 0 = auto: on CUDA at most 4 (the
@@ -218,6 +219,9 @@ class TrainConfig:
     # default (all cores; torchrun sets OMP_NUM_THREADS=1 per process)
     cpu_threads: int = 0
     bf16: bool = True  # autocast the model's forward to bfloat16 on CUDA (losses stay float32)
+    # > 0: torch.profiler over that many steps after 22 warm-up steps; the top ops go to the
+    # run's artifacts (profile/top_ops.txt), the device's busy share to train/gpu_busy_share
+    profile_steps: int = 0
     # training-set columns to break expert usage down by (validation split; absent ones skipped)
     heatmap_by: list[str] = field(default_factory=lambda: ["segment", "category"])
     # false; true / "latest" = the newest complete checkpoint under checkpoint.dir; or a path to
@@ -233,7 +237,8 @@ class TrainConfig:
                   embedding_weight_decay=(self.embedding_weight_decay, 0.0),
                   log_every=(self.log_every, 1), eval_batch_size=(self.eval_batch_size, 1),
                   memory_loader_max_mb=(self.memory_loader_max_mb, 0),
-                  cpu_threads=(self.cpu_threads, 0))  # fmt: skip
+                  cpu_threads=(self.cpu_threads, 0),
+                  profile_steps=(self.profile_steps, 0))  # fmt: skip
         for name in ("lr", "embedding_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -21,6 +21,7 @@ numeric Float32. Null ids (and null lists) read as row 0 / empty, the unknown va
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -57,6 +58,18 @@ class TensorData:
     @property
     def keys(self) -> list[str]:
         return list(self.sparse)
+
+    def to(self, device: torch.device | str) -> TensorData:
+        """The same rows with every tensor on ``device``."""
+        return TensorData(
+            dense=self.dense.to(device),
+            sparse={
+                k: JaggedColumn(values=c.values.to(device), offsets=c.offsets.to(device))
+                for k, c in self.sparse.items()
+            },
+            labels={k: v.to(device) for k, v in self.labels.items()},
+            num_rows=self.num_rows,
+        )
 
 
 @dataclass
@@ -165,10 +178,11 @@ def make_kjt(keys: list[str], values: Tensor, lengths: Tensor) -> KeyedJaggedTen
 
 
 def gather_jagged(starts: Tensor, lengths: Tensor, values: Tensor) -> Tensor:
-    """Concatenation of ``values[starts[i] : starts[i] + lengths[i]]`` over i, without a loop."""
+    """Concatenation of ``values[starts[i] : starts[i] + lengths[i]]`` over i, without a loop
+    (on the tensors' device; one host sync for the output size)."""
     total = int(lengths.sum())
     out_starts = torch.cumsum(lengths, 0) - lengths  # where each run begins in the output
-    index = torch.arange(total, dtype=torch.int64) + torch.repeat_interleave(
+    index = torch.arange(total, dtype=torch.int64, device=values.device) + torch.repeat_interleave(
         starts - out_starts, lengths, output_size=total
     )
     return values[index]
@@ -182,43 +196,52 @@ def iterate_batches(
     seed: int = 0,
     drop_last: bool = False,
 ) -> Iterator[Batch]:
-    """Batches of ``batch_size`` rows, in order or by a permutation seeded with ``seed``."""
+    """Batches of ``batch_size`` rows, in order or by a permutation seeded with ``seed``.
+
+    The permutation is applied once (``take_rows``), then every batch is a contiguous slice:
+    each feature's cut points are read to the host once per call, so building a batch costs
+    slices and one concatenation and never waits on the device (the rows may live on a GPU)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = data.num_rows
-    keys = data.keys
-    # All features' values in one tensor; starts/lengths [F, N] index into it (key-major KJT).
-    cols = list(data.sparse.values())
-    values = torch.cat([c.values for c in cols]) if cols else torch.zeros(0, dtype=torch.int64)
-    bases = np.cumsum([0] + [c.values.numel() for c in cols])[:-1]
-    starts = (
-        torch.stack([c.offsets[:-1] + int(b) for c, b in zip(cols, bases, strict=True)])
-        if cols
-        else torch.zeros(0, n, dtype=torch.int64)
-    )
-    lengths = torch.stack([c.lengths for c in cols]) if cols else torch.zeros_like(starts)
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    else:
-        order = torch.arange(n)
+        data = take_rows(data, order.to(data.dense.device))
     stop = n - n % batch_size if drop_last else n
-    for begin in range(0, stop, batch_size):
-        idx = order[begin : begin + batch_size]
-        batch_lengths = lengths[:, idx].reshape(-1)
-        batch_values = gather_jagged(starts[:, idx].reshape(-1), batch_lengths, values)
+    bounds = list(range(0, stop, batch_size)) + [stop]
+    if len(bounds) < 2:
+        return
+    keys = data.keys
+    cols = list(data.sparse.values())
+    at = torch.tensor(bounds, device=data.dense.device)
+    cuts = [c.offsets[at].tolist() for c in cols]  # [F][batches + 1]: values offsets at the cuts
+    lengths = [c.lengths for c in cols]
+    empty = torch.zeros(0, dtype=torch.int64, device=data.dense.device)
+    for i in range(len(bounds) - 1):
+        a, b = bounds[i], bounds[i + 1]
+        per_key = [cut[i + 1] - cut[i] for cut in cuts]
+        values = [c.values[cut[i] : cut[i + 1]] for c, cut in zip(cols, cuts, strict=True)]
+        sparse = KeyedJaggedTensor(
+            keys=keys,
+            values=torch.cat(values) if values else empty,
+            lengths=torch.cat([x[a:b] for x in lengths]) if lengths else empty,
+            stride=b - a,
+            length_per_key=per_key,
+            offset_per_key=[0, *itertools.accumulate(per_key)],
+        )
         yield Batch(
-            dense=data.dense[idx],
-            sparse=make_kjt(keys, batch_values, batch_lengths),
-            labels={k: v[idx] for k, v in data.labels.items()},
+            dense=data.dense[a:b],
+            sparse=sparse,
+            labels={k: v[a:b] for k, v in data.labels.items()},
         )
 
 
 def take_rows(data: TensorData, idx: Tensor) -> TensorData:
-    """The rows ``idx`` of ``data``, in that order."""
+    """The rows ``idx`` of ``data``, in that order (on ``data``'s device)."""
     sparse = {}
     for name, col in data.sparse.items():
         lengths = col.lengths[idx]
-        offsets = torch.zeros(len(idx) + 1, dtype=torch.int64)
+        offsets = torch.zeros(len(idx) + 1, dtype=torch.int64, device=lengths.device)
         torch.cumsum(lengths, 0, out=offsets[1:])
         values = gather_jagged(col.offsets[:-1][idx], lengths, col.values)
         sparse[name] = type(col)(values=values, offsets=offsets)

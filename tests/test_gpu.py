@@ -124,3 +124,26 @@ def test_torchrun_on_two_gpus_shards_tables_over_both(
     print(f"\nvalid click AUC: 1 GPU {auc1:.4f}, 2 GPUs {auc2:.4f}")
     assert auc2 > auc1 - 0.03  # same global batch and steps: the same learning, within noise
     print(f"\n2-GPU run: {proc.stdout.strip().splitlines()[-2]}")
+
+
+def test_device_loader_cuts_the_same_batches_on_the_gpu(dataset: Path) -> None:
+    """``train.loader = "device"``: the mapped split on the GPU, permuted, gathered and cut
+    there, gives batch for batch what the CPU-held loader gives."""
+    from recsys_moe.config import label_columns
+    from recsys_moe.training.loader import MemoryLoader
+
+    cfg = _config(dataset)
+    kw = {"features": cfg.feature_set(), "labels": label_columns(cfg.tasks), "batch_size": 1000,
+          "shuffle": True, "seed": 5}  # fmt: skip
+    cpu = MemoryLoader.from_split(cfg.dataset_dir, "train", **kw)
+    gpu = MemoryLoader.from_split(cfg.dataset_dir, "train", device="cuda", **kw)
+    n = 0
+    for a, b in zip(cpu, gpu, strict=True):
+        assert b.dense.is_cuda and b.sparse.values().is_cuda
+        torch.testing.assert_close(a.dense, b.dense.cpu())
+        assert torch.equal(a.sparse.values(), b.sparse.values().cpu())
+        assert torch.equal(a.sparse.lengths(), b.sparse.lengths().cpu())
+        for k in a.labels:
+            torch.testing.assert_close(a.labels[k], b.labels[k].cpu(), equal_nan=True)
+        n += 1
+    assert n == len(cpu) > 1

@@ -161,3 +161,18 @@ def test_state_from_other_settings_rejected(split):
         loader(split, batch_size=32).load_state_dict(state)
     with pytest.raises(ValueError, match="order"):  # same rows, other batches: not a resume
         loader(split, "memory", batch_size=64).load_state_dict(state)
+
+
+def test_a_loader_held_on_a_device_yields_the_same_batches(split):
+    """``train.loader = "device"``: the rows held where training runs (here the CPU; on a GPU
+    tests/test_gpu.py checks the same), permuted and cut there, batch for batch as in memory."""
+    held = loader(split, "memory", shuffle=True, seed=3, world_size=2, rank=1)
+    moved = MemoryLoader(held.data, batch_size=64, shuffle=True, seed=3, world_size=2, rank=1,
+                         device="cpu")  # fmt: skip
+    for _ in range(2):  # two epochs: the permutation changes with the epoch
+        pairs = list(zip(held, moved, strict=True))
+        assert pairs
+        for a, b in pairs:
+            assert_same(a, b)
+            assert b.sparse.length_per_key() == [int(x) for x in b.sparse.lengths().view(
+                len(b.sparse.keys()), -1).sum(1)]  # fmt: skip

@@ -46,6 +46,7 @@ from recsys_moe.training.dist import DistInfo, broadcast_object, setup, shutdown
 from recsys_moe.training.loader import Loader, MemoryLoader, ParquetLoader, read_mapped
 from recsys_moe.training.loggers import MetricLogger, Step, StepWindow, metric_logger
 from recsys_moe.training.module import OnDevice, TrainLoss, TrainModule, init_head_biases
+from recsys_moe.training.profile import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class TrainResult:
     gates: dict[str, float] = field(default_factory=dict)  # last validation's gate statistics
     plots: list[Path] = field(default_factory=list)
     cost: dict[str, int] = field(default_factory=dict)  # model_cost: parameters, flops_per_example
+    step_s: list[float] = field(default_factory=list)  # host time of each step (validation apart)
+    profile: str = ""  # train.profile_steps: the top ops
+    gpu_busy_share: float = float("nan")  # train.profile_steps on CUDA: kernels' time / wall
 
 
 @dataclass
@@ -239,11 +243,16 @@ def _loop(
     batches = loader.until_epoch(t.epochs)
     per_epoch, total = len(loader), t.epochs * len(loader)
     window = StepWindow(logger)
+    profiler = StepProfiler(t.profile_steps, device) if t.profile_steps else None
     gates = torch.zeros(0)
     seen, t0, eval_s = 0, time.perf_counter(), 0.0  # throughput excludes validation
     dmp.train()
     for step in range(start_step + 1, total + 1):
+        t_step = time.perf_counter()
         loss, per_task = progress(batches)
+        result.step_s.append(time.perf_counter() - t_step)
+        if profiler is not None:
+            profiler.step()
         window.add(Step(step, int(time.time() * 1000), loss, per_task))
         state.scheduler.step()
         seen += loader.rows_in_batch((step - 1) % per_epoch)
@@ -266,6 +275,13 @@ def _loop(
     world = torch.distributed.get_world_size()
     result.samples_per_s = seen * world / elapsed if elapsed > 0 else 0.0
     logger.log_metrics({"train/samples_per_s": result.samples_per_s})
+    if profiler is not None:
+        profiler.stop()
+        result.profile, result.gpu_busy_share = profiler.report, profiler.busy_share
+        if profiler.report:
+            logger.log_text(profiler.report, "profile/top_ops.txt")
+        if result.gpu_busy_share == result.gpu_busy_share:  # not NaN: measured on a GPU
+            logger.log_metrics({"train/gpu_busy_share": result.gpu_busy_share})
     return gates
 
 
@@ -299,13 +315,23 @@ def train_loader(
     kind = t.loader
     if kind == "auto":
         size = sum(f.stat().st_size for f in mapped_files(dataset_dir, "train"))
-        kind = "memory" if size <= t.memory_loader_max_mb * 2**20 else "stream"
-    cls = MemoryLoader if kind == "memory" else ParquetLoader
+        held = "device" if info.device.type == "cuda" else "memory"
+        kind = held if size <= t.memory_loader_max_mb * 2**20 else "stream"
     log.info("train split: %s loader", kind)
-    loader = cls.from_split(
-        dataset_dir, "train", features=features, labels=labels, batch_size=t.batch_size,
-        rank=info.rank, world_size=info.world_size, shuffle=True, seed=t.seed,
-    )  # fmt: skip
+    common = {
+        "features": features,
+        "labels": labels,
+        "batch_size": t.batch_size,
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "shuffle": True,
+        "seed": t.seed,
+    }
+    if kind == "stream":
+        loader: Loader = ParquetLoader.from_split(dataset_dir, "train", **common)
+    else:
+        device = info.device if kind == "device" else None
+        loader = MemoryLoader.from_split(dataset_dir, "train", device=device, **common)  # fmt: skip
     if loader.rows_per_rank == 0:
         raise ValueError(
             f"training split of {dataset_dir} has {loader.num_rows} rows, fewer than "

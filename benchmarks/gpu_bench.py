@@ -1,0 +1,208 @@
+"""GPU training of the bench model (``configs/bench.toml``) end to end, and torch-rechub's
+``MMOE`` as shipped on batches of the same rows, in one process.
+
+    python benchmarks/gpu_bench.py prepare --work /tmp/bench --rows 4000000   # training set, once
+    python benchmarks/gpu_bench.py train --work /tmp/bench --out gpu_bench.json --peer
+    torchrun --standalone --nproc-per-node 2 benchmarks/gpu_bench.py train --work /tmp/bench \\
+        --out gpu_bench_2gpu.json [--set train.sharding.types=['row_wise'] ...]
+
+``prepare`` writes the bench model's training set in the project's own layout
+(``pipelines.bench``). ``train`` runs ``recsys_moe.training.train.train`` on it exactly as
+``recsys-moe train`` does (Parquet → loader → KJT → DistributedModelParallel → MMoE → losses →
+fused optimizers, an MLflow run, validation each epoch) with ``train.profile_steps``, and reports:
+
+- ``samples_per_s``: training samples per second over all ranks, validation excluded;
+- ``step_ms_p50`` / ``p90``: host time per step (at steady state the device holds the host back,
+  so this is the step's time);
+- ``peak_gpu_gib``: ``torch.cuda.max_memory_allocated`` on rank 0;
+- ``gpu_busy_share``: the profiled window's kernel time over its wall time;
+- ``loader_rows_per_s``: the same loader alone, one epoch, synchronised at the end;
+- ``peer``: torch-rechub 0.9.0's ``MMOE`` (one ``nn.Embedding`` per feature, dense Adam over
+  everything, the loss of its ``MTLTrainer``) on the GPU on batches of the same rows, and our
+  samples/s over its. One process only: it has no sharding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "bench.toml"
+
+
+def prepare(args: argparse.Namespace) -> None:
+    from pipelines.bench import write_bench_dataset
+    from recsys_moe.config import load_config
+
+    cfg = load_config(CONFIG, args.set, workdir=args.work)
+    t0 = time.perf_counter()
+    manifest = write_bench_dataset(
+        cfg.dataset_dir,
+        cfg.feature_set(),
+        rows=args.rows,
+        valid_rows=args.valid_rows,
+        test_rows=args.valid_rows,
+    )
+    print(f"wrote {cfg.dataset_dir} in {time.perf_counter() - t0:.0f} s: {manifest['rows']}")
+
+
+def loader_rate(cfg, rank: int, world: int) -> float:  # noqa: ANN001
+    """Rows per second of the configured loader alone over its second epoch (device
+    synchronised at the end)."""
+    from recsys_moe.config import label_columns
+    from recsys_moe.training.dist import DistInfo
+    from recsys_moe.training.train import train_loader
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.cuda.is_available():
+        device = torch.device("cpu")
+    info = DistInfo(rank, world, device.index, device, owns_group=False)
+    loader = train_loader(cfg.dataset_dir, cfg.train, cfg.feature_set(),
+                          label_columns(cfg.tasks), info)  # fmt: skip
+    for _ in loader:  # the first epoch warms up (kernels, allocator)
+        pass
+    rows, t0 = 0, time.perf_counter()
+    for batch in loader:
+        rows += len(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return rows / (time.perf_counter() - t0)
+
+
+def peer(cfg, steps: int) -> float:  # noqa: ANN001
+    """torch-rechub's MMOE as shipped, on the GPU: samples/s over ``steps`` steps."""
+    from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
+    from torch_rechub.models.multi_task import MMOE
+
+    from recsys_moe.config import label_columns
+    from recsys_moe.training.loader import MemoryLoader
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    features = cfg.feature_set()
+    feats = []
+    for f in features.features:
+        if f.kind == "categorical":
+            feats.append(SparseFeature(f.name, f.num_embeddings, f.embedding_dim))
+        elif f.kind == "multi_categorical":
+            feats.append(SequenceFeature(f.name, f.num_embeddings, f.embedding_dim,
+                                         pooling=f.pooling, padding_idx=0))  # fmt: skip
+        else:
+            feats.append(DenseFeature(f.name))
+    m = cfg.model
+    model = MMOE(
+        feats,
+        task_types=["classification", "regression"],
+        n_expert=m.num_experts,
+        expert_params={"dims": list(m.expert_dims)},
+        tower_params_list=[{"dims": list(m.tower_dims)} for _ in cfg.tasks],
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    bce, mse = nn.BCELoss(), nn.MSELoss()
+    loader = MemoryLoader.from_split(
+        cfg.dataset_dir, "train", features=features, labels=label_columns(cfg.tasks),
+        batch_size=cfg.train.batch_size, shuffle=True, seed=0, device=device,
+    )  # fmt: skip
+    batches = []
+    for b in loader:  # (x_dict, ys): ids padded to [B, 4] (0 = padding), dense [B], labels [B, 2]
+        sparse = b.sparse.to_dict()
+        x = {k: jt.to_padded_dense(desired_length=4, padding_value=0) for k, jt in sparse.items()}
+        x |= {f.name: b.dense[:, i].contiguous() for i, f in enumerate(features.dense)}
+        ys = torch.stack([b.labels["click"], b.labels["watch_time_s"]], dim=1)
+        batches.append((x, ys))
+        if len(batches) == 64:
+            break
+
+    def step(x: dict, ys: torch.Tensor) -> None:  # MTLTrainer.train_one_epoch, no tqdm
+        y_pred = model(x)
+        loss = (bce(y_pred[:, 0], ys[:, 0]) + mse(y_pred[:, 1], torch.log1p(ys[:, 1]))) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    for i in range(10):
+        step(*batches[i % len(batches)])
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(*batches[i % len(batches)])
+    sync()
+    return steps * cfg.train.batch_size / (time.perf_counter() - t0)
+
+
+def train_run(args: argparse.Namespace) -> None:
+    from recsys_moe.config import load_config
+    from recsys_moe.training.train import train
+
+    sets = ["train.profile_steps=20", *args.set]
+    cfg = load_config(CONFIG, sets, workdir=args.work)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()  # on a CPU: a smoke run of the same path, no GPU figures
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = train(cfg)
+    steps = sorted(result.step_s[len(result.step_s) // 10 :])  # the first tenth: warm-up
+    report = {
+        "gpus": world,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "batch_size_per_gpu": cfg.train.batch_size,
+        "settings": sets,
+        "samples_per_s": result.samples_per_s,
+        "step_ms_p50": 1e3 * steps[len(steps) // 2],
+        "step_ms_p90": 1e3 * steps[int(len(steps) * 0.9)],
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "gpu_busy_share": result.gpu_busy_share,
+        "valid": result.valid,
+        "run_id": result.run_id,
+    }
+    if world == 1:
+        report["loader_rows_per_s"] = loader_rate(cfg, rank, world)
+    if args.peer and world == 1:
+        report["peer_samples_per_s"] = peer(cfg, args.peer_steps)
+        report["ours_over_peer"] = report["samples_per_s"] / report["peer_samples_per_s"]
+    if rank == 0:
+        text = json.dumps(report, indent=2)
+        print(text)
+        print(result.profile)
+        if args.out:
+            Path(args.out).write_text(text)
+            Path(args.out).with_suffix(".profile.txt").write_text(result.profile)
+        print(f"{world} GPU(s): {report['samples_per_s']:,.0f} samples/s, step p50 "
+              f"{report['step_ms_p50']:.2f} ms, busy {report['gpu_busy_share']:.2f}, "
+              f"valid click AUC {result.valid.get('click_auc', float('nan')):.4f}")  # fmt: skip
+        print(f"median step {statistics.median(steps) * 1e3:.2f} ms over {len(steps)} steps")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="write the bench training set")
+    p.add_argument("--work", required=True, help="workdir (the dataset goes to WORK/dataset)")
+    p.add_argument("--rows", type=int, default=4_000_000, help="training rows")
+    p.add_argument("--valid-rows", type=int, default=200_000, help="validation rows")
+    p.add_argument("--set", action="append", default=[], help="config override key=value")
+    p.set_defaults(func=prepare)
+    p = sub.add_parser("train", help="train on it and report")
+    p.add_argument("--work", required=True, help="workdir of `prepare`")
+    p.add_argument("--out", help="JSON report path (rank 0)")
+    p.add_argument("--peer", action="store_true", help="also torch-rechub's MMOE (1 process)")
+    p.add_argument("--peer-steps", type=int, default=100, help="timed steps of the peer")
+    p.add_argument("--set", action="append", default=[], help="config override key=value")
+    p.set_defaults(func=train_run)
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

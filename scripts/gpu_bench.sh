@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU benchmark on the H200 device (../shared/device/DEVICE.md, benchmarks/gpu_bench.py). After
+# the bundle's stash parts, one call that unpacks the wheels of `.devextra/` (carried; see
+# scripts/gpu_checks.sh for how it is made, plus torch-rechub, scikit-learn, scipy, joblib,
+# threadpoolctl for the peer), then the last part with this script:
+#   sh .devbundle/p03/unpack.sh && sh scripts/gpu_bench.sh
+# Sections (environment, 1 = on): BENCH_PREP=1 the bench training set (ROWS rows, 4M);
+# BENCH_1GPU=1 one GPU with the torch-rechub peer; BENCH_2GPU=1 two GPUs under torchrun
+# (BENCH_TYPES: sharding types to force, one run each, e.g. "table_wise row_wise");
+# BENCH_DEMO=0 the demo model at batch 8192 and 32768 (device loader) and 512.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site2
+export PYTHONPATH=/tmp/site:$PWD:/tmp/site2 NCCL_NVLS_ENABLE=0 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+W=/tmp/bench
+nvidia-smi -L | tee -a "$OUT/gpus.txt"
+if [ "${BENCH_PREP:-1}" = 1 ] && [ ! -f $W/dataset/manifest.json ]; then
+  python benchmarks/gpu_bench.py prepare --work $W --rows "${ROWS:-4000000}" 2>&1 | tail -3
+fi
+if [ "${BENCH_1GPU:-1}" = 1 ]; then
+  CUDA_VISIBLE_DEVICES=0 python benchmarks/gpu_bench.py train --work $W --peer \
+    --out "$OUT/gpu_bench_1gpu.json" > "$OUT/gpu_bench_1gpu.log" 2>&1
+  tail -4 "$OUT/gpu_bench_1gpu.log"
+fi
+if [ "${BENCH_2GPU:-1}" = 1 ]; then
+  python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu_bench.py train \
+    --work $W --out "$OUT/gpu_bench_2gpu.json" > "$OUT/gpu_bench_2gpu.log" 2>&1
+  tail -3 "$OUT/gpu_bench_2gpu.log"
+  for T in ${BENCH_TYPES:-}; do
+    python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu_bench.py train \
+      --work $W --set "train.sharding.types=['$T']" --out "$OUT/gpu_bench_2gpu_$T.json" 2>&1 \
+      | tail -2 | sed "s/^/$T: /"
+  done
+fi
+if [ "${BENCH_DEMO:-0}" = 1 ]; then
+  D=/tmp/bench-demo
+  python -m recsys_moe.cli data synth --out $D/data >/dev/null 2>&1
+  python -m recsys_moe.cli features build --workdir $D >/dev/null 2>&1
+  for B in 512 8192 32768; do
+    LR=""; [ "$B" != 512 ] && LR="--set train.lr=2e-2 --set train.embedding_lr=0.2"
+    CUDA_VISIBLE_DEVICES=0 python -m recsys_moe.cli train --workdir $D --set train.batch_size=$B \
+      --set train.epochs=2 $LR 2>&1 | grep -a "trained run" | cut -c1-150 \
+      | sed "s/^/demo model, 1 GPU, batch $B: /" | tee -a "$OUT/demo_batches.txt"
+  done
+fi
