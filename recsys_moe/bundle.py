@@ -66,7 +66,11 @@ def load_bundle(path: str | Path) -> Bundle:
     )
     features = FeatureSet.load(path / "features.toml")
     model = build_model(features, cfg.model, [t.name for t in cfg.tasks])
-    model.load_state_dict(torch.load(path / WEIGHTS, weights_only=True, map_location="cpu"))
+    state = torch.load(path / WEIGHTS, weights_only=True, map_location="cpu")
+    # bundles written before the loss weighting moved to the train module carry its log-variances
+    # (training state, no effect on predictions)
+    state = {k: v for k, v in state.items() if not k.startswith("loss_weighting.")}
+    model.load_state_dict(state)
     model.eval()
     return Bundle(
         model=model,
