@@ -24,6 +24,20 @@ Example (``configs/features/synth.toml``)::
     kind = "categorical"   # categorical | multi_categorical | numeric
     num_embeddings = 64    # rows of the embedding table; row 0 is for unknown / missing values
     embedding_dim = 16
+
+    [[features]]
+    name = "duration_s"
+    entity = "item"
+    kind = "numeric"
+    transform = "log1p"    # none | log1p: applied before standardization
+    non_finite = "reject"  # numeric only: reject (default) | missing
+
+``non_finite`` says what a non-finite value of a numeric feature is: NaN, +inf or -inf, after the
+feature's transform (with ``log1p`` also a value <= -1). ``"reject"`` (the default): the build
+fails with a ``DataError`` naming the table, the column, how many rows and an example.
+``"missing"``: such a value counts as missing, like a null: the numeric statistics skip it and it
+maps to 0.0 (the mean). Leaving the key out is the same as ``"reject"``; the feature set's
+fingerprint is that of the file's text, so files that do not set it keep their fingerprint.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ KINDS: tuple[str, ...] = ("categorical", "multi_categorical", "numeric")
 MAPPINGS: tuple[str, ...] = ("vocab", "hash")
 POOLINGS: tuple[str, ...] = ("sum", "mean")
 TRANSFORMS: tuple[str, ...] = ("none", "log1p")
+NON_FINITE: tuple[str, ...] = ("reject", "missing")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -84,6 +99,7 @@ class Feature:
     mapping: str = "vocab"  # vocab: most frequent training values; hash: int ids modulo the table
     min_count: int = 1  # vocab: values seen fewer times in the training split map to row 0
     transform: str = "none"  # numeric: applied before standardization
+    non_finite: str = "reject"  # numeric: NaN / ±inf (after transform) rejected, or "missing"
 
     @property
     def is_sparse(self) -> bool:
@@ -219,6 +235,7 @@ def _parse(raw: dict[str, Any], text: str, where: str) -> FeatureSet:
             mapping=f.get("mapping", "vocab"),
             min_count=int(f.get("min_count", 1)),
             transform=f.get("transform", "none"),
+            non_finite=f.get("non_finite", "reject"),
         )
         if feat.is_sparse and feat.num_embeddings < 2:
             raise ValueError(f"{w}: num_embeddings must be >= 2 (row 0 is for unknown values)")
@@ -228,6 +245,12 @@ def _parse(raw: dict[str, Any], text: str, where: str) -> FeatureSet:
             raise ValueError(f"{w}: pooling {feat.pooling!r} is not one of {POOLINGS}")
         if feat.transform not in TRANSFORMS:
             raise ValueError(f"{w}: transform {feat.transform!r} is not one of {TRANSFORMS}")
+        if feat.non_finite not in NON_FINITE:
+            raise ValueError(f"{w}: non_finite {feat.non_finite!r} is not one of {NON_FINITE}")
+        if "non_finite" in f and feat.is_sparse:
+            raise ValueError(
+                f"{w}: non_finite applies to numeric features only (this one is {kind}); remove it"
+            )
         features.append(feat)
     if not features:
         raise ValueError(f"feature definitions {where}: no [[features]] defined")

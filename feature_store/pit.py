@@ -109,9 +109,11 @@ def join_features(
 ) -> pl.LazyFrame:
     """Events with every feature column of ``features`` as of each event's time.
 
-    For each entity with features: scan its table from ``store``, keep key + time + the features'
-    columns, and point-in-time join on the entity key with the entity's TTL. A feature whose
-    column is the key itself (e.g. ``user_id``) comes straight from the events.
+    For each entity with features: scan its table from ``store``, check it
+    (``validate_table``: rows, no null key or time, one row per key and time, numeric features
+    finite unless their ``non_finite`` policy says otherwise; ``DataError`` if not), keep key +
+    time + the features' columns, and point-in-time join on the entity key with the entity's TTL.
+    A feature whose column is the key itself (e.g. ``user_id``) comes straight from the events.
 
     The as-of join sorts the events (twice per entity); done on the feature values it would carry
     every string and list through those sorts. Instead each entity row gets a row id, the as-of
@@ -131,6 +133,8 @@ def join_features(
             key=ent.key,
             time=ent.time,
             columns={c: f"feature column of entity {name}" for c in columns},
+            numeric=[f for f in features.dense if f.entity == name and f.column != ent.key],
+            entity=name,
         )
         row = f"__row_{name}"
         table = table.select(ent.key, ent.time, *columns).with_row_index(row)

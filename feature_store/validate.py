@@ -1,15 +1,20 @@
-"""Checks on raw tables before they feed a training set or a scoring job.
+"""Checks on raw tables before they feed a training set or a scoring job: the data contracts.
 
-Schema checks (columns, dtypes) cost nothing; value checks on events run as one aggregated
-``collect``. Every message names the file, the column, what is wrong (dtype, bad value, how many
-rows) and what to do about it.
+Schema checks (columns, dtypes) cost nothing; value checks run as one aggregated ``collect`` per
+table (events: ``validate_events``; entity tables: ``validate_table``). Every message names the
+file, the column, what is wrong (dtype, bad value, how many rows, an example) and what to do
+about it. Numeric features follow their ``non_finite`` policy (``feature_store.definitions``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import polars as pl
+
+from feature_store.definitions import Feature
 
 
 class DataError(ValueError):
@@ -53,6 +58,105 @@ def _check_label_dtype(schema: pl.Schema, column: str, *, path: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Check:
+    """One value check of an aggregated pass: ``alias`` counts the bad rows, ``alias:example``
+    (when aggregated) holds one of them."""
+
+    alias: str
+    subject: str  # "column 'x'", "the key (a, b)"
+    good: str  # what every row must be
+    example: str = "e.g."  # how the example is introduced
+    fix: str = "fix or drop those rows at the source"
+    raw: bool = False  # the example is preformatted text: shown as is, not repr'd
+
+
+def _run_checks(
+    lf: pl.LazyFrame, aggs: list[pl.Expr], checks: list[_Check], *, head: str, empty: str
+) -> None:
+    """One ``collect`` of ``aggs`` (plus the row count); the first failing check raises."""
+    stats = lf.select(pl.len().alias("__rows"), *aggs).collect().row(0, named=True)
+    rows = stats["__rows"]
+    if rows == 0:
+        raise DataError(f"{head}: has no rows; {empty}")
+    for c in checks:
+        n_bad = stats[c.alias]
+        if not n_bad:
+            continue
+        example = stats.get(f"{c.alias}:example")
+        shown = "null" if example is None else example if c.raw else repr(example)
+        raise DataError(
+            f"{head}: {c.subject} must be {c.good}, but {n_bad} of {rows} rows are not "
+            f"({c.example} {shown}); {c.fix}"
+        )
+
+
+def _example(column: str, bad: pl.Expr, alias: str) -> pl.Expr:
+    """First bad non-null value (null when every bad row is null)."""
+    col = pl.col(column)
+    return col.filter(bad & col.is_not_null()).first().alias(f"{alias}:example")
+
+
+def _numeric_checks(
+    schema: pl.Schema, numeric: Sequence[Feature], *, head: str
+) -> tuple[list[pl.Expr], list[_Check]]:
+    """Numeric features' columns: a number, and (policy ``non_finite = "reject"``, the default)
+    finite after the transform: not NaN nor ±inf, with ``log1p`` also > -1. Nulls are missing
+    values, not errors."""
+    by_column: dict[str, list[Feature]] = {}
+    for f in numeric:
+        if f.kind == "numeric":
+            by_column.setdefault(f.column, []).append(f)
+    aggs: list[pl.Expr] = []
+    checks: list[_Check] = []
+    for column, feats in by_column.items():
+        dtype = schema[column]
+        names = ", ".join(f.name for f in feats)
+        if not dtype.is_numeric():
+            raise DataError(
+                f"{head}: column {column!r} (numeric feature {names}) has dtype {dtype}, expected "
+                "a number; cast it to Float64 at the source"
+            )
+        rejecting = [f for f in feats if f.non_finite == "reject"]
+        if not rejecting:
+            continue  # non_finite = "missing": the mappings treat such values as nulls
+        log1p = any(f.transform == "log1p" for f in rejecting)
+        x = pl.col(column)
+        if dtype.is_float():
+            bad = ~x.is_finite() | (x <= -1.0) if log1p else ~x.is_finite()
+        elif dtype.is_integer() and log1p:
+            bad = x <= -1
+        else:
+            continue  # integers are finite; decimals too
+        alias = f"finite:{column}"
+        good = "finite and > -1 (its transform is log1p)" if log1p else "finite (not NaN or ±inf)"
+        checks.append(
+            _Check(
+                alias,
+                f"column {column!r} (numeric feature {names})",
+                good,
+                fix='fix or drop those values at the source, or set non_finite = "missing" on '
+                "the feature in the feature definitions to treat them as missing values",
+            )
+        )
+        aggs += [bad.sum().alias(alias), _example(column, bad, alias)]
+    return aggs, checks
+
+
+def _utc_naive(schema: pl.Schema, column: str) -> pl.Expr:
+    """A Datetime column as naive UTC (naive columns are taken as UTC already)."""
+    dtype = schema[column]
+    col = pl.col(column)
+    if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
+        return col.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    return col
+
+
+def as_utc_naive(t: datetime) -> datetime:
+    """``t`` as a naive UTC datetime (a naive ``t`` is taken as UTC)."""
+    return t if t.tzinfo is None else t.astimezone(UTC).replace(tzinfo=None)
+
+
 def validate_events(
     lf: pl.LazyFrame,
     *,
@@ -63,13 +167,21 @@ def validate_events(
     nonneg_labels: list[str],
     time_column: str,
     unique_keys: Sequence[str] = (),
+    not_after: datetime | None = None,
+    not_before: datetime | None = None,
+    numeric: Sequence[Feature] = (),
 ) -> None:
     """Raise ``DataError`` unless the events frame can be used.
 
     ``required`` maps each required column to why it is needed. Checks: required columns exist;
     ``int_ids`` are integer and never null; ``time_column`` is Datetime and never null; binary
     labels are 0 or 1; ``nonneg_labels`` are finite and >= 0 (nulls count as bad in both); the
-    frame has rows; no two rows share the same ``unique_keys`` (an event's identity).
+    frame has rows; no two rows share the same ``unique_keys`` (an event's identity); no event
+    time is after ``not_after`` (the builder passes its clock plus a day: a future time would
+    become the test split) or before ``not_before`` (a configured start); the columns of the
+    ``numeric`` features read from the events are numbers, finite unless the feature's
+    ``non_finite`` policy says ``"missing"``. Naive times (columns and limits) are UTC.
+    All value checks run as one aggregated ``collect``.
     """
     schema = lf.collect_schema()
     _check_columns(schema, required, path=path, what="events")
@@ -79,66 +191,148 @@ def validate_events(
                 f"events file {path}: missing column {column!r}; "
                 f"columns present: {list(schema.names())}"
             )
+    _check_columns(
+        schema, {f.column: f"numeric feature {f.name}" for f in numeric}, path=path, what="events"
+    )
     for column in int_ids:
         _check_int(schema, column, path=path, what="events")
     _check_time(schema, time_column, path=path, what="events")
     for column in [*binary_labels, *nonneg_labels]:
         _check_label_dtype(schema, column, path=path)
 
+    head = f"events file {path}"
     # One pass: per check, the number of bad rows and one example of a bad (non-null) value.
-    aggs: list[pl.Expr] = [pl.len().alias("__rows")]
-    checks: list[tuple[str, str, str]] = []  # (alias, column, what a good value is)
+    aggs: list[pl.Expr] = []
+    checks: list[_Check] = []
     for column in dict.fromkeys([*int_ids, time_column]):
-        checks.append((f"null:{column}", column, "not null"))
+        checks.append(_Check(f"null:{column}", f"column {column!r}", "not null"))
         aggs.append(pl.col(column).is_null().sum().alias(f"null:{column}"))
     for column in binary_labels:
         x = pl.col(column).cast(pl.Float64)
         bad = x.is_null() | ~((x == 0.0) | (x == 1.0))
-        checks.append((f"binary:{column}", column, "0 or 1"))
+        checks.append(_Check(f"binary:{column}", f"column {column!r}", "0 or 1"))
         aggs += [bad.sum().alias(f"binary:{column}"), _example(column, bad, f"binary:{column}")]
     for column in nonneg_labels:
         x = pl.col(column).cast(pl.Float64)
         bad = x.is_null() | ~x.is_finite() | (x < 0.0)
-        checks.append((f"nonneg:{column}", column, "finite and >= 0"))
+        checks.append(_Check(f"nonneg:{column}", f"column {column!r}", "finite and >= 0"))
         aggs += [bad.sum().alias(f"nonneg:{column}"), _example(column, bad, f"nonneg:{column}")]
     keys = list(unique_keys)
     if keys:
         dup = pl.struct(keys).is_duplicated()
-        checks.append(("dup", ", ".join(keys), "unique per event"))
+        checks.append(_Check("dup", f"the key ({', '.join(keys)})", "unique per event"))
         aggs += [dup.sum().alias("dup"), pl.struct(keys).filter(dup).first().alias("dup:example")]
-    stats = lf.select(aggs).collect().row(0, named=True)
-
-    rows = stats["__rows"]
-    if rows == 0:
-        raise DataError(
-            f"events file {path}: has no rows; write the events before building a training set"
+    t = _utc_naive(schema, time_column)
+    if not_after is not None:
+        limit = as_utc_naive(not_after)
+        late = t > pl.lit(limit, dtype=pl.Datetime("us"))
+        checks.append(
+            _Check(
+                "late",
+                f"column {time_column!r}",
+                f"no later than {limit:%Y-%m-%d %H:%M:%S} UTC (the build's clock plus a day's "
+                "tolerance)",
+                example="latest",
+                raw=True,
+                fix="a future event time would make its day the test split; check the source's "
+                "time unit and time zone, or drop those rows",
+            )
         )
-    for alias, column, good in checks:
-        n_bad = stats[alias]
-        if not n_bad:
-            continue
-        example = stats.get(f"{alias}:example")
-        shown = "null" if example is None else repr(example)
-        what = f"column {column!r}" if alias != "dup" else f"the key ({column})"
-        raise DataError(
-            f"events file {path}: {what} must be {good}, but {n_bad} of {rows} rows "
-            f"are not (e.g. {shown}); fix or drop those rows at the source"
+        aggs += [late.sum().alias("late"), t.max().dt.to_string("%F %T").alias("late:example")]
+    if not_before is not None:
+        start = as_utc_naive(not_before)
+        early = t < pl.lit(start, dtype=pl.Datetime("us"))
+        checks.append(
+            _Check(
+                "early",
+                f"column {time_column!r}",
+                f"at or after the configured start (min_event_time) {start} UTC",
+                example="earliest",
+                raw=True,
+                fix="drop the earlier rows at the source or move min_event_time",
+            )
         )
-
-
-def _example(column: str, bad: pl.Expr, alias: str) -> pl.Expr:
-    """First bad non-null value (null when every bad row is null)."""
-    col = pl.col(column)
-    return col.filter(bad & col.is_not_null()).first().alias(f"{alias}:example")
+        aggs += [early.sum().alias("early"), t.min().dt.to_string("%F %T").alias("early:example")]
+    num_aggs, num_checks = _numeric_checks(schema, numeric, head=head)
+    _run_checks(
+        lf,
+        aggs + num_aggs,
+        checks + num_checks,
+        head=head,
+        empty="write the events before building a training set",
+    )
 
 
 def validate_table(
-    lf: pl.LazyFrame, *, path: str, key: str, time: str, columns: dict[str, str]
+    lf: pl.LazyFrame,
+    *,
+    path: str,
+    key: str,
+    time: str,
+    columns: dict[str, str],
+    numeric: Sequence[Feature] = (),
+    entity: str = "",
 ) -> None:
-    """Schema checks of an entity table (users, items): the key, time and feature columns exist,
-    the key is an integer and the time a Datetime. ``columns`` maps column → why it is needed."""
+    """Check an entity table (users, items) before it is joined, ``DataError`` if it fails.
+
+    Schema: the key, time and feature columns exist (``columns`` maps column → why it is needed),
+    the key is an integer, the time a Datetime, the ``numeric`` features' columns numbers. Values,
+    in one aggregated ``collect``: the table has rows; no null key or time (such a row can never
+    be joined: its entity's events would silently lose their features); no two rows with the same
+    (key, time), whose values would be ambiguous (identical copies are rejected as well); numeric
+    features finite after their transform unless their ``non_finite`` policy is ``"missing"``.
+    """
     schema = lf.collect_schema()
     required = {key: "entity key", time: "validity time (valid_from)", **columns}
     _check_columns(schema, required, path=path, what="entity table")
     _check_int(schema, key, path=path, what="entity table")
     _check_time(schema, time, path=path, what="entity table")
+
+    head = f"entity table file {path}"
+    of = f" of entity {entity}" if entity else ""
+    aggs: list[pl.Expr] = []
+    checks: list[_Check] = []
+    for column, other, why in [(key, time, "a row without a key is never joined"),
+                               (time, key, "a row without a time is never in effect")]:  # fmt: skip
+        alias = f"null:{column}"
+        checks.append(
+            _Check(
+                alias,
+                f"column {column!r}",
+                "not null",
+                example="e.g. the row with",
+                fix=f"{why}; fix or drop those rows",
+                raw=True,
+            )
+        )
+        null = pl.col(column).is_null()
+        shown = pl.format("{}={}", pl.lit(other), pl.col(other).filter(null).first())
+        aggs += [null.sum().alias(alias), shown.alias(f"{alias}:example")]
+    both = pl.struct(key, time)
+    dup = both.is_duplicated() & pl.col(key).is_not_null() & pl.col(time).is_not_null()
+    first = both.filter(dup).first().struct
+    checks.append(
+        _Check(
+            "dup",
+            f"the pair ({key}, {time})",
+            "unique (one row per key and time)",
+            raw=True,
+            fix="which row holds at that time would be ambiguous (identical copies are rejected "
+            f"too); keep one row per {key} and {time} at the source",
+        )
+    )
+    aggs += [
+        dup.sum().alias("dup"),
+        pl.format(
+            "{}={}, {}={}", pl.lit(key), first.field(key), pl.lit(time), first.field(time)
+        ).alias("dup:example"),
+    ]
+    num_aggs, num_checks = _numeric_checks(schema, numeric, head=head)
+    _run_checks(
+        lf,
+        aggs + num_aggs,
+        checks + num_checks,
+        head=head,
+        empty=f"no event would get the features{of}; write the table (or point the store at "
+        "the one that holds its rows) before building",
+    )

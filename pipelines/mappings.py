@@ -8,7 +8,10 @@ Fitted on the training split only:
   every unknown, rare, cut-off or missing value.
 - ``mapping = "hash"``: nothing to fit; integer ids go through a fixed 64-bit mix (splitmix64's
   finalizer) modulo ``num_embeddings - 1``, plus 1. Stable across processes and versions.
-- numeric: mean and population std (ddof=0, floored at 1e-6) after the feature's transform.
+- numeric: mean and population std (ddof=0, floored at 1e-6) after the feature's transform, over
+  the finite values only (NaN and ±inf are missing values, like nulls; the feature's
+  ``non_finite`` policy decides upstream whether they may exist at all), checked finite. Applying
+  maps every null or non-finite result to 0.0, so no NaN or inf reaches a tensor.
 
 Saved as one Parquet file per vocabulary plus ``numeric.json``; no pickle.
 """
@@ -16,13 +19,14 @@ Saved as one Parquet file per vocabulary plus ``numeric.json``; no pickle.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from feature_store import Feature, FeatureSet
+from feature_store import DataError, Feature, FeatureSet
 
 STD_FLOOR = 1e-6
 _VOCAB_SCHEMA = ("value", "index", "count")
@@ -104,24 +108,50 @@ def fit_mappings(train: pl.LazyFrame, features: FeatureSet) -> Mappings:
     for f in features.sparse:
         if f.mapping == "hash":
             _check_hashable(schema, f)
-    stats = train.select(
-        pl.lit(0).alias("__dummy"),
-        *[_transform(f).mean().alias(f"{f.name}:mean") for f in features.dense],
-        *[_transform(f).std(ddof=0).alias(f"{f.name}:std") for f in features.dense],
-    )
+    stats = train.select(pl.lit(0).alias("__dummy"), *_numeric_aggs(features.dense))
     queries = [_vocab_query(train, f) for f in vocab_features] + [stats]
     *vocabs, row = pl.collect_all(queries, engine="streaming")  # group-bys: memory ~ #values
-    numeric = {}
-    for f in features.dense:
-        mean, std = row[f"{f.name}:mean"].item(), row[f"{f.name}:std"].item()
-        ok = mean is not None and mean == mean  # all-null or NaN: leave the feature centred at 0
-        numeric[f.name] = {
-            "mean": float(mean) if ok else 0.0,
-            "std": max(float(std), STD_FLOOR) if ok and std is not None else 1.0,
-        }
+    numeric = {f.name: _numeric_stats(f, row) for f in features.dense}
     return Mappings(
         vocabs={f.name: v for f, v in zip(vocab_features, vocabs, strict=True)}, numeric=numeric
     )
+
+
+def _numeric_aggs(dense: Sequence[Feature]) -> list[pl.Expr]:
+    """Per numeric feature: the count of non-finite (transformed) values, mean and std of all
+    values, and mean and std of the finite ones."""
+    aggs: list[pl.Expr] = []
+    for f in dense:
+        x = _transform(f)
+        # non-finite → null, not a filter: a filter would turn the whole select into another
+        # (non-streaming) reduction whose plain std differs in the last bit
+        finite = pl.when(x.is_finite()).then(x)
+        aggs += [
+            (~x.is_finite()).sum().alias(f"{f.name}:non_finite"),
+            x.mean().alias(f"{f.name}:mean"),
+            x.std(ddof=0).alias(f"{f.name}:std"),
+            finite.mean().alias(f"{f.name}:finite_mean"),
+            finite.std(ddof=0).alias(f"{f.name}:finite_std"),
+        ]
+    return aggs
+
+
+def _numeric_stats(f: Feature, row: pl.DataFrame) -> dict[str, float]:
+    """Mean and std over the finite values. Without a non-finite value those are the plain
+    statistics, taken as computed over every row (the very numbers written before non-finite
+    values were skipped: a clean training set maps exactly as it did)."""
+    which = "finite_" if row[f"{f.name}:non_finite"].item() else ""
+    mean, std = row[f"{f.name}:{which}mean"].item(), row[f"{f.name}:{which}std"].item()
+    if mean is None:  # no finite value at all: leave the feature centred at 0
+        return {"mean": 0.0, "std": 1.0}
+    if not (math.isfinite(mean) and std is not None and math.isfinite(std)):
+        raise DataError(
+            f"numeric feature {f.name!r} (column {f.column!r}, transform {f.transform}): its "
+            f"training-split statistics are not finite (mean={mean}, std={std}) although every "
+            "value used is: the values are too large to standardize; rescale the column at the "
+            'source or set transform = "log1p"'
+        )
+    return {"mean": float(mean), "std": max(float(std), STD_FLOOR)}
 
 
 # ---- applying ------------------------------------------------------------------------------------
@@ -197,8 +227,9 @@ def _apply_one(schema: pl.Schema, f: Feature, mappings: Mappings) -> pl.Expr:
         if f.name not in mappings.numeric:
             raise ValueError(f"feature {f.name!r}: no fitted mean/std in the mappings; refit")
         s = mappings.numeric[f.name]
-        z = (_transform(f) - s["mean"]) / s["std"]
-        return z.fill_nan(0.0).fill_null(0.0).cast(pl.Float32).alias(f.name)
+        z = ((_transform(f) - s["mean"]) / s["std"]).cast(pl.Float32)
+        # null, NaN, ±inf (and a z-score beyond Float32's range) → 0.0, the missing value
+        return pl.when(z.is_finite()).then(z).otherwise(0.0).cast(pl.Float32).alias(f.name)
     dtype = _scalar_dtype(schema, f)
     if f.mapping == "hash":
         _check_hashable(schema, f)
@@ -222,7 +253,7 @@ def apply_mappings(
     """The feature columns, named ``feature.name`` in definition order, then the ``keep``
     columns unchanged, same rows: categorical → Int64 index (0 = unknown / null),
     multi_categorical → List(Int64) (null list → empty list, unknown element → 0), numeric →
-    Float32 standardized (null / NaN → 0.0)."""
+    Float32 standardized (null, NaN, ±inf → 0.0)."""
     schema = lf.collect_schema()
     names = {f.name for f in features.features}
     clash = [c for c in keep if c in names]

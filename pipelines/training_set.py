@@ -13,13 +13,23 @@ stream to the sink (``feature_store.join_features``). Output (``out/``)::
                                               (ids → rows, numerics standardized), named by
                                               feature, then the labels and ``carry`` columns
     mappings/                                 vocab_<feature>.parquet ..., numeric.json
-    manifest.json                             fingerprint, rows, split days, label stats, sources
+    manifest.json                             fingerprint, rows, split days, label stats, sources,
+                                              coverage per entity, warnings
 
 Ids are mapped here, once: training reads the ``mapped/`` splits (``mapped_files``) as ready
 integer columns; scoring maps raw rows with the saved ``mappings/``, the same functions.
 
 Read a split with ``load_split`` (or ``split_files`` for its files in order); both also take a
 split stored as a directory ``<split>/`` of Parquet files, e.g. one written by a partitioned job.
+
+Data contracts, checked before the dataset is in place (``DataError`` otherwise): the events
+(``feature_store.validate_events``: keys, labels, no event time after the build's clock plus
+``FUTURE_TOLERANCE`` nor before ``min_event_time``), each entity table (``validate_table``, from
+``join_features``: rows, no null key or time, one row per key and time, finite numerics), and,
+after the join, the coverage: the share of event rows that found each entity's features (at
+least one feature value not null) must reach ``min_coverage``. The coverage is measured with one
+aggregated query over the written splits, goes into the manifest, and a share under
+``COVERAGE_WARN`` (overall or in a split) is a warning (logged and in ``manifest["warnings"]``).
 
 Everything is written into a hidden sibling directory and renamed into place at the end, so
 ``out`` is either the complete new dataset or (after any error) whatever was there before.
@@ -28,14 +38,23 @@ Everything is written into a hidden sibling directory and renamed into place at 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from feature_store import DataError, FeatureSet, OfflineStore, join_features, validate_events
+from feature_store import (
+    DataError,
+    FeatureSet,
+    OfflineStore,
+    join_features,
+    point_in_time_join,
+    validate_events,
+)
 from pipelines.atomic import replacing_dir
 from pipelines.mappings import apply_mappings, fit_mappings
 
@@ -47,6 +66,17 @@ MAPPED_DIR = "mapped"
 ROW_GROUP_ROWS = 16_384
 _SPLIT = "__split"
 _ENGINE = "streaming"
+# Event times may run this far past the build's clock (clock skew, a late time zone); later ones
+# are rejected: a single event dated years ahead would otherwise be the whole test split.
+FUTURE_TOLERANCE = timedelta(days=1)
+# Coverage floor. Missing features are legitimate for some rows (a user's first visit before the
+# attribute snapshot, an expired row), but when fewer than half of the events find an entity's
+# features the join itself is broken (empty or future-dated table, key mismatch, TTL too short)
+# and a model trained on it learns from defaults. The demo and the real samples cover 100 %.
+MIN_COVERAGE = 0.5
+COVERAGE_WARN = 0.9  # below this (overall or in one split): a warning in the manifest and the log
+
+log = logging.getLogger(__name__)
 
 
 def build_training_set(
@@ -58,11 +88,16 @@ def build_training_set(
     valid_days: int,
     test_days: int,
     carry: Sequence[str] = (),
+    min_event_time: datetime | str | None = None,
+    min_coverage: float = MIN_COVERAGE,
 ) -> dict[str, Any]:
     """Build ``out/`` (see the module docstring) atomically and return its manifest.
 
     ``carry``: columns besides the labels that the mapped splits keep (e.g. a mask or duration
     column the losses read).
+    ``min_event_time``: events before it are rejected (None or "": no lower bound; a string is an
+    ISO time, e.g. "2026-01-01"; naive = UTC).
+    ``min_coverage``: the least share of event rows that must find each entity's features.
     ``labels`` maps label column → "binary" (must be 0/1) or "regression" (finite, >= 0). The
     last ``test_days`` calendar days present in the events are the test split, the ``valid_days``
     days before them the validation split, all earlier days the training split.
@@ -72,8 +107,18 @@ def build_training_set(
             raise ValueError(f"label {column!r}: kind {kind!r} is not one of {LABEL_KINDS}")
     if valid_days < 0 or test_days < 0:
         raise ValueError(f"valid_days ({valid_days}) and test_days ({test_days}) must be >= 0")
+    if not 0.0 <= min_coverage <= 1.0:
+        raise ValueError(f"min_coverage must lie in [0, 1], got {min_coverage}")
+    if isinstance(min_event_time, str):
+        try:
+            min_event_time = datetime.fromisoformat(min_event_time) if min_event_time else None
+        except ValueError:
+            raise ValueError(
+                f"min_event_time: expected an ISO time like '2026-01-01', got {min_event_time!r}"
+            ) from None
+    limits = _Limits(min_event_time, min_coverage)
     with replacing_dir(out) as tmp, pl.Config(engine_affinity=_ENGINE):  # also validation's
-        return _build(store, tmp, features, labels, valid_days, test_days, list(carry))
+        return _build(store, tmp, features, labels, valid_days, test_days, list(carry), limits)
 
 
 def split_files(dataset_dir: str | Path, split: str) -> list[Path]:
@@ -120,6 +165,12 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
 # ---- steps ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Limits:
+    min_event_time: datetime | None
+    min_coverage: float
+
+
 def _build(
     store: OfflineStore,
     tmp: Path,
@@ -128,6 +179,7 @@ def _build(
     valid_days: int,
     test_days: int,
     carry: list[str],
+    limits: _Limits,
 ) -> dict[str, Any]:
     ev = features.events
     events_path = store.path(ev.table)
@@ -146,6 +198,10 @@ def _build(
         nonneg_labels=[c for c, k in labels.items() if k == "regression"],
         time_column=ev.time,
         unique_keys=ev.keys,
+        not_after=datetime.now(UTC) + FUTURE_TOLERANCE,
+        not_before=limits.min_event_time,
+        # numeric features read from the events themselves (a key column): the same policy
+        numeric=[f for f in features.dense if f.column == features.entities[f.entity].key],
     )
 
     days = _split_days(events, ev.time, str(events_path), valid_days, test_days)
@@ -188,8 +244,15 @@ def _build(
             empty = pl.DataFrame(schema=joined.select(columns).collect_schema())
             empty.write_parquet(tmp / f"{name}.parquet")
 
+    coverage = _coverage(tmp, features)
+    warnings = _check_coverage(coverage, tmp, features, store, limits.min_coverage)
     map_splits(tmp, features, keep)
-    manifest = _manifest(store, tmp, features, labels, days) | {"mapped_columns": keep}
+    manifest = _manifest(store, tmp, features, labels, days) | {
+        "mapped_columns": keep,
+        "coverage": coverage,
+        "min_coverage": limits.min_coverage,
+        "warnings": warnings,
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -204,6 +267,136 @@ def map_splits(out: Path, features: FeatureSet, keep: list[str]) -> None:
         apply_mappings(load_split(out, name), features, mappings, keep=keep).sink_parquet(
             out / MAPPED_DIR / f"{name}.parquet", row_group_size=ROW_GROUP_ROWS, engine=_ENGINE
         )
+
+
+def _entity_columns(features: FeatureSet) -> dict[str, list[str]]:
+    """Per entity joined from its table: its feature columns (not the key, which the events
+    hold)."""
+    out = {}
+    for name, ent in features.entities.items():
+        columns = dict.fromkeys(f.column for f in features.for_entity(name))
+        columns.pop(ent.key, None)
+        if columns:
+            out[name] = list(columns)
+    return out
+
+
+def _coverage(tmp: Path, features: FeatureSet) -> dict[str, dict[str, Any]]:
+    """Per joined entity: the event rows, how many found its features (at least one feature
+    column not null: the as-of join found a row in effect, within the TTL), their share, and the
+    share per split (None for an empty split). One aggregated query over the written splits."""
+    entity_columns = _entity_columns(features)
+    if not entity_columns:
+        return {}
+    found = {
+        name: pl.any_horizontal([pl.col(c).is_not_null() for c in columns]).alias(f"found:{name}")
+        for name, columns in entity_columns.items()
+    }
+    parts = [load_split(tmp, s).select(pl.lit(s).alias(_SPLIT), *found.values()) for s in SPLITS]
+    counts = (
+        pl.concat(parts)
+        .group_by(_SPLIT)
+        .agg(pl.len().alias("__rows"), *[pl.col(f"found:{n}").sum() for n in found])
+        .collect(engine=_ENGINE)
+    )
+    per_split = {row[_SPLIT]: row for row in counts.iter_rows(named=True)}
+    out: dict[str, dict[str, Any]] = {}
+    for name in found:
+        rows = sum(r["__rows"] for r in per_split.values())
+        hits = sum(r[f"found:{name}"] for r in per_split.values())
+        splits = {}
+        for s in SPLITS:
+            r = per_split.get(s)
+            splits[s] = round(r[f"found:{name}"] / r["__rows"], 6) if r and r["__rows"] else None
+        ent = features.entities[name]
+        out[name] = {
+            "table": ent.table,
+            "rows": rows,
+            "found": hits,
+            "share": round(hits / rows, 6) if rows else None,
+            "splits": splits,
+        }
+    return out
+
+
+def _check_coverage(
+    coverage: dict[str, dict[str, Any]],
+    tmp: Path,
+    features: FeatureSet,
+    store: OfflineStore,
+    floor: float,
+) -> list[str]:
+    """``DataError`` for an entity whose share is under ``floor`` (naming the likely cause);
+    the warnings (also logged) for shares under ``COVERAGE_WARN``."""
+    warnings = []
+    for name, c in coverage.items():
+        path = store.path(c["table"])
+        if c["rows"] and c["found"] < floor * c["rows"]:
+            raise DataError(
+                f"entity table file {path}: only {c['share']:.1%} of the event rows "
+                f"({c['found']} of {c['rows']}) found features of entity {name} in the "
+                f"point-in-time join, under the floor min_coverage = {floor}; "
+                f"{_diagnose(tmp, features, name, store, floor)} (or, if that share is "
+                "expected, lower min_coverage: [data] min_coverage in the config)"
+            )
+        shares = {s: v for s, v in c["splits"].items() if v is not None}
+        if c["share"] is not None and min([c["share"], *shares.values()]) < COVERAGE_WARN:
+            per = ", ".join(f"{s} {v:.1%}" for s, v in shares.items())
+            msg = (
+                f"entity {name}: {c['share']:.1%} of the event rows ({per}) found its features "
+                f"in {path}, under {COVERAGE_WARN:.0%}; the others train on missing values "
+                "(check the table's keys, valid_from and the entity's TTL)"
+            )
+            log.warning(msg)
+            warnings.append(msg)
+    return warnings
+
+
+def _diagnose(tmp: Path, features: FeatureSet, name: str, store: OfflineStore, floor: float) -> str:
+    """The likely cause of a coverage under ``floor`` (runs only then): the first of these that
+    alone leaves fewer rows than the floor: keys absent from the table, rows in effect only after
+    the events (valid_from in the future), rows expired (TTL)."""
+    ent = features.entities[name]
+    ev_time = features.events.time
+    events = pl.concat([load_split(tmp, s).select(ent.key, ev_time) for s in SPLITS])
+    table = store.scan(ent.table).select(ent.key, ent.time)
+    rows = events.select(pl.len()).collect().item()
+    keyed = events.join(table.select(ent.key).unique(), on=ent.key, how="semi")
+    n_keyed = keyed.select(pl.len()).collect().item()
+    if n_keyed < floor * rows:
+        examples = events.join(table, on=ent.key, how="anti").select(ent.key).head(3).collect()
+        return (
+            f"likely cause: key mismatch: {n_keyed} of {rows} event rows have a {ent.key} that "
+            f"the table holds at all (missing e.g. {examples[ent.key].to_list()}); check that "
+            "the events and the table use the same ids"
+        )
+    marker = table.with_columns(pl.lit(True).alias("__in_effect"))
+    joined = point_in_time_join(
+        events, marker, entity=ent.key, event_time=ev_time, feature_time=ent.time
+    )
+    n_effect = joined.select(pl.col("__in_effect").is_not_null().sum()).collect().item()
+
+    def span(lf: pl.LazyFrame, column: str) -> tuple[str, str]:
+        t = pl.col(column).dt.to_string("%F %T")
+        return lf.select(t.min(), t.max().alias("max")).collect().row(0)
+
+    (lo, hi), (ev_lo, ev_hi) = span(table, ent.time), span(events, ev_time)
+    if n_effect < floor * rows:
+        return (
+            f"likely cause: {ent.time} in the future of the events: only {n_effect} of {rows} "
+            f"event rows have a row in effect at their time ({ent.time} from {lo} to {hi}, "
+            f"events from {ev_lo} to {ev_hi}); date the rows from when their values held"
+        )
+    if ent.ttl is None:
+        return (
+            f"likely cause: the rows in effect hold no feature values ({n_effect} of {rows} event "
+            "rows have a row in effect, its feature columns all null); fill them at the source"
+        )
+    return (
+        f"likely cause: TTL too short: {n_effect} of {rows} event rows have a row in effect, "
+        f"but older than the entity's ttl ({ent.ttl}); raise the ttl in the feature "
+        "definitions or refresh the table more often"
+    )
 
 
 def _split_path(args: Any) -> str:

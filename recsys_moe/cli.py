@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, fields, replace
 from datetime import datetime
 from pathlib import Path
 
+from pipelines.atomic import check_output
 from pipelines.synth import SynthParams
 from recsys_moe.config import Config, load_config
 
@@ -45,15 +47,21 @@ def cmd_synth(args: argparse.Namespace) -> None:
     flags = {k: getattr(args, k) for k in SYNTH_FLAGS if getattr(args, k) is not None}
     out = args.out or cfg.store_dir
     synth_data(
+        cfg,
         out,
         replace(cfg.synth, **flags),
         test_days=cfg.data.test_days if args.test_days is None else args.test_days,
     )
 
 
-def synth_data(out: Path, params: SynthParams, *, test_days: int) -> dict:
+def synth_data(cfg: Config, out: Path, params: SynthParams, *, test_days: int) -> dict:
+    """The synthetic data set into ``out``: a store, so it may replace the config's store but no
+    other input (the training set, the MLflow store, ...) nor the workdir itself."""
     from pipelines.synth import synthesize
 
+    protected = {k: v for k, v in cfg.protected_paths().items() if k != "store"}
+    check_output(out, what="data synth --out", inputs=protected,
+                 roots={"workdir": Path(cfg.workdir), "current folder": Path.cwd()})  # fmt: skip
     meta = synthesize(out, test_days=test_days, **asdict(params))
     print(f"wrote {out}: {meta['rows']}")
     return meta
@@ -63,6 +71,8 @@ def cmd_import(args: argparse.Namespace) -> None:
     from pipelines.importers import DEFAULT_SRC, import_dataset
 
     src = args.src or Path("..") / "shared" / "data" / DEFAULT_SRC[args.name]
+    check_output(args.out, what="data import --out", inputs={"source": Path(src)},
+                 roots={"current folder": Path.cwd()})  # fmt: skip
     meta = import_dataset(args.name, src=src, out=args.out)
     print(f"imported {args.name} from {src} into {args.out}: {meta.get('rows', '')}")
 
@@ -97,6 +107,8 @@ def run_evaluate(cfg: Config, run_id: str | None, split: str, output: Path | Non
     from recsys_moe.evaluation.evaluate import evaluate
 
     report = evaluate(cfg, run_id=run_id, split=split, output=output)
+    picked = "" if run_id else ", the latest finished training run"
+    print(f"evaluated run {report['run_id']}{picked} on {split} ({report['rows']} rows)")
     for k, v in report["metrics"].items():
         print(f"  {split}/{k:<32} {v:.4f}")
     print(f"wrote {report['output']}")
@@ -108,7 +120,8 @@ def run_register(cfg: Config, run_id: str | None):  # noqa: ANN201  (registry.Re
     from serving.pyfunc import CODE_PATH
 
     reg = register(cfg, python_model=CODE_PATH, run_id=run_id)
-    print(f"registered {reg.name} version {reg.version} (run {reg.run_id}) as @{reg.alias}")
+    picked = "" if run_id else ", the latest finished training run"
+    print(f"registered {reg.name} version {reg.version} (run {reg.run_id}{picked}) as @{reg.alias}")
     return reg
 
 
@@ -173,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     store = cfg.store_dir
     print(f"== 1/6 synthetic data → {store}")
-    meta = synth_data(store, cfg.synth, test_days=cfg.data.test_days)
+    meta = synth_data(cfg, store, cfg.synth, test_days=cfg.data.test_days)
     print("== 2/6 training set (point-in-time features, split by time)")
     build(cfg)
     print("== 3/6 train")
@@ -317,8 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler, torchrun stopping the other ranks) ends the job like an error: the
+    ``finally`` blocks run, so the MLflow run is ended FAILED and temporary outputs removed."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,

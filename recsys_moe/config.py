@@ -52,10 +52,29 @@ class DataConfig:
     dataset: str = "dataset"  # training-set output: train/valid/test Parquet + mappings
     valid_days: int = 1  # the day(s) before the test days
     test_days: int = 1  # the last day(s) of events
+    # data contracts (pipelines/training_set.py): events before this ISO time are rejected
+    # ("" = no lower bound; naive = UTC), e.g. "2026-01-01" or "2026-01-01T06:00:00+02:00"
+    min_event_time: str = ""
+    # least share of events that must find each entity's features (= training_set.MIN_COVERAGE)
+    min_coverage: float = 0.5
 
     def __post_init__(self) -> None:
+        from datetime import date, datetime
+
+        if isinstance(self.min_event_time, date):  # a TOML date / datetime: its ISO text
+            self.min_event_time = self.min_event_time.isoformat()
         check_fields(self, "data")
-        at_least("data", valid_days=(self.valid_days, 0), test_days=(self.test_days, 0))
+        at_least("data", valid_days=(self.valid_days, 0), test_days=(self.test_days, 0),
+                  min_coverage=(self.min_coverage, 0.0))  # fmt: skip
+        if self.min_coverage > 1.0:
+            raise ValueError(f"data.min_coverage must lie in [0, 1], got {self.min_coverage}")
+        try:
+            datetime.fromisoformat(self.min_event_time) if self.min_event_time else None
+        except ValueError:
+            raise ValueError(
+                "data.min_event_time: expected an ISO time like '2026-01-01' or "
+                f"'2026-01-01T06:00:00', got {self.min_event_time!r}"
+            ) from None
 
 
 @dataclass
@@ -222,6 +241,9 @@ class TrainConfig:
     # > 0: torch.profiler over that many steps after 22 warm-up steps; the top ops go to the
     # run's artifacts (profile/top_ops.txt), the device's busy share to train/gpu_busy_share
     profile_steps: int = 0
+    # seconds a collective may wait for the other ranks before the job fails (a stopped or lost
+    # rank): torch's own default is 10-30 minutes per collective, with no word meanwhile
+    dist_timeout_s: int = 300
     # training-set columns to break expert usage down by (validation split; absent ones skipped)
     heatmap_by: list[str] = field(default_factory=lambda: ["segment", "category"])
     # false; true / "latest" = the newest complete checkpoint under checkpoint.dir; or a path to
@@ -238,7 +260,8 @@ class TrainConfig:
                   log_every=(self.log_every, 1), eval_batch_size=(self.eval_batch_size, 1),
                   memory_loader_max_mb=(self.memory_loader_max_mb, 0),
                   cpu_threads=(self.cpu_threads, 0),
-                  profile_steps=(self.profile_steps, 0))  # fmt: skip
+                  profile_steps=(self.profile_steps, 0),
+                  dist_timeout_s=(self.dist_timeout_s, 1))  # fmt: skip
         for name in ("lr", "embedding_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -334,6 +357,23 @@ class Config:
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{self.path('mlflow.db').resolve()}"
+
+    def protected_paths(self) -> dict[str, Path]:
+        """What no job's output may replace or delete (``pipelines.atomic.check_output``): the
+        store, the training set, the MLflow store (a local SQLite file and its artifacts), the
+        model bundles, the checkpoints and the feature definitions."""
+        out = {
+            "store": self.store_dir,
+            "training set": self.dataset_dir,
+            "model bundles": self.path("models"),
+            "checkpoints": self.path(self.train.checkpoint.dir),
+            "feature definitions": self.features_path,
+        }
+        uri = self.tracking_uri()
+        if uri.startswith("sqlite:///"):
+            out["MLflow store"] = Path(uri.removeprefix("sqlite:///"))
+            out["MLflow artifacts"] = self.path("mlartifacts")
+        return out
 
     def task(self, name: str) -> TaskConfig:
         for t in self.tasks:

@@ -5,13 +5,35 @@ Kept apart from ``train`` so that building a training set imports neither torch 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from feature_store import OfflineStore
+from pipelines.atomic import check_output
 from pipelines.training_set import build_training_set
 from recsys_moe.config import Config, label_columns
 
 
+def check_in_workdir(cfg: Config, rel: str, what: str) -> None:
+    """A relative output path must resolve inside the workdir (an absolute one is taken as
+    given: writing outside the workdir is then explicit)."""
+    if Path(rel).is_absolute():
+        return
+    workdir = Path(cfg.workdir).resolve()
+    if not cfg.path(rel).resolve().is_relative_to(workdir):
+        raise ValueError(
+            f"{what} {rel!r} resolves to {cfg.path(rel).resolve()}, outside the workdir "
+            f"{workdir}; give an absolute path to write outside it"
+        )
+
+
 def build_dataset(cfg: Config) -> dict:
-    """Build ``cfg.dataset_dir`` from ``cfg.store_dir``; the training set's manifest."""
+    """Build ``cfg.dataset_dir`` from ``cfg.store_dir``; the training set's manifest. Refused
+    before anything is read when the output would replace or delete an input."""
+    check_in_workdir(cfg, cfg.data.dataset, "data.dataset")
+    protected = cfg.protected_paths()
+    protected.pop("training set")
+    check_output(cfg.dataset_dir, what="data.dataset", inputs=protected,
+                 roots={"workdir": Path(cfg.workdir)})  # fmt: skip
     return build_training_set(
         store=OfflineStore(cfg.store_dir),
         out=cfg.dataset_dir,
@@ -20,4 +42,6 @@ def build_dataset(cfg: Config) -> dict:
         valid_days=cfg.data.valid_days,
         test_days=cfg.data.test_days,
         carry=label_columns(cfg.tasks),
+        min_event_time=cfg.data.min_event_time,
+        min_coverage=cfg.data.min_coverage,
     )

@@ -12,6 +12,8 @@ feature definitions, as a new version of ``mlflow.registered_model``. The versio
 from __future__ import annotations
 
 import importlib.metadata as md
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,18 +63,29 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
     signature = model_signature(features, schema, [output_name(t) for t in cfg.tasks])
     root = Path(__file__).resolve().parents[1]
     name = cfg.mlflow.registered_model
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="pyfunc",
+    # The pyfunc is saved locally and uploaded into the run's artifacts, then registered from
+    # there: the training run is never reopened (reopening set it RUNNING for a moment, and
+    # concurrent jobs looking for "the latest finished run" picked an older one meanwhile).
+    artifact_path = f"pyfunc/{uuid.uuid4().hex[:12]}"
+    with tempfile.TemporaryDirectory(prefix="recsys-moe-pyfunc-") as tmp:
+        local = Path(tmp) / "pyfunc"
+        mlflow.pyfunc.save_model(
+            path=str(local),
             python_model=python_model,
             artifacts={"bundle": bundle_dir},
             code_paths=[str(root / p) for p in PACKAGES],
             signature=signature,
             input_example=example.to_pandas(),
             pip_requirements=_requirements(),
-            registered_model_name=name,
         )
-    version = str(info.registered_model_version)
+        client.log_artifacts(run_id, str(local), artifact_path=artifact_path)
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = str(client.create_model_version(name, source=source, run_id=run_id).version)
     aliases = client.get_registered_model(name).aliases
     alias = CHALLENGER if CHAMPION in aliases else CHAMPION
     client.set_registered_model_alias(name, alias, version)

@@ -15,6 +15,7 @@ complete, so a reader never sees half of it.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,9 +23,11 @@ import mlflow
 import polars as pl
 
 from feature_store import DataError, OfflineStore, join_features
-from pipelines.atomic import replacing_dir
+from pipelines.atomic import check_output, replacing_dir
 from recsys_moe.config import Config, TaskConfig
 from recsys_moe.tracking import client_for
+
+log = logging.getLogger(__name__)
 
 PART = "part-00000.parquet"
 MANIFEST = "_manifest.json"
@@ -65,6 +68,43 @@ def read_candidates(path: Path, *, time_column: str) -> pl.LazyFrame:
     return lf
 
 
+def clean_candidates(lf: pl.LazyFrame, path: Path) -> tuple[pl.LazyFrame, dict[str, int]]:
+    """Candidates without null ids and without repeated (request or user, item) pairs (the first
+    kept), and the count of each kind dropped; none left is a ``DataError``."""
+    schema = lf.collect_schema()
+    ids = [c for c in ("request_id", "user_id", "item_id") if c in schema]
+    group = "request_id" if "request_id" in schema else "user_id"
+    frame = lf.with_row_index("__row").collect()
+    total = frame.height
+    if total == 0:
+        raise DataError(f"candidates {path}: no rows; nothing to score (previous output kept)")
+    no_null = frame.drop_nulls(ids)
+    unique = no_null.unique([group, "item_id"], keep="first", maintain_order=True)
+    dropped = {"null_id": total - no_null.height, "duplicate": no_null.height - unique.height}
+    if unique.height == 0:
+        raise DataError(
+            f"candidates {path}: all {total} rows have a null id ({', '.join(ids)}); nothing to "
+            "score (previous output kept)"
+        )
+    for kind, n in dropped.items():
+        if n:
+            log.warning("candidates %s: dropped %d of %d rows (%s)", path, n, total, kind)
+    return unique.drop("__row").lazy(), dropped
+
+
+def check_finite(frame: pl.DataFrame, columns: list[str], keys: list[str], path: Path) -> None:
+    """Every prediction and score finite, else a ``DataError`` naming how many rows and one."""
+    bad = pl.any_horizontal([~pl.col(c).is_finite() | pl.col(c).is_null() for c in columns])
+    rows = frame.filter(bad)
+    if rows.height:
+        example = rows.select(keys + columns).row(0, named=True)
+        raise DataError(
+            f"candidates {path}: {rows.height} of {frame.height} rows got a score that is not a "
+            f"finite number (e.g. {example}); nothing written. Check those rows' features in the "
+            "store for NaN or infinite values"
+        )
+
+
 def combined_score(tasks: list[TaskConfig], weights: dict[str, float]) -> pl.Expr:
     """``prod_t p_t ** w_t`` (binary tasks) ``* (1 + y_t) ** w_t`` (regression tasks); tasks
     without a weight (or weight 0) do not count."""
@@ -90,9 +130,20 @@ def score(
     as_of: datetime | None = None,
     store_dir: str | Path | None = None,
 ) -> dict:
-    """Score ``candidates`` with the registry model ``model_uri``; write the top ``top_k``."""
+    """Score ``candidates`` with the registry model ``model_uri``; write the top ``top_k``.
+
+    Refused before anything is read when ``output`` would replace or delete an input. Candidates
+    with a null id and repeated (request or user, item) pairs are dropped and counted; no
+    candidate left, or any score that is not a finite number, fails the job with the previous
+    output untouched."""
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    store_path = Path(store_dir or cfg.store_dir)
+    check_output(
+        output, what="--output",
+        inputs=cfg.protected_paths() | {"candidates": Path(candidates), "store": store_path},
+        roots={"workdir": Path(cfg.workdir), "current folder": Path.cwd()},
+    )  # fmt: skip
     name, alias = parse_model_uri(model_uri)
     client = client_for(cfg)
     version = client.get_model_version_by_alias(name, alias).version
@@ -102,22 +153,24 @@ def score(
     mcfg = model.bundle.config
     time_col = features.events.time
     candidates, output = Path(candidates), Path(output)
-    lf = read_candidates(candidates, time_column=time_col)
+    lf, dropped = clean_candidates(read_candidates(candidates, time_column=time_col), candidates)
     has_time = time_col in lf.collect_schema()
     if as_of is not None or not has_time:
         stamp = (as_of or datetime.now(UTC)).replace(tzinfo=None)
         lf = lf.with_columns(pl.lit(stamp).cast(pl.Datetime("us")).alias(time_col))
-    store = OfflineStore(store_dir or cfg.store_dir)
+    store = OfflineStore(store_path)
     rows = join_features(lf, store, features, event_time=time_col).collect()
 
     preds = model.predict_polars(rows)
     group = "request_id" if "request_id" in rows.columns else "user_id"
     keys = [c for c in ("request_id", "user_id", "item_id") if c in rows.columns]
-    ranked = (
-        pl.concat([rows.select(keys + [time_col]), preds], how="horizontal")
+    scored = pl.concat([rows.select(keys + [time_col]), preds], how="horizontal").with_columns(
         # the model's tasks, the scoring job's weights ([score] of --config)
-        .with_columns(score=combined_score(mcfg.tasks, cfg.score.weights))
-        .sort([group, "score", "item_id"], descending=[False, True, False])
+        score=combined_score(mcfg.tasks, cfg.score.weights)
+    )
+    check_finite(scored, [*preds.columns, "score"], keys, candidates)
+    ranked = (
+        scored.sort([group, "score", "item_id"], descending=[False, True, False])
         .with_columns(rank=pl.int_range(1, pl.len() + 1).over(group).cast(pl.Int32))
         .filter(pl.col("rank") <= top_k)
     )
@@ -127,6 +180,7 @@ def score(
         "model_version": version,
         "candidates": str(candidates.resolve()),
         "candidate_rows": rows.height,
+        "dropped": dropped,
         "groups": int(ranked[group].n_unique()),
         "group_by": group,
         "top_k": top_k,

@@ -20,6 +20,7 @@ from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from pipelines.synth import synthesize
 from recsys_moe.config import DEMO_CONFIG, Config, label_columns, load_config
 from recsys_moe.dataset import build_dataset
+from recsys_moe.tracking import client_for
 from recsys_moe.training import checkpoint
 from recsys_moe.training.dist import DistInfo
 from recsys_moe.training.loader import MemoryLoader, ParquetLoader
@@ -106,6 +107,11 @@ def test_killed_save_keeps_the_previous_checkpoint(
     steps = len(full.losses)
     assert (run_dir / checkpoint.LATEST).read_text() == f"ckpt-{steps - steps % 3}"
     assert (run_dir / "ckpt-6" / checkpoint.COMPLETE).is_file()
+    # the killed attempt logged steps 1-6 (windows of 2 and before each save); the resumed one
+    # trained from step 4 and logged only what was missing: every step exactly once
+    client = client_for(config(tmp_path, dataset))
+    history = client.get_metric_history(resumed.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))
 
 
 @pytest.mark.slow

@@ -4,7 +4,10 @@ the bundle on rank 0 holds full (unsharded) tables."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from pipelines.synth import synthesize
 from recsys_moe.bundle import load_bundle
 from recsys_moe.config import DEMO_CONFIG, load_config
 from recsys_moe.dataset import build_dataset
-from recsys_moe.tracking import client_for
+from recsys_moe.tracking import client_for, ensure_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
@@ -69,3 +72,78 @@ def test_two_process_training_shards_table_and_column_wise(tmp_path: Path) -> No
     w = bundle.model.state_dict()["tower.ebc.embedding_bags.t_item_id.weight"]
     assert tuple(w.shape) == (item.num_embeddings, item.embedding_dim)  # gathered column shards
     assert torch.isfinite(w).all() and (w != 0).all(dim=1).any()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _rank(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="needs the project's .venv/bin/torchrun")
+def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
+    """One of two ranks stopped (SIGSTOP) mid-training: the other's collectives time out after
+    train.dist_timeout_s, the job fails with the timeout named, no rank is left behind, and the
+    next job finds no RUNNING run."""
+    sets = [*SMALL, "train.epochs=2000", "train.dist_timeout_s=15"]  # hours: stopped long before
+    cfg = load_config(DEMO_CONFIG, sets, workdir=tmp_path)
+    synthesize(cfg.store_dir, users=1200, items=80, days=4, seed=0)
+    build_dataset(cfg)
+    args = [arg for s in sets for arg in ("--set", s)]
+    launcher = subprocess.Popen(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "recsys_moe.cli", "train",
+         "--workdir", str(tmp_path), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    client = client_for(cfg)
+    deadline, stopped = time.monotonic() + 120, None
+    while time.monotonic() < deadline:  # until this job's run is RUNNING: both ranks train
+        exp = client.get_experiment_by_name("dist")
+        running = exp and client.search_runs(
+            [exp.experiment_id], filter_string="attributes.status = 'RUNNING'"
+        )
+        workers = [p for c in _children(launcher.pid) for p in [c, *_children(c)]]
+        ranked = [p for p in workers if _rank(p) == 1]
+        if running and ranked:
+            stopped = ranked[0]
+            break
+        time.sleep(0.5)
+    assert stopped is not None, "the job did not start training within 2 minutes"
+    time.sleep(1)
+    os.kill(stopped, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        _, err = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    took = time.monotonic() - t0
+    assert launcher.returncode != 0
+    assert took < 15 + 90, took  # the timeout, then torchrun's SIGTERM / SIGKILL of the rest
+    assert "timed out" in err.lower() or "timeout" in err.lower(), err[-3000:]
+    assert not Path(f"/proc/{stopped}").exists() or "zombie" in _state(stopped)
+    ensure_experiment(cfg)  # the next job's start
+    (run,) = client.search_runs([client.get_experiment_by_name("dist").experiment_id])
+    assert run.info.status in ("FAILED", "KILLED"), run.info.status
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "gone"

@@ -131,9 +131,12 @@ def test_registered_model_holds_code_and_weights_not_pickles(run: SimpleNamespac
 
 def test_second_registration_is_the_challenger(run: SimpleNamespace) -> None:
     assert run.reg.alias == "champion"
-    again = register(run.cfg, python_model=CODE_PATH, run_id=run.result.run_id)
-    assert again.alias == "challenger" and again.version != run.reg.version
     client = client_for(run.cfg)
+    before = client.get_run(run.result.run_id).info
+    again = register(run.cfg, python_model=CODE_PATH, run_id=run.result.run_id)
+    after = client.get_run(run.result.run_id).info  # the training run is not reopened
+    assert (after.status, after.end_time) == ("FINISHED", before.end_time)
+    assert again.alias == "challenger" and again.version != run.reg.version
     champion = client.get_model_version_by_alias(run.cfg.mlflow.registered_model, "champion")
     assert str(champion.version) == run.reg.version
 
@@ -196,3 +199,83 @@ def test_scoring_weights_come_from_the_scoring_config(run: SimpleNamespace, tmp_
           top_k=3, cfg=cfg)  # fmt: skip
     top = pl.read_parquet(out / PART)
     np.testing.assert_allclose(top["score"].to_numpy(), top["p_click"].to_numpy(), rtol=1e-12)
+
+
+def _score_cli(run: SimpleNamespace, candidates: Path, output: Path) -> subprocess.CompletedProcess:
+    sets = [a for s in SMALL for a in ("--set", s)]
+    return subprocess.run(
+        [sys.executable, "-m", "recsys_moe.cli", "score", "--workdir", str(run.cfg.workdir),
+         *sets, "--model", run.reg.uri, "--candidates", str(candidates), "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_scoring_drops_null_and_repeated_candidates_and_counts_them(
+    run: SimpleNamespace, tmp_path: Path
+) -> None:
+    cands = pl.read_parquet(run.cfg.store_dir / "candidates.parquet")
+    bad = pl.concat(
+        [
+            cands,
+            cands.head(7),  # the same (request, item) again
+            cands.head(3).with_columns(pl.lit(None, dtype=pl.Int64).alias("item_id")),
+        ]
+    )
+    path = tmp_path / "cands.parquet"
+    bad.write_parquet(path)
+    manifest = score(model_uri=run.reg.uri, candidates=path, output=tmp_path / "s", top_k=50,
+                     cfg=run.cfg)  # fmt: skip
+    assert manifest["dropped"] == {"null_id": 3, "duplicate": 7}
+    assert manifest["candidate_rows"] == cands.height
+    top = pl.read_parquet(tmp_path / "s" / PART)
+    assert top.select(["request_id", "item_id"]).is_duplicated().sum() == 0
+    assert top["item_id"].null_count() == 0
+
+
+def test_scoring_an_empty_candidate_file_keeps_the_previous_output(
+    run: SimpleNamespace, tmp_path: Path
+) -> None:
+    out = tmp_path / "scores"
+    good = _score_cli(run, run.cfg.store_dir / "candidates.parquet", out)
+    assert good.returncode == 0, good.stderr
+    before = (out / PART).read_bytes()
+    empty = tmp_path / "empty.parquet"
+    pl.read_parquet(run.cfg.store_dir / "candidates.parquet").head(0).write_parquet(empty)
+    proc = _score_cli(run, empty, out)
+    assert proc.returncode == 2 and "no rows" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / PART).read_bytes() == before
+
+
+@pytest.mark.parametrize("target", ["store", "workdir", "candidates"])
+def test_scoring_output_may_not_replace_an_input(
+    run: SimpleNamespace, tmp_path: Path, target: str
+) -> None:
+    store = run.cfg.store_dir
+    out = {"store": store, "workdir": Path(run.cfg.workdir), "candidates": tmp_path}[target]
+    cands = tmp_path / "c.parquet"
+    pl.read_parquet(store / "candidates.parquet").head(20).write_parquet(cands)
+    listing = sorted(p.name for p in store.iterdir())
+    proc = _score_cli(run, cands, out)
+    assert proc.returncode == 2, proc.stderr
+    assert f"the {target}" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in store.iterdir()) == listing and cands.is_file()
+
+
+@pytest.mark.parametrize(
+    "dataset, needle",
+    [(".", "is the workdir"), ("data", "is the store"), ("../elsewhere", "outside the workdir")],
+)
+def test_the_training_set_may_not_replace_the_store_or_the_workdir(
+    run: SimpleNamespace, dataset: str, needle: str
+) -> None:
+    work = Path(run.cfg.workdir)
+    listing = sorted(p.name for p in work.iterdir())
+    sets = [a for s in [*SMALL, f"data.dataset={dataset}"] for a in ("--set", s)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys_moe.cli", "features", "build", "--workdir", str(work),
+         *sets],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == listing

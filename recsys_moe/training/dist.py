@@ -12,6 +12,7 @@ import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -33,8 +34,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup() -> DistInfo:
-    """The default process group (created unless one exists) and this rank's device."""
+def setup(timeout_s: float = 300.0) -> DistInfo:
+    """The default process group (created unless one exists) and this rank's device.
+
+    ``timeout_s``: how long a collective waits for the other ranks before it raises (a stopped
+    or lost rank ends the job with an error instead of hanging)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -45,12 +49,13 @@ def setup() -> DistInfo:
         backend = "gloo"
     owns = not dist.is_initialized()
     path = ""
+    timeout = timedelta(seconds=timeout_s)
     if owns and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
     elif owns:
         path = tempfile.mktemp(prefix="recsys-moe-pg-")  # FileStore creates it
         dist.init_process_group(
-            backend=backend, store=dist.FileStore(path, 1), rank=0, world_size=1
+            backend=backend, store=dist.FileStore(path, 1), rank=0, world_size=1, timeout=timeout
         )
     return DistInfo(
         rank=dist.get_rank(),

@@ -17,7 +17,7 @@ from mlflow.entities import Metric
 from torch import Tensor
 
 from recsys_moe.config import Config
-from recsys_moe.tracking import ensure_experiment
+from recsys_moe.tracking import ensure_experiment, use_tracking_uri
 from recsys_moe.training.dist import mean_across_ranks
 
 
@@ -41,11 +41,17 @@ class MlflowLogger:
     def __init__(
         self, tracking_uri: str, experiment_id: str, *, run_id: str | None, tags: dict[str, str]
     ) -> None:
-        mlflow.set_tracking_uri(tracking_uri)
+        use_tracking_uri(tracking_uri)
         self.resumed = run_id is not None
         run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, tags=tags)
         self.run_id = run.info.run_id
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        # On resume, the steps the earlier attempt already logged (a prefix: windows are sent
+        # in order and waited for) are not logged again: every step's losses appear once.
+        self.logged_through = 0
+        if self.resumed:
+            history = self.client.get_metric_history(self.run_id, "train/loss")
+            self.logged_through = max((m.step for m in history), default=0)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(metrics, step=step, synchronous=False)
@@ -54,14 +60,16 @@ class MlflowLogger:
         self, names: list[str], steps: list[tuple[int, int]], values: list[list[float]]
     ) -> None:
         """``values[i][j]``: metric ``names[j]`` at ``steps[i]`` = (step, timestamp ms), sent in
-        batches of at most 1000 (MLflow's limit) without waiting."""
+        batches of at most 1000 (MLflow's limit), in order, each waited for (one store commit
+        per window: a kill leaves a prefix of the steps logged, never a gap)."""
         metrics = [
             Metric(name, value, timestamp, step)
             for (step, timestamp), row in zip(steps, values, strict=True)
+            if step > self.logged_through
             for name, value in zip(names, row, strict=True)
         ]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000], synchronous=False)
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.resumed:  # MLflow refuses to change a param (train.resume did change)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from recsys_moe.config import Config, TaskConfig, load_config
 from recsys_moe.model import match_compute, model_cost
-from recsys_moe.tracking import TRAIN_JOB_TAG, client_for, ensure_experiment
+from recsys_moe.tracking import TRAIN_JOB_TAG, client_for, ensure_experiment, run_owner_tags
 from recsys_moe.training.train import train
 
 SEED = "train.seed"  # a grid over it adds a mean ± sd table per other setting
@@ -92,7 +92,8 @@ def sweep(
     shown = shown_metrics(cfgs[0].tasks)
     client = client_for(cfgs[0])
     parent = client.create_run(
-        ensure_experiment(cfgs[0]), tags={TRAIN_JOB_TAG: "sweep", "mlflow.runName": "sweep"}
+        ensure_experiment(cfgs[0]),
+        tags={TRAIN_JOB_TAG: "sweep", "mlflow.runName": "sweep", **run_owner_tags()},
     )
     pid = parent.info.run_id
     for i, (key, values) in enumerate(axes):

@@ -40,7 +40,7 @@ from recsys_moe.evaluation.gates import expert_heatmaps, gate_stats, polarizatio
 from recsys_moe.evaluation.metrics import split_metrics, task_label_stats
 from recsys_moe.evaluation.predict import predict_with_gates
 from recsys_moe.model import build_model, count_parameters, model_cost
-from recsys_moe.tracking import TRAIN_JOB_TAG
+from recsys_moe.tracking import TRAIN_JOB_TAG, run_owner_tags
 from recsys_moe.training import checkpoint, sharding
 from recsys_moe.training.dist import DistInfo, broadcast_object, setup, shutdown
 from recsys_moe.training.loader import Loader, MemoryLoader, ParquetLoader, read_mapped
@@ -86,7 +86,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
     The result's ``model``, ``model_dir`` and ``plots`` are filled on rank 0; ``losses`` are
     this rank's own. ``parent_run_id`` makes the MLflow run a child of that run (sweeps).
     """
-    info = setup()
+    info = setup(cfg.train.dist_timeout_s)
     before = torch.get_num_threads()
     threads = cpu_threads(cfg.train.cpu_threads, info.device)
     if threads:
@@ -164,6 +164,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
         "recsys_moe.dataset_created_at": manifest.get("created_at", ""),
         "recsys_moe.dataset": str(cfg.dataset_dir.resolve()),
         "recsys_moe.world_size": str(info.world_size),
+        **run_owner_tags(),
     }
     if resume_from is not None:
         tags["recsys_moe.resumed_from"] = str(resume_from)
