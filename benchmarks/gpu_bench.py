@@ -80,8 +80,7 @@ def loader_rate(cfg, rank: int, world: int) -> float:  # noqa: ANN001
 
 def peer(cfg, steps: int) -> float:  # noqa: ANN001
     """torch-rechub's MMOE as shipped, on the GPU: samples/s over ``steps`` steps."""
-    from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
-    from torch_rechub.models.multi_task import MMOE
+    from train_bench import rechub_mmoe  # this script's folder is on sys.path
 
     from recsys_moe.config import label_columns
     from recsys_moe.training.loader import MemoryLoader
@@ -89,23 +88,7 @@ def peer(cfg, steps: int) -> float:  # noqa: ANN001
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     features = cfg.feature_set()
-    feats = []
-    for f in features.features:
-        if f.kind == "categorical":
-            feats.append(SparseFeature(f.name, f.num_embeddings, f.embedding_dim))
-        elif f.kind == "multi_categorical":
-            feats.append(SequenceFeature(f.name, f.num_embeddings, f.embedding_dim,
-                                         pooling=f.pooling, padding_idx=0))  # fmt: skip
-        else:
-            feats.append(DenseFeature(f.name))
-    m = cfg.model
-    model = MMOE(
-        feats,
-        task_types=["classification", "regression"],
-        n_expert=m.num_experts,
-        expert_params={"dims": list(m.expert_dims)},
-        tower_params_list=[{"dims": list(m.tower_dims)} for _ in cfg.tasks],
-    ).to(device)
+    model = rechub_mmoe(cfg, features).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     bce, mse = nn.BCELoss(), nn.MSELoss()
     loader = MemoryLoader.from_split(

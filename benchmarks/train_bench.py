@@ -175,7 +175,9 @@ def ours_plain(cfg, features):
     return step
 
 
-def peer(cfg, features):
+def rechub_mmoe(cfg, features) -> nn.Module:  # noqa: ANN001
+    """torch-rechub's ``MMOE`` as shipped, for ``features`` and ``cfg.model``'s experts/towers
+    (also used by gpu_bench.py)."""
     from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
     from torch_rechub.models.multi_task import MMOE
 
@@ -189,13 +191,17 @@ def peer(cfg, features):
         else:
             feats.append(DenseFeature(f.name))
     m = cfg.model
-    model = MMOE(
+    return MMOE(
         feats,
         task_types=["classification", "regression"],
         n_expert=m.num_experts,
         expert_params={"dims": list(m.expert_dims)},
         tower_params_list=[{"dims": list(m.tower_dims)} for _ in cfg.tasks],
-    ).train()
+    )
+
+
+def peer(cfg, features):
+    model = rechub_mmoe(cfg, features).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     bce, mse = nn.BCELoss(), nn.MSELoss()
 
