@@ -4,8 +4,8 @@
 
 After ``WAIT`` steps (warm-up: allocator, kernels' autotuning, the pipeline filling), ``WARMUP``
 more steps are traced and dropped, then ``steps`` steps are recorded. The device is synchronised
-at the window's two ends only. The report: the top ops by time on the device (or the CPU
-without one), and the device's busy share: its kernels' summed time over the window's wall
+at the window's two ends only. The report: the top ops by time on the device and by time on
+the host (a host-bound step shows there), and the device's busy share: its kernels' summed time over the window's wall
 time during which at least one kernel or copy ran (1 = never idle; a host-bound step is far
 below it).
 """
@@ -60,9 +60,12 @@ class StepProfiler:
         self._prof.stop()
 
     def _ready(self, prof: profile) -> None:
-        sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         averages = prof.key_averages()
-        self.report = averages.table(sort_by=sort, row_limit=25, max_name_column_width=60)
+        tables = []
+        for sort in (["self_device_time_total"] if self.cuda else []) + ["self_cpu_time_total"]:
+            top = averages.table(sort_by=sort, row_limit=25, max_name_column_width=60)
+            tables.append(f"top ops by {sort}, {self.last - self.first} steps\n{top}")
+        self.report = "\n".join(tables)
         if self.cuda and self.window_s > 0:
             self.busy_share = busy_us(prof.events()) / 1e6 / self.window_s
 
