@@ -5,9 +5,9 @@
 After ``WAIT`` steps (warm-up: allocator, kernels' autotuning, the pipeline filling), ``WARMUP``
 more steps are traced and dropped, then ``steps`` steps are recorded. The device is synchronised
 at the window's two ends only. The report: the top ops by time on the device and by time on
-the host (a host-bound step shows there), and the device's busy share: its kernels' summed time over the window's wall
-time during which at least one kernel or copy ran (1 = never idle; a host-bound step is far
-below it).
+the host (a host-bound step shows there), and the device's busy share: the share of the
+window's wall time during which at least one kernel or copy ran (1 = never idle; a host-bound
+step is far below it).
 """
 
 from __future__ import annotations
