@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,59 @@ def test_auto_loader_holds_small_splits_and_streams_large_ones(
         labels = label_columns(cfg.tasks)
         loader = train_loader(cfg.dataset_dir, cfg.train, features, labels, info)
         assert type(loader) is kind and (loader.rank, loader.world_size) == (1, 2)
+
+
+@pytest.mark.slow
+def test_a_killed_training_leaves_no_running_run_once_the_next_job_starts(
+    tmp_path: Path, dataset: Path
+) -> None:
+    """SIGKILL (no handler runs) while training: the run stays RUNNING until the next job of the
+    experiment starts, which marks it KILLED and does not take it for a finished run."""
+    sets = [*SMALL, f"data.dataset={dataset}", "train.epochs=500"]
+    args = [arg for s in sets for arg in ("--set", s)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recsys_moe.cli", "train", "--workdir", str(tmp_path), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+    client = client_for(config(tmp_path, dataset))
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            exp = client.get_experiment_by_name("ckpt")
+            if exp and client.search_runs([exp.experiment_id]):
+                break
+            time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.wait()
+    (run,) = client.search_runs([client.get_experiment_by_name("ckpt").experiment_id])
+    assert run.info.status == "RUNNING"  # nothing could end it
+    nxt = subprocess.run(
+        [sys.executable, "-m", "recsys_moe.cli", "evaluate", "--workdir", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert nxt.returncode == 2 and "no finished training run" in nxt.stderr, nxt.stderr[-2000:]
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize(
+    "job, setting, needle",
+    [
+        ("train", "train.batch_size=abc", "train.batch_size: expected an integer, got 'abc'"),
+        ("train", "train.epochs=2.5", "train.epochs: expected an integer, got 2.5"),
+        ("train", "train.epochs=0", "train.epochs must be >= 1"),
+        ("train", "train.checkpoint.every=-1", "train.checkpoint.every must be >= 0"),
+        ("evaluate", "model.mixture=moe", "model.mixture: expected one of"),
+    ],
+)
+def test_bad_settings_end_before_any_run(
+    tmp_path: Path, dataset: Path, job: str, setting: str, needle: str
+) -> None:
+    args = [a for s in [*SMALL, f"data.dataset={dataset}", setting] for a in ("--set", s)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys_moe.cli", job, "--workdir", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: config "), proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no MLflow store, no run, no checkpoint
