@@ -8,6 +8,7 @@
     recsys-moe sweep --config FILE --grid key=v1,v2 [--grid ...] [--set key=value ...]
     recsys-moe evaluate --config FILE [--run-id ID] [--split test] [--output FILE]
     recsys-moe register --config FILE [--run-id ID]
+    recsys-moe promote --config FILE --model NAME --version V [--alias champion]
     recsys-moe score --config FILE --model models:/NAME@ALIAS --candidates PATH --output DIR
                      [--top-k K] [--as-of ISO-TIME]
 
@@ -167,6 +168,16 @@ def cmd_register(args: argparse.Namespace) -> None:
     run_register(_config(args), args.run_id)
 
 
+def cmd_promote(args: argparse.Namespace) -> None:
+    from recsys_moe.registry import promote
+
+    p = promote(_config(args), name=args.model, version=args.version, alias=args.alias)
+    before = f" (was version {p.previous})" if p.previous else " (no holder before)"
+    print(f"{p.name} version {p.version} is now @{p.alias}{before}")
+    for key, (a, b) in p.compared.items():
+        print(f"  test/{key:<24} {a:.4f}   @{p.alias} before: {b:.4f}")
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     run_score(_config(args), args.model, args.candidates, args.output, top_k=args.top_k,
               as_of=args.as_of, store=args.store)  # fmt: skip
@@ -315,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--run-id", help="MLflow run id (default: the latest finished training run)")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser(
+        "promote", help="move an alias (champion) to a version that passes every task's gate",
+        description="Give --alias to --version only if, for every task, its test metric "
+        "tasks.<name>.gate is no worse than the alias holder's (within gate_tolerance), both "
+        "evaluated on the same data; otherwise say which task failed and keep the alias.",
+    )  # fmt: skip
+    _common(p)
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--version", required=True, help="the version to promote")
+    p.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("score", help="score candidates with a registered model, keep the top K")
     _common(p)

@@ -36,6 +36,9 @@ TaskKind = Literal["binary", "regression"]
 Transform = Literal["none", "log1p"]
 # "" = from kind and transform: bce (binary); mse_log1p (transform log1p) or mse (regression)
 Objective = Literal["", "bce", "mse_log1p", "mse", "weighted_logistic", "duration_quantile"]
+# a task's promotion gate (recsys-moe promote): "" = auc (binary) or rmse (regression)
+GateMetric = Literal["", "auc", "logloss", "ne", "rmse", "mae", "rmse_log"]
+HIGHER_IS_BETTER = ("auc",)
 LrSchedule = Literal["constant", "linear"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
 LoaderKind = Literal["auto", "memory", "device", "stream"]
@@ -144,6 +147,10 @@ class TaskConfig:
     mask: str = ""  # label column: the loss counts only rows where it is 1 ("" = all non-null rows)
     positive: str = ""  # weighted_logistic: column that is 1 for positives ("" = label > 0)
     quantile_of: str = ""  # duration_quantile: the duration column (target = label / duration)
+    # promotion gate: a candidate may take the champion alias only if this test metric is no
+    # worse than the champion's by more than gate_tolerance ("" = auc / rmse by kind)
+    gate: GateMetric = ""
+    gate_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self, f"tasks.{self.name}")
@@ -152,6 +159,13 @@ class TaskConfig:
             raise ValueError(f"{where}: a task needs a name and a label column")
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError(f"{where}.weight must be finite and >= 0, got {self.weight}")
+        if not self.gate:
+            self.gate = "auc" if self.kind == "binary" else "rmse"
+        binary_gate = self.gate in ("auc", "logloss", "ne")
+        if binary_gate != (self.kind == "binary"):
+            raise ValueError(f"{where}.gate {self.gate!r} is not a metric of a {self.kind} task")
+        if not (math.isfinite(self.gate_tolerance) and self.gate_tolerance >= 0):
+            raise ValueError(f"{where}.gate_tolerance must be finite and >= 0")
         if self.kind == "binary":
             if self.objective not in ("", "bce"):
                 raise ValueError(

@@ -1,19 +1,33 @@
-"""Registering a training run's model in the MLflow model registry.
+"""Registering a training run's model in the MLflow model registry, and promoting it.
 
     recsys-moe register --config configs/demo.toml [--run-id ID]
+    recsys-moe promote --config configs/demo.toml --model NAME --version V [--alias champion]
 
-Logs an MLflow pyfunc (models from code: the pyfunc's source file, the model bundle as artifact,
-this project's packages as code paths) into the training run, with a signature generated from the
-feature definitions, as a new version of ``mlflow.registered_model``. The version gets the alias
-``champion`` when the model has none yet, else ``challenger``; its test metrics (from
-``recsys-moe evaluate``) are copied onto the version as tags.
+``register`` refuses a run that has not been evaluated (``recsys-moe evaluate``: its test
+metrics are what promotion compares). It saves an MLflow pyfunc (models from code: the pyfunc's
+source file, the model bundle as artifact, this project's packages as code paths) with a
+signature generated from the feature definitions, uploads it into the training run's artifacts
+and creates a version of ``mlflow.registered_model`` from there (the run is not reopened). The
+version gets the alias ``champion`` when the model has none yet, else ``challenger``; its test
+metrics and the identity of the evaluated data become tags, and a description says what it is.
+
+``promote`` moves an alias (``champion``) to a version only when every task's gate metric
+(``tasks.<name>.gate``, ``gate_tolerance``) is no worse than the current holder's, measured on
+the same evaluation data; otherwise it names each failing task with both numbers and leaves the
+alias where it is.
+
+On a local SQLite store, registry writes hold a file lock (``<store>.registry.lock``): concurrent
+``register`` processes get unique, gapless versions instead of "database is locked" errors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata as md
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +35,8 @@ import mlflow
 
 from feature_store.signature import model_signature
 from pipelines.training_set import load_split
-from recsys_moe.config import Config
+from recsys_moe.config import HIGHER_IS_BETTER, Config
+from recsys_moe.evaluation.evaluate import EVAL_DATA_TAG
 from recsys_moe.model.objectives import output_name
 from recsys_moe.tracking import client_for, latest_train_run
 
@@ -52,10 +67,40 @@ def _requirements() -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def registry_lock(cfg: Config) -> Iterator[None]:
+    """An exclusive file lock beside a local SQLite store (nothing for a tracking server, which
+    serialises its own writes)."""
+    uri = cfg.tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///")).with_suffix(".registry.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def evaluated_metrics(client: mlflow.MlflowClient, run_id: str) -> dict[str, float]:
+    """The run's ``test/...`` metrics (from ``recsys-moe evaluate``), without the prefix."""
+    metrics = client.get_run(run_id).data.metrics
+    return {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
+
+
 def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Registered:
     """Register the run's model (``python_model``: path of the pyfunc's code file)."""
     client = client_for(cfg)
     run_id = run_id or latest_train_run(cfg)
+    evaluated = evaluated_metrics(client, run_id)
+    if not evaluated:
+        raise ValueError(
+            f"run {run_id} has not been evaluated (no test/... metrics): promotion compares "
+            f"them; run `recsys-moe evaluate --run-id {run_id}` first"
+        )
     bundle_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")
     features = cfg.feature_set()
     example = load_split(cfg.dataset_dir, "train").select(features.input_columns).head(3).collect()
@@ -79,18 +124,95 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
             pip_requirements=_requirements(),
         )
         client.log_artifacts(run_id, str(local), artifact_path=artifact_path)
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = str(client.create_model_version(name, source=source, run_id=run_id).version)
-    aliases = client.get_registered_model(name).aliases
-    alias = CHALLENGER if CHAMPION in aliases else CHAMPION
-    client.set_registered_model_alias(name, alias, version)
-    metrics = client.get_run(run_id).data.metrics
-    for k, v in metrics.items():
-        if k.startswith("test/"):
-            client.set_model_version_tag(name, version, k, f"{v:.6g}")
+    run = client.get_run(run_id)
+    source = f"{run.info.artifact_uri}/{artifact_path}"
+    data = run.data.tags.get(f"{EVAL_DATA_TAG}.test", "")
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(evaluated.items()) if "bayes" not in k)
+    description = (
+        f"Trained by run {run_id} (experiment {cfg.mlflow.experiment}); training set "
+        f"{run.data.tags.get('recsys_moe.dataset', '?')}; tasks "
+        f"{', '.join(t.name for t in cfg.tasks)}; test metrics: {shown}"
+    )
+    with registry_lock(cfg):
+        try:
+            client.create_registered_model(
+                name, description="Multi-task ranking model (recsys-moe): MMoE over a TorchRec "
+                "embedding tower; input: the feature definitions' raw columns; output: one "
+                "column per task in natural units.",
+            )  # fmt: skip
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = str(
+            client.create_model_version(
+                name, source=source, run_id=run_id, description=description
+            ).version
+        )
+        aliases = client.get_registered_model(name).aliases
+        alias = CHALLENGER if CHAMPION in aliases else CHAMPION
+        client.set_registered_model_alias(name, alias, version)
+        for k, v in evaluated.items():
+            client.set_model_version_tag(name, version, f"test/{k}", f"{v:.6g}")
+        client.set_model_version_tag(name, version, EVAL_DATA_TAG, data)
     return Registered(name=name, version=version, alias=alias, run_id=run_id)
+
+
+@dataclass
+class Promotion:
+    name: str
+    version: str
+    alias: str
+    previous: str | None  # the version that held the alias, if any
+    compared: dict[str, tuple[float, float]]  # gate metric -> (candidate, holder)
+
+
+def promote(cfg: Config, *, name: str, version: str, alias: str = CHAMPION) -> Promotion:
+    """Give ``alias`` to ``version`` if it passes every task's gate against the alias's holder
+    (module docstring); a ``ValueError`` naming each failing task otherwise."""
+    client = client_for(cfg)
+    try:
+        candidate = client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"model {name!r} has no version {version}") from None
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        holder = None
+    compared: dict[str, tuple[float, float]] = {}
+    if holder is not None and holder.version != candidate.version:
+        mine, theirs = (
+            evaluated_metrics(client, candidate.run_id),
+            evaluated_metrics(client, holder.run_id),
+        )
+        data = [client.get_run(v.run_id).data.tags.get(f"{EVAL_DATA_TAG}.test", "")
+                for v in (candidate, holder)]  # fmt: skip
+        if not data[0] or data[0] != data[1]:
+            raise ValueError(
+                f"version {version} and @{alias} (version {holder.version}) were not evaluated "
+                f"on the same data ({data[0] or 'none'} vs {data[1] or 'none'}); evaluate both "
+                "runs on one training set (`recsys-moe evaluate --run-id ...`) and promote again"
+            )
+        failed = []
+        for t in cfg.tasks:
+            key = f"{t.name}_{t.gate}"
+            if key not in mine or key not in theirs:
+                raise ValueError(f"test/{key} is missing on version {version} or {holder.version}")
+            a, b = mine[key], theirs[key]
+            compared[key] = (a, b)
+            better_up = t.gate in HIGHER_IS_BETTER
+            worse = a < b - t.gate_tolerance if better_up else a > b + t.gate_tolerance
+            if worse:
+                side = "below" if better_up else "above"
+                failed.append(
+                    f"{t.name}: {key} {a:.6g} is {side} @{alias}'s {b:.6g} by more than the "
+                    f"tolerance {t.gate_tolerance:g}"
+                )
+        if failed:
+            raise ValueError(
+                f"not promoting {name} version {version} to @{alias} (held by version "
+                f"{holder.version}): " + "; ".join(failed)
+            )
+    with registry_lock(cfg):
+        client.set_registered_model_alias(name, alias, candidate.version)
+    return Promotion(name, str(candidate.version), alias,
+                     None if holder is None else str(holder.version), compared)  # fmt: skip

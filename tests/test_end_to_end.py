@@ -23,7 +23,7 @@ from recsys_moe.config import DEMO_CONFIG, load_config
 from recsys_moe.dataset import build_dataset
 from recsys_moe.evaluation.evaluate import evaluate
 from recsys_moe.evaluation.predict import predict_frame
-from recsys_moe.registry import register
+from recsys_moe.registry import promote, register
 from recsys_moe.tracking import client_for
 from recsys_moe.training.train import train
 from serving.pyfunc import CODE_PATH
@@ -279,3 +279,76 @@ def test_the_training_set_may_not_replace_the_store_or_the_workdir(
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in work.iterdir()) == listing
+
+
+def _copy_run(run: SimpleNamespace, shift: dict[str, float]) -> str:
+    """Another finished run holding the same model bundle and the same evaluation data, whose
+    test metrics are the real run's shifted by ``shift`` (metric -> added value): the gate's
+    input, so that its decisions can be checked case by case."""
+    client = client_for(run.cfg)
+    src = client.get_run(run.result.run_id)
+    new = client.create_run(src.info.experiment_id, tags=src.data.tags)
+    client.log_artifacts(new.info.run_id, str(run.result.model_dir), artifact_path="model")
+    for k, v in src.data.metrics.items():
+        if k.startswith("test/"):
+            client.log_metric(new.info.run_id, k, v + shift.get(k.removeprefix("test/"), 0.0))
+    client.set_terminated(new.info.run_id, "FINISHED")
+    return new.info.run_id
+
+
+def test_promotion_gate_refuses_a_model_worse_on_one_task(
+    run: SimpleNamespace, tmp_path: Path
+) -> None:
+    cfg = load_config(DEMO_CONFIG, [*SMALL, "mlflow.registered_model=gate"],
+                      workdir=run.cfg.workdir)  # fmt: skip
+    first = register(cfg, python_model=CODE_PATH, run_id=run.result.run_id)
+    assert first.alias == "champion"
+    mixed = register(cfg, python_model=CODE_PATH, run_id=_copy_run(
+        run, {"click_auc": +0.01, "watch_time_rmse": +0.5}))  # fmt: skip
+    assert mixed.alias == "challenger"
+    sets = [a for s in [*SMALL, "mlflow.registered_model=gate"] for a in ("--set", s)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys_moe.cli", "promote", "--workdir", str(run.cfg.workdir),
+         *sets, "--model", "gate", "--version", mixed.version],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "watch_time: watch_time_rmse" in proc.stderr and "click" not in proc.stderr.split(
+        "): ")[1]  # fmt: skip
+    client = client_for(cfg)
+    assert str(client.get_model_version_by_alias("gate", "champion").version) == first.version
+    # within the tolerance it passes; better on both it passes
+    tolerant = load_config(DEMO_CONFIG, [*SMALL, "mlflow.registered_model=gate",
+                                         "tasks.watch_time.gate_tolerance=1.0"],
+                           workdir=run.cfg.workdir)  # fmt: skip
+    assert promote(tolerant, name="gate", version=mixed.version).previous == first.version
+    better = register(cfg, python_model=CODE_PATH, run_id=_copy_run(
+        run, {"click_auc": +0.02, "watch_time_rmse": -0.1}))  # fmt: skip
+    done = promote(cfg, name="gate", version=better.version)
+    assert done.compared["click_auc"][0] > done.compared["click_auc"][1]
+    assert str(client.get_model_version_by_alias("gate", "champion").version) == better.version
+    version = client.get_model_version("gate", better.version)
+    assert "test metrics" in version.description and version.tags["test/click_auc"]
+
+
+def test_register_refuses_a_run_that_was_not_evaluated(run: SimpleNamespace) -> None:
+    client = client_for(run.cfg)
+    exp = client.get_run(run.result.run_id).info.experiment_id
+    bare = client.create_run(exp)
+    client.set_terminated(bare.info.run_id, "FINISHED")
+    with pytest.raises(ValueError, match="has not been evaluated"):
+        register(run.cfg, python_model=CODE_PATH, run_id=bare.info.run_id)
+
+
+def test_eight_concurrent_registrations_get_unique_gapless_versions(run: SimpleNamespace) -> None:
+    sets = [a for s in [*SMALL, "mlflow.registered_model=many"] for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "recsys_moe.cli", "register", "--workdir",
+           str(run.cfg.workdir), *sets, "--run-id", run.result.run_id]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [e[-2000:] for _, e in outs]
+    client = client_for(run.cfg)
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='many'"))
+    assert versions == list(range(1, 9))
+    assert client.get_model_version_by_alias("many", "champion").version is not None

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.atomic import write_text_atomic
-from pipelines.training_set import load_split
+from pipelines.training_set import load_manifest, load_split
 from recsys_moe.bundle import Bundle, load_bundle
 from recsys_moe.config import Config, TaskConfig
 from recsys_moe.evaluation.metrics import task_label_stats, task_metrics
@@ -28,6 +28,14 @@ from recsys_moe.model.objectives import output_name
 from recsys_moe.tracking import client_for, latest_train_run
 
 ORACLE = "oracle.parquet"
+EVAL_DATA_TAG = "recsys_moe.eval_data"  # + ".test": which rows the test metrics were taken on
+
+
+def eval_data_id(cfg: Config, split: str, rows: int) -> str:
+    """The identity of an evaluation's rows: the training set (its path and build time) and the
+    split; two runs' metrics compare only on the same identity (``recsys-moe promote``)."""
+    manifest = load_manifest(cfg.dataset_dir)
+    return f"{cfg.dataset_dir.resolve()}|{manifest.get('created_at', '')}|{split}|{rows}"
 
 
 def load_run_bundle(cfg: Config, run_id: str) -> Bundle:
@@ -74,7 +82,10 @@ def evaluate(
     for k, v in metrics.items():
         if np.isfinite(v):
             client.log_metric(run_id, f"{prefix}/{k}", v)
-    report = {"run_id": run_id, "split": split, "rows": rows.height, "metrics": metrics}
+    data = eval_data_id(cfg, split, rows.height)
+    client.set_tag(run_id, f"{EVAL_DATA_TAG}.{prefix}", data)
+    report = {"run_id": run_id, "split": split, "rows": rows.height, "data": data,
+              "metrics": metrics}  # fmt: skip
     output = output or cfg.path("eval") / f"{run_id}-{split}.json"
     write_text_atomic(output, json.dumps(report, indent=2))
     client.log_artifact(run_id, str(output), artifact_path="eval")
