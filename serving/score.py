@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 import polars as pl
 
-from feature_store import DataError, OfflineStore, join_features
+from feature_store import DataError, FeatureSet, OfflineStore, join_features
 from pipelines.atomic import check_output, replacing_dir
 from recsys_moe.config import Config, TaskConfig
 from recsys_moe.tracking import client_for
@@ -90,6 +90,40 @@ def clean_candidates(lf: pl.LazyFrame, path: Path) -> tuple[pl.LazyFrame, dict[s
         if n:
             log.warning("candidates %s: dropped %d of %d rows (%s)", path, n, total, kind)
     return unique.drop("__row").lazy(), dropped
+
+
+COVERAGE_WARNING = 0.9  # a share of candidates with an entity's features under this is reported
+
+
+def feature_coverage(
+    rows: pl.DataFrame, features: FeatureSet, store: OfflineStore, path: Path
+) -> dict[str, float]:
+    """Per entity, the share of candidates whose features were found as of the scoring time
+    (the others are scored as unknown: row 0 of every table, the mean of every numeric). Under
+    ``COVERAGE_WARNING`` a warning; none found at all is a ``DataError`` (a wrong store, or a
+    scoring time before every row)."""
+    out: dict[str, float] = {}
+    for name, ent in features.entities.items():
+        columns = [c for c in dict.fromkeys(f.column for f in features.for_entity(name))
+                   if c != ent.key]  # fmt: skip
+        if not columns:
+            continue
+        found = rows.select(pl.any_horizontal([pl.col(c).is_not_null() for c in columns]).sum())
+        share = found.item() / rows.height
+        out[name] = round(share, 6)
+        if share == 0:
+            raise DataError(
+                f"candidates {path}: none of the {rows.height} candidates found features of "
+                f"entity {name} in {store.path(ent.table)} as of the scoring time; check the "
+                "store (--store), the ids and --as-of (before every row's valid_from?)"
+            )
+        if share < COVERAGE_WARNING:
+            log.warning(
+                "candidates %s: %.1f%% of the candidates found features of entity %s; the rest "
+                "are scored as unknown (ids not in %s, or not yet valid as of the scoring time)",
+                path, 100 * share, name, store.path(ent.table),
+            )  # fmt: skip
+    return out
 
 
 def check_finite(frame: pl.DataFrame, columns: list[str], keys: list[str], path: Path) -> None:
@@ -160,6 +194,7 @@ def score(
         lf = lf.with_columns(pl.lit(stamp).cast(pl.Datetime("us")).alias(time_col))
     store = OfflineStore(store_path)
     rows = join_features(lf, store, features, event_time=time_col).collect()
+    coverage = feature_coverage(rows, features, store, candidates)
 
     preds = model.predict_polars(rows)
     group = "request_id" if "request_id" in rows.columns else "user_id"
@@ -181,6 +216,7 @@ def score(
         "candidates": str(candidates.resolve()),
         "candidate_rows": rows.height,
         "dropped": dropped,
+        "coverage": coverage,
         "groups": int(ranked[group].n_unique()),
         "group_by": group,
         "top_k": top_k,

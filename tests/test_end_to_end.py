@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from feature_store import DataError
 from pipelines.mappings import Mappings
 from pipelines.synth import synthesize
 from pipelines.training_set import load_split
@@ -352,3 +354,26 @@ def test_eight_concurrent_registrations_get_unique_gapless_versions(run: SimpleN
     versions = sorted(int(v.version) for v in client.search_model_versions("name='many'"))
     assert versions == list(range(1, 9))
     assert client.get_model_version_by_alias("many", "champion").version is not None
+
+
+def test_scoring_counts_candidates_without_features_and_refuses_when_none_have_them(
+    run: SimpleNamespace, tmp_path: Path
+) -> None:
+    cands = pl.read_parquet(run.cfg.store_dir / "candidates.parquet")
+    unknown = cands.with_columns(  # every fifth candidate an item the store has never seen
+        pl.when(pl.int_range(pl.len()) % 5 == 0)
+        .then(pl.col("item_id") + 10_000_000)
+        .otherwise(pl.col("item_id"))
+        .alias("item_id")
+    )
+    path = tmp_path / "c.parquet"
+    unknown.write_parquet(path)
+    as_of = datetime.fromisoformat(run.meta["scoring_time"])  # the data's own scoring time
+    manifest = score(model_uri=run.reg.uri, candidates=path, output=tmp_path / "s", top_k=5,
+                     cfg=run.cfg, as_of=as_of)  # fmt: skip
+    assert manifest["coverage"]["item"] == pytest.approx(0.8, abs=0.01)
+    assert manifest["coverage"]["user"] == 1.0
+    with pytest.raises(DataError, match="none of the .* candidates found features of entity"):
+        score(model_uri=run.reg.uri, candidates=path, output=tmp_path / "t", top_k=5,
+              cfg=run.cfg, as_of=datetime(2000, 1, 1))  # fmt: skip
+    assert not (tmp_path / "t").exists()
