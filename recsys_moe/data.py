@@ -8,9 +8,10 @@ Notation: N rows, B batch, Dn dense features, F sparse features.
 
 ``to_tensor_data`` converts once, vectorised through Arrow/NumPy: numeric columns → ``dense
 [N, Dn]`` float32; each sparse column → jagged ``values`` (int64) and ``offsets [N + 1]`` (a
-categorical column is the jagged case with every length 1). ``iterate_batches`` gathers rows by
-index with offset arithmetic (no Python loop over rows) and packs the F features into one KJT,
-keys in ``features.sparse`` order.
+categorical column is the jagged case with every length 1). ``iterate_batches`` permutes the rows
+once by index with offset arithmetic (``take_rows``, no Python loop over rows), then cuts
+contiguous slices and packs the F features of each into one KJT, keys in ``features.sparse``
+order.
 
 Input contract (``pipelines.mappings.apply_mappings``, run when the training set is built, so the
 training loaders read ready integer columns; inference maps raw rows with ``map_to_tensors``):
@@ -172,11 +173,6 @@ def map_to_tensors(
 
 
 # ---- tensors -> batches ------------------------------------------------------------------------
-def make_kjt(keys: list[str], values: Tensor, lengths: Tensor) -> KeyedJaggedTensor:
-    """A KJT from key-major ``lengths [F * B]`` and the matching ``values``."""
-    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
-
-
 def gather_jagged(starts: Tensor, lengths: Tensor, values: Tensor) -> Tensor:
     """Concatenation of ``values[starts[i] : starts[i] + lengths[i]]`` over i, without a loop
     (on the tensors' device; one host sync for the output size)."""
