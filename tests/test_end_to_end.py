@@ -377,3 +377,16 @@ def test_scoring_counts_candidates_without_features_and_refuses_when_none_have_t
         score(model_uri=run.reg.uri, candidates=path, output=tmp_path / "t", top_k=5,
               cfg=run.cfg, as_of=datetime(2000, 1, 1))  # fmt: skip
     assert not (tmp_path / "t").exists()
+
+
+def test_an_evaluation_report_may_not_overwrite_an_input(run: SimpleNamespace) -> None:
+    sets = [a for s in SMALL for a in ("--set", s)]
+    target = run.cfg.store_dir / "impressions.parquet"
+    before = target.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys_moe.cli", "evaluate", "--workdir", str(run.cfg.workdir),
+         *sets, "--run-id", run.result.run_id, "--output", str(target)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "sits inside the store" in proc.stderr, proc.stderr
+    assert target.read_bytes() == before

@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import polars as pl
 
-from pipelines.atomic import write_text_atomic
+from pipelines.atomic import check_output, write_text_atomic
 from pipelines.training_set import load_manifest, load_split
 from recsys_moe.bundle import Bundle, load_bundle
 from recsys_moe.config import Config, TaskConfig
@@ -60,6 +60,9 @@ def evaluate(
     cfg: Config, *, run_id: str | None = None, split: str = "test", output: Path | None = None
 ) -> dict:
     run_id = run_id or latest_train_run(cfg)
+    output = output or cfg.path("eval") / f"{run_id}-{split}.json"
+    check_output(output, what="--output", inputs=cfg.protected_paths(),
+                 roots={"workdir": Path(cfg.workdir), "current folder": Path.cwd()})  # fmt: skip
     bundle = load_run_bundle(cfg, run_id)
     rows = load_split(cfg.dataset_dir, split).collect()
     if rows.height == 0:
@@ -86,7 +89,6 @@ def evaluate(
     client.set_tag(run_id, f"{EVAL_DATA_TAG}.{prefix}", data)
     report = {"run_id": run_id, "split": split, "rows": rows.height, "data": data,
               "metrics": metrics}  # fmt: skip
-    output = output or cfg.path("eval") / f"{run_id}-{split}.json"
     write_text_atomic(output, json.dumps(report, indent=2))
     client.log_artifact(run_id, str(output), artifact_path="eval")
     report["output"] = str(output)
