@@ -127,6 +127,12 @@ class FeatureSet:
     def for_entity(self, entity: str) -> tuple[Feature, ...]:
         return tuple(f for f in self.features if f.entity == entity)
 
+    def joined_columns(self, entity: str) -> list[str]:
+        """The columns a point-in-time join brings from ``entity``'s table: its features'
+        columns, first-seen order, without the key (the events hold that)."""
+        key = self.entities[entity].key
+        return [c for c in dict.fromkeys(f.column for f in self.for_entity(entity)) if c != key]
+
     @property
     def input_columns(self) -> tuple[str, ...]:
         """Raw feature columns the model consumes (training set, pyfunc input)."""

@@ -122,8 +122,7 @@ def join_features(
     """
     out = events
     for name, ent in features.entities.items():
-        columns = list(dict.fromkeys(f.column for f in features.for_entity(name)))
-        columns = [c for c in columns if c != ent.key]
+        columns = features.joined_columns(name)
         if not columns:
             continue
         table = store.scan(ent.table)
@@ -149,3 +148,14 @@ def join_features(
         values = table.select(row, *columns)
         out = out.join(values, on=row, how="left", maintain_order="left").drop(row)
     return out
+
+
+def features_found(features: FeatureSet) -> dict[str, pl.Expr]:
+    """Per entity with joined columns: an expression, true on the rows of a joined frame that
+    found that entity's features (at least one of its columns not null: a row was in effect at
+    the event time, within the TTL). For coverage counts."""
+    return {
+        name: pl.any_horizontal([pl.col(c).is_not_null() for c in columns])
+        for name in features.entities
+        if (columns := features.joined_columns(name))
+    }

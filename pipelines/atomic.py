@@ -62,6 +62,17 @@ def check_output(
     return o
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _gone(tmp: Path) -> bool:
     """Whether the writer of an abandoned-looking sibling is gone (its process no longer runs
     on this host); a folder without a readable owner is gone once it is an hour old."""
@@ -72,15 +83,9 @@ def _gone(tmp: Path) -> bool:
             return time.time() - tmp.stat().st_mtime > 3600
         except OSError:
             return False
-    if host != socket.gethostname():
+    if host != socket.gethostname() or not pid_text.isdigit():
         return False  # another machine's writer (a shared file system): leave it
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+    return not process_alive(int(pid_text))
 
 
 def _remove_abandoned(out: Path) -> None:

@@ -55,6 +55,7 @@ from feature_store import (
     point_in_time_join,
     validate_events,
 )
+from feature_store.pit import features_found
 from pipelines.atomic import replacing_dir
 from pipelines.mappings import apply_mappings, fit_mappings
 
@@ -269,29 +270,13 @@ def map_splits(out: Path, features: FeatureSet, keep: list[str]) -> None:
         )
 
 
-def _entity_columns(features: FeatureSet) -> dict[str, list[str]]:
-    """Per entity joined from its table: its feature columns (not the key, which the events
-    hold)."""
-    out = {}
-    for name, ent in features.entities.items():
-        columns = dict.fromkeys(f.column for f in features.for_entity(name))
-        columns.pop(ent.key, None)
-        if columns:
-            out[name] = list(columns)
-    return out
-
-
 def _coverage(tmp: Path, features: FeatureSet) -> dict[str, dict[str, Any]]:
     """Per joined entity: the event rows, how many found its features (at least one feature
     column not null: the as-of join found a row in effect, within the TTL), their share, and the
     share per split (None for an empty split). One aggregated query over the written splits."""
-    entity_columns = _entity_columns(features)
-    if not entity_columns:
+    found = {name: e.alias(f"found:{name}") for name, e in features_found(features).items()}
+    if not found:
         return {}
-    found = {
-        name: pl.any_horizontal([pl.col(c).is_not_null() for c in columns]).alias(f"found:{name}")
-        for name, columns in entity_columns.items()
-    }
     parts = [load_split(tmp, s).select(pl.lit(s).alias(_SPLIT), *found.values()) for s in SPLITS]
     counts = (
         pl.concat(parts)

@@ -18,14 +18,13 @@ import difflib
 import math
 import os
 import tomllib
-import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from feature_store import FeatureSet
 from pipelines.synth import SynthParams
-from recsys_moe.fields import at_least, check_fields, choices
+from recsys_moe.fields import at_least, check_fields, choices, hints
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
@@ -428,10 +427,10 @@ def _build(cls: type, raw: dict[str, Any], where: str = "") -> Any:
     known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        hints = [m for u in unknown for m in difflib.get_close_matches(u, known, n=1)]
-        also = f" (did you mean {hints}?)" if hints else ""
+        close = [m for u in unknown for m in difflib.get_close_matches(u, known, n=1)]
+        also = f" (did you mean {close}?)" if close else ""
         raise ValueError(f"{at}unknown key(s) {unknown}{also}; known: {sorted(known)}")
-    hints_of = typing.get_type_hints(cls)
+    hints_of = hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         hint = hints_of[name]

@@ -7,6 +7,7 @@ float where a float is expected); errors name the key, the value given and what 
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from dataclasses import fields, is_dataclass
@@ -72,16 +73,16 @@ def _conform(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+@functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of dataclass ``cls`` (computed once per class)."""
+    return typing.get_type_hints(cls)
 
 
 def check_fields(obj: Any, where: str) -> None:
     """Check (and conform) every field of dataclass ``obj`` against its annotation."""
-    cls = type(obj)
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
     for f in fields(obj):
-        hint = _HINTS[cls][f.name]
+        hint = hints(type(obj))[f.name]
         value = getattr(obj, f.name)
         if is_dataclass(hint) or get_origin(hint) is list and is_dataclass(get_args(hint)[0]):
             continue  # sections check themselves

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Run
 
 from feature_store.signature import model_signature
 from pipelines.training_set import load_split
@@ -85,9 +86,9 @@ def registry_lock(cfg: Config) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def evaluated_metrics(client: mlflow.MlflowClient, run_id: str) -> dict[str, float]:
+def evaluated_metrics(run: Run) -> dict[str, float]:
     """The run's ``test/...`` metrics (from ``recsys-moe evaluate``), without the prefix."""
-    metrics = client.get_run(run_id).data.metrics
+    metrics = run.data.metrics
     return {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
 
 
@@ -95,7 +96,8 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
     """Register the run's model (``python_model``: path of the pyfunc's code file)."""
     client = client_for(cfg)
     run_id = run_id or latest_train_run(cfg)
-    evaluated = evaluated_metrics(client, run_id)
+    run = client.get_run(run_id)
+    evaluated = evaluated_metrics(run)
     if not evaluated:
         raise ValueError(
             f"run {run_id} has not been evaluated (no test/... metrics): promotion compares "
@@ -124,7 +126,6 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
             pip_requirements=_requirements(),
         )
         client.log_artifacts(run_id, str(local), artifact_path=artifact_path)
-    run = client.get_run(run_id)
     source = f"{run.info.artifact_uri}/{artifact_path}"
     data = run.data.tags.get(f"{EVAL_DATA_TAG}.test", "")
     shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(evaluated.items()) if "bayes" not in k)
@@ -180,12 +181,9 @@ def promote(cfg: Config, *, name: str, version: str, alias: str = CHAMPION) -> P
         holder = None
     compared: dict[str, tuple[float, float]] = {}
     if holder is not None and holder.version != candidate.version:
-        mine, theirs = (
-            evaluated_metrics(client, candidate.run_id),
-            evaluated_metrics(client, holder.run_id),
-        )
-        data = [client.get_run(v.run_id).data.tags.get(f"{EVAL_DATA_TAG}.test", "")
-                for v in (candidate, holder)]  # fmt: skip
+        runs = [client.get_run(v.run_id) for v in (candidate, holder)]
+        mine, theirs = (evaluated_metrics(r) for r in runs)
+        data = [r.data.tags.get(f"{EVAL_DATA_TAG}.test", "") for r in runs]
         if not data[0] or data[0] != data[1]:
             raise ValueError(
                 f"version {version} and @{alias} (version {holder.version}) were not evaluated "

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pipelines.atomic import process_alive
 from recsys_moe.config import Config
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def create_sqlite_store(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for left in path.parent.glob(f".{path.name}.tmp-*"):  # a killed creator's
         pid = left.name.removeprefix(f".{path.name}.tmp-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             left.unlink(missing_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -64,16 +65,6 @@ def create_sqlite_store(path: Path) -> None:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_owner_tags() -> dict[str, str]:
@@ -90,7 +81,7 @@ def end_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
         tags = run.data.tags
         if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
             continue
-        if _alive(int(tags[PID_TAG])):
+        if process_alive(int(tags[PID_TAG])):
             continue
         client.set_terminated(run.info.run_id, "KILLED")
         ended.append(run.info.run_id)

@@ -23,6 +23,7 @@ import mlflow
 import polars as pl
 
 from feature_store import DataError, FeatureSet, OfflineStore, join_features
+from feature_store.pit import features_found
 from pipelines.atomic import check_output, replacing_dir
 from recsys_moe.config import Config, TaskConfig
 from recsys_moe.tracking import client_for
@@ -103,13 +104,13 @@ def feature_coverage(
     ``COVERAGE_WARNING`` a warning; none found at all is a ``DataError`` (a wrong store, or a
     scoring time before every row)."""
     out: dict[str, float] = {}
-    for name, ent in features.entities.items():
-        columns = [c for c in dict.fromkeys(f.column for f in features.for_entity(name))
-                   if c != ent.key]  # fmt: skip
-        if not columns:
-            continue
-        found = rows.select(pl.any_horizontal([pl.col(c).is_not_null() for c in columns]).sum())
-        share = found.item() / rows.height
+    found = features_found(features)
+    if not found:
+        return out
+    counts = rows.select(*[e.sum().alias(name) for name, e in found.items()]).row(0, named=True)
+    for name in found:
+        ent = features.entities[name]
+        share = counts[name] / rows.height
         out[name] = round(share, 6)
         if share == 0:
             raise DataError(

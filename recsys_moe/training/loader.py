@@ -56,7 +56,7 @@ from pipelines.training_set import mapped_files
 from recsys_moe.data import Batch, TensorData, iterate_batches, take_rows, to_tensor_data
 
 STATE_VERSION = 3
-READ_AHEAD = 2  # buffers read and mapped in background threads while one is being batched
+READ_AHEAD = 2  # buffers read in background threads while one is being batched
 BUFFER_ROWS = 65_536  # default buffer: rows of ~4 shuffled row groups are mixed in each batch
 
 
