@@ -1,9 +1,10 @@
-"""Importers of the real data samples in ``../shared/data`` into the offline store layout.
+"""Importers of real public data samples (census-income, MovieLens, KuaiRand) into the offline
+store layout; where to get each sample: the README's "Real data" section.
 
 Over 400 lines on purpose: three importers (census, MovieLens, KuaiRand) sharing one writer and
 one contract; each importer is a screen or two and reads alone.
 
-    import_dataset("movielens", src="../shared/data/movielens_latest_small", out="ml-run/data")
+    import_dataset("movielens", src="downloads/ml-latest-small", out="movielens-run/data")
 
 Each importer reads the source CSVs lazily, writes ``<table>.parquet`` files plus ``meta.json``
 (source, licence, attribution, row counts, tasks, notes) and copies the source's SOURCE.md and
@@ -41,6 +42,7 @@ from pipelines.synth import write_atomically
 
 GENERATOR = "pipelines.importers"
 VERSION = 1
+# the samples' folder names where the project's test fixtures keep them (tests/test_importers.py)
 DEFAULT_SRC: dict[str, str] = {
     "census": "census_income_kdd",
     "movielens": "movielens_latest_small",
@@ -469,7 +471,7 @@ def _source(src: Path, name: str, dataset: str) -> Path:
     if not path.is_file():
         raise ValueError(
             f"{dataset} importer: source file {path} not found; pass --src the folder that holds "
-            f"{name} (default ../shared/data/{DEFAULT_SRC[dataset]}, see its SOURCE.md)"
+            f'{name} (the README\'s "Real data" section says where to get it)'
         )
     return path
 

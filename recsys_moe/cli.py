@@ -2,7 +2,7 @@
 
     recsys-moe demo [--workdir DIR]
     recsys-moe data synth [--config FILE] [--out DIR] [--users N --items N --days N --seed S]
-    recsys-moe data import {census,movielens,kuairand} --out DIR [--src DIR]
+    recsys-moe data import {census,movielens,kuairand} --src DIR --out DIR
     recsys-moe features build --config FILE [--set key=value ...]
     recsys-moe train --config FILE [--set key=value ...]
     recsys-moe sweep --config FILE --grid key=v1,v2 [--grid ...] [--set key=value ...]
@@ -69,9 +69,9 @@ def synth_data(cfg: Config, out: Path, params: SynthParams, *, test_days: int) -
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from pipelines.importers import DEFAULT_SRC, import_dataset
+    from pipelines.importers import import_dataset
 
-    src = args.src or Path("..") / "shared" / "data" / DEFAULT_SRC[args.name]
+    src = args.src
     check_output(args.out, what="data import --out", inputs={"source": Path(src)},
                  roots={"current folder": Path.cwd()})  # fmt: skip
     meta = import_dataset(args.name, src=src, out=args.out)
@@ -284,7 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = data.add_parser("import", help="import a real public data sample into the store layout")
     p.add_argument("name", choices=["census", "movielens", "kuairand"], help="which data set")
-    p.add_argument("--src", type=Path, help="source folder (default: ../shared/data/<its folder>)")
+    p.add_argument(
+        "--src", type=Path, required=True,
+        help="folder holding the downloaded sample's files (README, \"Real data\": which files, "
+        "from where)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output store folder")
     p.set_defaults(func=cmd_import)
 
