@@ -36,16 +36,21 @@ Example (``configs/features/synth.toml``)::
 feature's transform (with ``log1p`` also a value <= -1). ``"reject"`` (the default): the build
 fails with a ``DataError`` naming the table, the column, how many rows and an example.
 ``"missing"``: such a value counts as missing, like a null: the numeric statistics skip it and it
-maps to 0.0 (the mean). Leaving the key out is the same as ``"reject"``; the feature set's
-fingerprint is that of the file's text, so files that do not set it keep their fingerprint.
+maps to 0.0 (the mean). Leaving the key out is the same as ``"reject"``.
+
+The feature set's fingerprint (``FeatureSet.fingerprint``, stored in training-set manifests, model
+bundles and run tags) hashes the parsed definitions, every setting with its default filled in: a
+comment, blank lines, the order of keys or spelling out a default leave it unchanged; any change
+to what is built (a table size, a TTL, the order of the features) changes it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -139,7 +144,19 @@ class FeatureSet:
         return tuple(f.column for f in self.features)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+        """16 hex digits of the SHA-256 of the parsed definitions (module docstring): entities by
+        name, the events, the features in order (their order is the KJT's and the dense
+        tensor's), each with every field."""
+        canonical = {
+            "entities": {
+                name: asdict(e) | {"ttl": e.ttl.total_seconds() if e.ttl else None}
+                for name, e in sorted(self.entities.items())
+            },
+            "events": asdict(self.events),
+            "features": [asdict(f) for f in self.features],
+        }
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # ---- generated artefacts -------------------------------------------------------------------
     def polars_schema(self, entity: str) -> dict[str, Any]:

@@ -64,19 +64,36 @@ def test_non_finite_policy_parsed_and_checked() -> None:
 
 
 def test_fingerprints_of_existing_definitions_unchanged() -> None:
-    """The fingerprint hashes the file's text: files that do not set non_finite keep theirs (the
-    values of the commit before the policy existed; manifests and bundles store them)."""
+    """The fingerprint hashes the parsed definitions: pinned here so that a change to what it
+    covers (which invalidates every training set and bundle) is a visible decision."""
     pinned = {
-        "bench.toml": "220089b0b87efd1f",
-        "census.toml": "f2cd05b8733f4a7d",
-        "kuairand.toml": "138e8d1506b264dd",
-        "movielens.toml": "64bd6039ae911423",
-        "synth.toml": "f8db005b369e7f65",
+        "bench.toml": "accd4e490f892917",
+        "census.toml": "8324b509b090bc80",
+        "kuairand.toml": "1436ad1cb1a0e765",
+        "movielens.toml": "852389cf3da10903",
+        "synth.toml": "783740aef3f18183",
     }
     for name, fingerprint in pinned.items():
         features = FeatureSet.load(FEATURES_DIR / name)
         assert features.fingerprint() == fingerprint, name
         assert {f.non_finite for f in features.features} == {"reject"}
+
+
+def test_fingerprint_ignores_text_keeps_meaning() -> None:
+    """Comments, blank lines, key order and spelled-out defaults keep the fingerprint; a changed
+    setting or feature order changes it."""
+    text = (FEATURES_DIR / "synth.toml").read_text()
+    base = FeatureSet.from_toml(text).fingerprint()
+    assert FeatureSet.from_toml("# a comment\n\n" + text + "\n# end\n").fingerprint() == base
+    spelled = text.replace('kind = "numeric"', 'kind = "numeric"\nnon_finite = "reject"', 1)
+    assert spelled != text and FeatureSet.from_toml(spelled).fingerprint() == base
+    bigger = text.replace("embedding_dim = 8", "embedding_dim = 9", 1)
+    assert bigger != text and FeatureSet.from_toml(bigger).fingerprint() != base
+    ttl = text.replace('ttl = "', 'ttl = "1', 1)
+    assert ttl != text and FeatureSet.from_toml(ttl).fingerprint() != base
+    fs = FeatureSet.from_toml(text)
+    swapped = FeatureSet(fs.entities, fs.events, (fs.features[1], fs.features[0], *fs.features[2:]))
+    assert swapped.fingerprint() != base
 
 
 # ---- numeric statistics and their application -----------------------------------------------
