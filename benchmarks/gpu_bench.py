@@ -165,6 +165,74 @@ def train_run(args: argparse.Namespace) -> None:
         print(f"median step {statistics.median(steps) * 1e3:.2f} ms over {len(steps)} steps")
 
 
+SCORE_BATCHES = (8192, 32768, 131072, 262144)
+
+
+def score_run(args: argparse.Namespace) -> None:
+    """Pairs/s of the bench model's forward (scoring), bf16, eval mode, no grad, on batches of
+    8k-256k training-split rows already on the device: the unsharded model (one
+    ``nn.EmbeddingBag`` per table) and the DMP-sharded one (fbgemm's fused TBE), each eager and
+    with the dense part compiled. Medians of ``--repeats`` timed passes of 10 forwards each."""
+    from recsys_moe.config import label_columns, load_config
+    from recsys_moe.data import iterate_batches
+    from recsys_moe.model import build_model
+    from recsys_moe.training import sharding
+    from recsys_moe.training.dist import setup
+    from recsys_moe.training.loader import read_mapped
+    from recsys_moe.training.module import TrainLoss, TrainModule
+
+    cfg = load_config(args.config, args.set, workdir=args.work)
+    info = setup()
+    device = info.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    features, names = cfg.feature_set(), [t.name for t in cfg.tasks]
+    data = read_mapped(cfg.dataset_dir, "train", features, label_columns(cfg.tasks))
+    sizes = [s for s in SCORE_BATCHES if s <= data.num_rows] or [data.num_rows]
+    batches = {s: next(iterate_batches(data, s)).to(device) for s in sizes}
+    del data
+
+    def variants():  # noqa: ANN202  (name, model) pairs, built one at a time
+        plain = build_model(features, cfg.model, names).to(device).eval()
+        yield "plain", plain
+        plain.mixture.compile(dynamic=False)
+        for head in plain.heads.values():
+            head.compile(dynamic=False)
+        yield "plain+compile", plain
+        del plain
+        module = TrainModule(build_model(features, cfg.model, names, device="meta"),
+                             TrainLoss.for_config(cfg.model, cfg.tasks))  # fmt: skip
+        dmp, _ = sharding.shard(module, cfg.train.sharding, device=device, embedding_lr=0.01)
+        model = dmp.module.model.eval()
+        yield "sharded", model
+        model.mixture.compile(dynamic=False)
+        for head in model.heads.values():
+            head.compile(dynamic=False)
+        yield "sharded+compile", model
+
+    report: dict[str, dict[str, float]] = {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for name, model in variants():
+        report[name] = {}
+        for size, batch in batches.items():
+            with torch.no_grad(), autocast:
+                for _ in range(3):  # warm-up (and compiles)
+                    model(batch.dense, batch.sparse)
+                times = []
+                for _ in range(args.repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        model(batch.dense, batch.sparse)
+                    sync()
+                    times.append((time.perf_counter() - t0) / 10)
+            report[name][str(size)] = size / statistics.median(times)
+            print(f"score {name:>16} batch {size:>7,}: {report[name][str(size)]:,.0f} pairs/s")
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "pairs_per_s": report, "repeats": args.repeats}  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -181,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-steps", type=int, default=100, help="timed steps of the peer")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.set_defaults(func=train_run)
+    p = sub.add_parser("score", help="pairs/s of the model's forward at scoring batch sizes")
+    p.add_argument("--work", required=True, help="workdir of `prepare`")
+    p.add_argument("--out", help="JSON report path")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per batch size")
+    p.add_argument("--config", type=Path, default=CONFIG, help="model config (default: bench)")
+    p.add_argument("--set", action="append", default=[], help="config override key=value")
+    p.set_defaults(func=score_run)
     args = parser.parse_args(argv)
     args.func(args)
     return 0

@@ -137,7 +137,7 @@ def ours_dmp(cfg, features, total_steps: int):
     from recsys_moe.model import build_model
     from recsys_moe.training import sharding
     from recsys_moe.training.module import TrainLoss, TrainModule
-    from recsys_moe.training.train import build_scheduler
+    from recsys_moe.training.recipe import build_scheduler
 
     tasks = [t.name for t in cfg.tasks]
     model = build_model(features, cfg.model, tasks, device="meta")

@@ -39,6 +39,7 @@ Objective = Literal["", "bce", "mse_log1p", "mse", "weighted_logistic", "duratio
 GateMetric = Literal["", "auc", "logloss", "ne", "rmse", "mae", "rmse_log"]
 HIGHER_IS_BETTER = ("auc",)
 LrSchedule = Literal["constant", "linear"]
+LrScaling = Literal["none", "sqrt", "linear"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
 LoaderKind = Literal["auto", "memory", "device", "stream"]
 # TorchRec ``ShardingType`` values (tests/test_config.py checks them against TorchRec's enum)
@@ -230,6 +231,14 @@ class TrainConfig:
     lr_schedule: LrSchedule = (
         "constant"  # constant | linear (decays every learning rate to 0 at the end)
     )
+    # large batches (training/recipe.py): lr and embedding_lr are for global batches of
+    # lr_reference_batch rows; another batch size (batch_size x ranks) multiplies them by
+    # (batch / reference) ** 0.5 (sqrt) or ** 1 (linear) or leaves them (none), and a run whose
+    # rates were raised warms every rate up linearly over warmup_steps (auto: 5 % of the steps)
+    lr_reference_batch: int = 512
+    lr_scaling: LrScaling = "sqrt"
+    embedding_lr_scaling: LrScaling = "sqrt"
+    warmup_steps: int | Literal["auto"] = "auto"
     seed: int = 0
     # every step's losses are logged, sent to MLflow in one batch per log_every steps: each batch
     # is a store commit (2-core demo: every 50 steps cost 13 % of throughput, every 500 nothing
@@ -250,6 +259,10 @@ class TrainConfig:
     # threads halved throughput: batch 512, 26k -> 51k samples/s with 4), on CPU torch's
     # default (all cores; torchrun sets OMP_NUM_THREADS=1 per process)
     cpu_threads: int = 0
+    # torch.compile the dense part (the mixture, each head, the losses) of the training step:
+    # fewer, fused kernels where the step is bound by launching them (a GPU); costs a compile
+    # of each graph at the start (tens of seconds)
+    compile: bool = False
     bf16: bool = True  # autocast the model's forward to bfloat16 on CUDA (losses stay float32)
     # > 0: torch.profiler over that many steps after 22 warm-up steps; the top ops go to the
     # run's artifacts (profile/top_ops.txt), the device's busy share to train/gpu_busy_share
@@ -274,7 +287,10 @@ class TrainConfig:
                   memory_loader_max_mb=(self.memory_loader_max_mb, 0),
                   cpu_threads=(self.cpu_threads, 0),
                   profile_steps=(self.profile_steps, 0),
-                  dist_timeout_s=(self.dist_timeout_s, 1))  # fmt: skip
+                  dist_timeout_s=(self.dist_timeout_s, 1),
+                  lr_reference_batch=(self.lr_reference_batch, 1))  # fmt: skip
+        if self.warmup_steps != "auto":
+            at_least("train", warmup_steps=(self.warmup_steps, 0))
         for name in ("lr", "embedding_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -296,13 +312,51 @@ class ScoreConfig:
     top_k: int = 10
     # combined score = prod over tasks of p_task ** w (binary) or (1 + prediction) ** w (regression)
     weights: dict[str, float] = field(default_factory=lambda: {"click": 1.0, "watch_time": 1.0})
+    # candidates per output shard (hash bucket of request/user): bounds a scoring rank's memory
+    shard_rows: int = 2_000_000
+    # share of candidates (per shard) whose user or item features are missing or expired above
+    # which the job fails instead of scoring them as unknown
+    max_missing_share: float = 0.01
 
     def __post_init__(self) -> None:
         check_fields(self, "score")
-        at_least("score", top_k=(self.top_k, 1))
+        at_least("score", top_k=(self.top_k, 1), shard_rows=(self.shard_rows, 1),
+                 max_missing_share=(self.max_missing_share, 0.0))  # fmt: skip
+        if self.max_missing_share > 1.0:
+            raise ValueError(
+                f"score.max_missing_share must lie in [0, 1], got {self.max_missing_share}"
+            )
         bad = {k: v for k, v in self.weights.items() if not math.isfinite(v)}
         if bad:
             raise ValueError(f"score.weights must be finite numbers, got {bad}")
+
+
+@dataclass
+class EvalConfig:
+    """``[eval]``: offline evaluation (``recsys-moe evaluate``; recsys_moe/evaluation/report.py).
+    Columns that the evaluated rows lack are skipped, and the report says so."""
+
+    ks: list[int] = field(default_factory=lambda: [3, 5])  # NDCG@k and recall@k cut-offs
+    request: str = "request_id"  # column grouping rows into requests ("" = no ranking metrics)
+    relevance: str = "click"  # binary relevance of the ranking metrics (a label column)
+    graded_relevance: str = "watch_time_s"  # graded relevance for NDCG ("" = none)
+    gauc_by: list[str] = field(default_factory=lambda: ["user_id", "request_id"])  # GAUC groups
+    segments: list[str] = field(default_factory=lambda: ["segment", "category"])  # breakdowns
+    max_segment_values: int = 64  # a segment column with more distinct values is skipped
+    bootstrap: int = 100  # resamples of requests (rows without eval.request) for CIs; 0 = none
+    ci: float = 0.95  # confidence level of the bootstrap intervals
+    seed: int = 0  # the bootstrap's random seed
+    reliability_bins: int = 20  # equal-width bins of predicted probability
+
+    def __post_init__(self) -> None:
+        check_fields(self, "eval")
+        at_least("eval", max_segment_values=(self.max_segment_values, 1),
+                  bootstrap=(self.bootstrap, 0),
+                  reliability_bins=(self.reliability_bins, 1))  # fmt: skip
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"eval.ks must be cut-offs >= 1 (at least one), got {self.ks}")
+        if not 0.0 < self.ci < 1.0:
+            raise ValueError(f"eval.ci must lie in (0, 1), got {self.ci}")
 
 
 def _default_tasks() -> list[TaskConfig]:
@@ -323,6 +377,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     config_dir: str = field(default=".", metadata={"internal": True})
 
     def __post_init__(self) -> None:

@@ -87,6 +87,17 @@ class OnDevice(nn.Module):
         return out._replace(logits={k: v.float().cpu() for k, v in out.logits.items()})
 
 
+def compile_dense(module: TrainModule) -> None:
+    """``torch.compile`` the dense part of the step in place: the mixture, each head and the
+    losses (``train.compile``). Each is a module without a sharded child, so TorchRec's train
+    pipelines keep it as one leaf call of their fx trace and run it compiled; the embedding
+    tower stays eager (fbgemm's kernels). In place (``nn.Module.compile``): state-dict keys,
+    checkpoints and the saved bundle are those of the eager modules."""
+    model = module.model
+    for part in (model.mixture, *model.heads.values(), module.loss):
+        part.compile(dynamic=False)
+
+
 def init_head_biases(model: nn.Module, tasks: list[TaskConfig], label_stats: dict) -> None:
     """Start each head's output at the constant predictor of its label (training-split mean):
     logit(rate) for BCE, the mean of the fitted target for MSE. Without it a head on a far-off

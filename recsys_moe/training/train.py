@@ -45,8 +45,15 @@ from recsys_moe.training import checkpoint, sharding
 from recsys_moe.training.dist import DistInfo, broadcast_object, setup, shutdown
 from recsys_moe.training.loader import Loader, MemoryLoader, ParquetLoader, read_mapped
 from recsys_moe.training.loggers import MetricLogger, Step, StepWindow, metric_logger
-from recsys_moe.training.module import OnDevice, TrainLoss, TrainModule, init_head_biases
+from recsys_moe.training.module import (
+    OnDevice,
+    TrainLoss,
+    TrainModule,
+    compile_dense,
+    init_head_biases,
+)
 from recsys_moe.training.profile import StepProfiler
+from recsys_moe.training.recipe import build_scheduler, scaled_rates
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +140,24 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
                "model.flops_per_example": cost["flops_per_example"]}  # fmt: skip
 
     # ---- sharding and optimizers -------------------------------------------------------------
+    rates = scaled_rates(t, info.world_size, total_steps)
+    params |= {"train.global_batch": rates.global_batch, "train.lr_effective": rates.lr,
+               "train.embedding_lr_effective": rates.embedding_lr,
+               "train.warmup_steps_effective": rates.warmup_steps}  # fmt: skip
+    if t.compile:
+        compile_dense(module)
     dmp, plan = sharding.shard(
         module,
         t.sharding,
         device=info.device,
-        embedding_lr=t.embedding_lr,
+        embedding_lr=rates.embedding_lr,
         embedding_weight_decay=t.embedding_weight_decay,
     )
     plan_summary = sharding.plan_summary(plan)
     log.info("sharding plan: %s", plan_summary)
-    optimizer = sharding.build_optimizer(dmp, t.lr, t.weight_decay)
-    state = TrainState(dmp, optimizer, build_scheduler(optimizer, t.lr_schedule, total_steps),
-                       loader)  # fmt: skip
+    optimizer = sharding.build_optimizer(dmp, rates.lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.lr_schedule, total_steps, rates.warmup_steps)
+    state = TrainState(dmp, optimizer, scheduler, loader)
 
     # ---- resume ------------------------------------------------------------------------------
     ckpt_root = cfg.path(t.checkpoint.dir)
@@ -243,7 +256,8 @@ def _loop(
     progress, pause = sharding.train_step(dmp, state.optimizer, device, pipeline=t.pipeline)
     batches = loader.until_epoch(t.epochs)
     per_epoch, total = len(loader), t.epochs * len(loader)
-    window = StepWindow(logger)
+    window = StepWindow(logger, first_step=start_step, total=total, per_epoch=per_epoch,
+                        batch_size=t.batch_size)  # fmt: skip  (and the progress bar on rank 0)
     profiler = StepProfiler(t.profile_steps, device) if t.profile_steps else None
     gates = torch.zeros(0)
     seen, t0, eval_s = 0, time.perf_counter(), 0.0  # throughput excludes validation
@@ -265,7 +279,7 @@ def _loop(
             gates = validate(dmp.module.model)
             dmp.train()
             logger.log_metrics({f"valid/{k}": v for k, v in result.valid.items()}, step=step)
-            logger.log_metrics(result.gates, step=step)
+            logger.log_gates(result.gates, step=step)
             eval_s += time.perf_counter() - t_eval
             log.info("epoch %d step %d valid %s", step // per_epoch - 1, step,
                      " ".join(f"{k}={v:.4f}" for k, v in result.valid.items()))  # fmt: skip
@@ -339,17 +353,6 @@ def train_loader(
             f"the {info.world_size} ranks"
         )
     return loader
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """``train.lr_schedule``: constant, or linear decay of every learning rate to 0 at the end."""
-    if schedule == "linear":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def heatmaps(
