@@ -7,6 +7,7 @@
     recsys-moe train --config FILE [--set key=value ...]
     recsys-moe sweep --config FILE --grid key=v1,v2 [--grid ...] [--set key=value ...]
     recsys-moe evaluate --config FILE [--run-id ID] [--split test] [--output FILE]
+                        [--predictions FILE]
     recsys-moe register --config FILE [--run-id ID]
     recsys-moe promote --config FILE --model NAME --version V [--alias champion]
     recsys-moe score --config FILE --model models:/NAME@ALIAS --candidates PATH --output DIR
@@ -104,15 +105,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_train(cfg)
 
 
-def run_evaluate(cfg: Config, run_id: str | None, split: str, output: Path | None) -> dict:
+def run_evaluate(
+    cfg: Config,
+    run_id: str | None,
+    split: str,
+    output: Path | None,
+    predictions: Path | None = None,
+) -> dict:
     from recsys_moe.evaluation.evaluate import evaluate
 
-    report = evaluate(cfg, run_id=run_id, split=split, output=output)
+    report = evaluate(cfg, run_id=run_id, split=split, output=output, predictions=predictions)
     picked = "" if run_id else ", the latest finished training run"
     print(f"evaluated run {report['run_id']}{picked} on {split} ({report['rows']} rows)")
     for k, v in report["metrics"].items():
-        print(f"  {split}/{k:<32} {v:.4f}")
-    print(f"wrote {report['output']}")
+        if not k.endswith(("_groups", "_skipped", "requests")):
+            ci = report["ci"].get(k)
+            shown = f"   [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+            print(f"  {split}/{k:<32} {v:.4f}{shown}")
+    print(f"wrote {report['output']} and {report['report']}")
+    if report["predictions"]:
+        print(f"wrote {report['predictions']} (one row per evaluated event)")
     return report
 
 
@@ -161,7 +173,8 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     output = Path(args.output) if args.output else None
-    run_evaluate(_config(args), args.run_id, args.split, output)
+    predictions = Path(args.predictions) if args.predictions else None
+    run_evaluate(_config(args), args.run_id, args.split, output, predictions)
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -323,7 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--run-id", help="MLflow run id (default: the latest finished training run)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split")
-    p.add_argument("--output", help="JSON report path (default: WORKDIR/eval/RUN-SPLIT.json)")
+    p.add_argument("--output", help="JSON report path (default: WORKDIR/eval/RUN-SPLIT.json); "
+                   "the Markdown report and plots go to a folder beside it")  # fmt: skip
+    p.add_argument(
+        "--predictions", help="also write each evaluated row (keys, labels, every task's "
+        "prediction, score, segments) as Parquet here",
+    )  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("register", help="register a run's model as an MLflow pyfunc version")

@@ -1,5 +1,6 @@
 """Offline metrics (recsys_moe/evaluation/metrics.py): a masked task is judged on the rows its loss
-counts; every metric equals a brute-force reference computation."""
+counts; every metric equals a brute-force reference computation, accumulated over batches and
+all-reduced over ranks as over all rows at once."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from recsys_moe.config import TaskConfig
 from recsys_moe.evaluation.metrics import (
     EPS,
+    GroupedAUC,
+    ReliabilityCurve,
+    TaskMetrics,
     auc,
     binary_metrics,
     regression_metrics,
     split_metrics,
     task_label_stats,
     task_metrics,
+    xauc,
 )
 
 WATCH = TaskConfig(name="watch_time", kind="regression", label="watch_time_s", transform="log1p")
@@ -104,23 +110,39 @@ def ref_binary(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
     }
 
 
+def ref_xauc(pred: list[float], label: list[float]) -> float:
+    """Over every pair with different labels: 1 if the predictions order it as the labels, 1/2
+    if they tie, else 0."""
+    won = pairs = 0.0
+    for i, j in itertools.combinations(range(len(label)), 2):
+        if label[i] == label[j]:
+            continue
+        pairs += 1
+        a, b = (i, j) if label[i] > label[j] else (j, i)
+        won += 1.0 if pred[a] > pred[b] else 0.5 if pred[a] == pred[b] else 0.0
+    return won / pairs if pairs else math.nan
+
+
 def ref_regression(
     pred: np.ndarray, label: np.ndarray, train_mean: float, train_mean_log1p: float
 ) -> dict[str, float]:
     n = len(label)
-    sq = ab = sq_log = sq_mean = sq_log_mean = 0.0
+    sq = ab = sq_log = ab_log = sq_mean = sq_log_mean = 0.0
     for p, y in zip(pred.tolist(), label.tolist(), strict=True):
         sq += (p - y) ** 2
         ab += abs(p - y)
         sq_log += (math.log1p(max(p, 0.0)) - math.log1p(y)) ** 2
+        ab_log += abs(math.log1p(max(p, 0.0)) - math.log1p(y))
         sq_mean += (train_mean - y) ** 2
         sq_log_mean += (train_mean_log1p - math.log1p(y)) ** 2
     return {
         "rmse": math.sqrt(sq / n),
         "mae": ab / n,
         "rmse_log": math.sqrt(sq_log / n),
+        "mae_log": ab_log / n,
         "rmse_mean_predictor": math.sqrt(sq_mean / n),
         "rmse_log_mean_predictor": math.sqrt(sq_log_mean / n),
+        "xauc": ref_xauc(pred.tolist(), label.tolist()),
     }
 
 
@@ -129,6 +151,7 @@ def assert_same(got: dict[str, float], want: dict[str, float]) -> None:
     for k, v in want.items():
         # torchmetrics ranks in float64 but returns the area as a float32: ~1e-7 off
         tol = {"abs": 1e-6} if k.endswith("auc") else {"rel": 1e-9, "abs": 1e-12}
+        tol = {"rel": 1e-9, "abs": 1e-12} if k.endswith("xauc") else tol  # exact, float64
         assert got[k] == pytest.approx(v, nan_ok=True, **tol), k
 
 
@@ -207,7 +230,7 @@ def test_regression_metrics_equal_brute_force(seed: int) -> None:
     got = regression_metrics(pred, label, train_mean=train_mean, train_mean_log1p=train_mean_log1p)
     assert_same(got, ref_regression(pred, label, train_mean, train_mean_log1p))
     plain = regression_metrics(pred, label)  # without baselines: no baseline keys
-    assert sorted(plain) == ["mae", "rmse", "rmse_log"]
+    assert sorted(plain) == ["mae", "mae_log", "rmse", "rmse_log", "xauc"]
     assert plain == {k: got[k] for k in plain}
 
 
@@ -234,7 +257,8 @@ def test_task_metrics_prefix_the_task_name_and_pass_the_baselines() -> None:
     got = task_metrics(WATCH, guess, seconds, label_stats=task_label_stats(WATCH, MANIFEST))
     assert_same(got, {f"watch_time_{k}": v for k, v in want.items()})
     bare = task_metrics(WATCH, guess, seconds)  # no stats: no baselines
-    assert sorted(bare) == ["watch_time_mae", "watch_time_rmse", "watch_time_rmse_log"]
+    assert sorted(bare) == [f"watch_time_{k}" for k in ("mae", "mae_log", "rmse", "rmse_log",
+                                                          "xauc")]  # fmt: skip
     # a mask passed to an unmasked task is ignored: all rows count
     assert task_metrics(WATCH, guess, seconds, mask=np.zeros(40)) == bare
 
@@ -262,3 +286,121 @@ def test_split_metrics_scores_every_task_on_its_rows() -> None:
     unmasked = split_metrics([WATCH], preds, labels, MANIFEST)
     everything = ref_regression(p_seconds, seconds, stats["train_mean"], stats["train_mean_log1p"])
     assert_same(unmasked, {f"watch_time_{k}": v for k, v in everything.items()})
+
+
+# ---- XAUC, GAUC, the reliability curve; batches and ranks ------------------------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_xauc_equals_brute_force_with_tied_labels_and_predictions(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    label = np.round(rng.exponential(20.0, 45), 0)  # integer seconds: tied labels
+    label[:5] = 0.0
+    pred = np.round(label * rng.uniform(0.3, 1.7, 45) + rng.normal(0, 5, 45), 0)  # tied preds
+    assert xauc(pred, label) == pytest.approx(ref_xauc(pred.tolist(), label.tolist()), rel=1e-12)
+    assert xauc(np.full(45, 3.0), label) == 0.5  # constant prediction: every pair tied
+    assert math.isnan(xauc(pred, np.full(45, 7.0)))  # no pair with different labels
+    # hand case: labels 1 < 2 < 3; predictions order (1, 2) right, (1, 3) tied, (2, 3) wrong
+    assert xauc(np.array([0.1, 0.5, 0.1]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.5)
+
+
+def ref_gauc(pred: np.ndarray, label: np.ndarray, group: np.ndarray) -> dict[str, float]:
+    num = den = 0.0
+    used = skipped = skipped_rows = 0
+    for g in sorted(set(group.tolist())):
+        rows = [i for i in range(len(group)) if group[i] == g]
+        a = ref_auc([float(pred[i]) for i in rows], [float(label[i]) for i in rows])
+        if math.isnan(a):
+            skipped, skipped_rows = skipped + 1, skipped_rows + len(rows)
+            continue
+        used += 1
+        num, den = num + a * len(rows), den + len(rows)
+    return {"gauc": num / den if den else math.nan, "groups": used,
+            "groups_skipped": skipped, "rows_skipped": skipped_rows}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gauc_is_the_impression_weighted_auc_of_groups_with_both_classes(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 150
+    group = rng.integers(0, 17, n)  # unsorted, some groups with one class, a few of one row
+    label = (rng.random(n) < 0.35).astype(np.int64)
+    pred = np.round(rng.random(n) * 0.5 + 0.3 * label, 1)  # coarse: ties within groups
+    want = ref_gauc(pred, label, group)
+    assert want["groups_skipped"] > 0 and want["groups"] > 0
+    m = GroupedAUC()
+    m.update(torch.tensor(pred), torch.tensor(label), torch.tensor(group))
+    got = m.compute()
+    assert got == pytest.approx(want, rel=1e-12)
+    via_task = task_metrics(CLICK, pred, label, groups={"user_id": group})
+    assert via_task["click_gauc_user_id"] == pytest.approx(want["gauc"], rel=1e-12)
+    assert via_task["click_gauc_user_id_rows_skipped"] == want["rows_skipped"]
+
+
+def test_reliability_curve_equals_brute_force_binning() -> None:
+    rng = np.random.default_rng(5)
+    pred = np.append(rng.random(300), [0.0, 1.0, 0.5])  # the edges: 1.0 falls in the last bin
+    label = (rng.random(303) < pred).astype(np.int64)
+    m = ReliabilityCurve(bins=10)
+    m.update(torch.tensor(pred), torch.tensor(label))
+    got = m.compute()
+    for b in range(10):
+        rows = [i for i, p in enumerate(pred) if min(int(p * 10), 9) == b]
+        assert got["rows"][b] == len(rows)
+        assert got["mean_pred"][b] == pytest.approx(sum(pred[i] for i in rows) / len(rows))
+        assert got["observed"][b] == pytest.approx(sum(label[i] for i in rows) / len(rows))
+
+
+def _task_data(seed: int, n: int = 400) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    click = (rng.random(n) < 0.3).astype(np.int64)
+    seconds = np.where(click == 1, rng.exponential(30.0, n), 0.0)
+    return {
+        "click": click, "seconds": seconds, "user": rng.integers(0, 40, n),
+        "p": np.clip(0.2 + 0.4 * click + rng.normal(0, 0.2, n), 0, 1),
+        "guess": seconds * rng.uniform(0.5, 1.5, n) + rng.exponential(3.0, n),
+    }  # fmt: skip
+
+
+def test_metrics_accumulated_over_batches_equal_one_update() -> None:
+    d = _task_data(0)
+    stats = MANIFEST["labels"]["watch_time_s"]["when"]["click"]
+    whole = {}
+    for task, pred, label in ((CLICK, d["p"], d["click"]),
+                              (WATCH_GIVEN_CLICK, d["guess"], d["seconds"])):  # fmt: skip
+        whole |= task_metrics(task, pred, label, mask=d["click"], groups={"user": d["user"]},
+                              label_stats=stats if task.kind == "regression" else None)  # fmt: skip
+        m = TaskMetrics(task, label_stats=stats if task.kind == "regression" else None,
+                        group_by=("user",) if task.kind == "binary" else ())  # fmt: skip
+        for lo in range(0, 400, 37):  # a group's rows arrive in several batches
+            sl = slice(lo, lo + 37)
+            m.update(pred[sl], label[sl], mask=d["click"][sl], groups={"user": d["user"][sl]})
+        got = m.compute()
+        assert_same(got, {k: v for k, v in whole.items() if k.startswith(task.name)})
+
+
+def _rank_metrics(rank: int, world: int, path: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}.init", rank=rank, world_size=world)
+    d = _task_data(1)
+    out = {}
+    for task, pred, label in ((CLICK, d["p"], d["click"]),
+                              (WATCH_GIVEN_CLICK, d["guess"], d["seconds"])):  # fmt: skip
+        m = TaskMetrics(task, group_by=("user",) if task.kind == "binary" else (), sync=True)
+        sl = slice(rank, None, world)  # every other row: users split over both ranks
+        m.update(pred[sl], label[sl], mask=d["click"][sl], groups={"user": d["user"][sl]})
+        out |= m.compute()
+    torch.save(out, f"{path}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_metrics_all_reduced_over_two_ranks_equal_the_metrics_of_all_rows(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    path = str(tmp_path / "dist")
+    mp.spawn(_rank_metrics, args=(2, path), nprocs=2, join=True)
+    d = _task_data(1)
+    want = task_metrics(CLICK, d["p"], d["click"], groups={"user": d["user"]})
+    want |= task_metrics(WATCH_GIVEN_CLICK, d["guess"], d["seconds"], mask=d["click"])
+    for rank in range(2):
+        assert_same(torch.load(f"{path}.{rank}"), want)

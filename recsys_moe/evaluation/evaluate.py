@@ -1,29 +1,53 @@
 """Offline evaluation of a training run's model on a split of the training set.
 
     recsys-moe evaluate --config configs/demo.toml [--run-id ID] [--split test] [--output FILE]
+                        [--predictions FILE.parquet]
 
 Loads the model bundle from the run's artifacts (so it works against a remote tracking server as
-well), predicts the split, computes per-task metrics, logs them to the run as ``<split>/...`` and
-writes them to a JSON file. Where the data set carries an oracle (the synthetic data's true click
-probabilities and expected watch times, ``oracle.parquet`` in the store), the same metrics of the
-oracle on the same rows are reported beside them as ``bayes_optimal_...``.
+well), predicts the split (and the gates of the same forward passes), builds the predictions frame
+(keys, labels, every task's prediction, the combined ``score``, segment columns), and from that
+frame alone the report (``report.build_report``: metrics per task, GAUC, ranking metrics per
+request, metrics by segment, bootstrap intervals). Logged to the run: every number as a metric
+(``<split>/<metric>``, ``…_ci_low`` / ``…_ci_high``, ``<split>/by_<column>/<value>/<metric>``), and
+``eval/<split>/report.md`` with its plots (reliability, ROC, precision-recall, metrics by segment,
+expert usage). Written locally: the JSON report (``--output``), the report folder beside it, and
+with ``--predictions`` the frame as Parquet, from which every number can be recomputed. Where the
+data set carries an oracle (the synthetic data's true click probabilities and expected watch
+times, ``oracle.parquet`` in the store), the same metrics of the oracle on the same rows are
+reported beside them as ``bayes_optimal_...``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import secrets
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import polars as pl
+from mlflow.entities import Metric
 
-from pipelines.atomic import check_output, write_text_atomic
+from pipelines.atomic import check_output, replacing_dir, write_text_atomic
 from pipelines.training_set import load_manifest, load_split
 from recsys_moe.bundle import Bundle, load_bundle
-from recsys_moe.config import Config, TaskConfig
-from recsys_moe.evaluation.metrics import task_label_stats, task_metrics
-from recsys_moe.evaluation.predict import predict_frame
+from recsys_moe.config import Config, TaskConfig, label_columns
+from recsys_moe.data import map_to_tensors
+from recsys_moe.evaluation.gates import expert_heatmaps
+from recsys_moe.evaluation.metrics import task_metrics
+from recsys_moe.evaluation.predict import predict_with_gates
+from recsys_moe.evaluation.ranking import combined_score
+from recsys_moe.evaluation.report import (
+    SCORE,
+    EvalReport,
+    build_report,
+    markdown,
+    pred_column,
+    write_plots,
+)
 from recsys_moe.model.objectives import output_name
 from recsys_moe.tracking import client_for, latest_train_run
 
@@ -56,43 +80,109 @@ def oracle_columns(cfg: Config) -> dict[str, str]:
     return out
 
 
+def prediction_frame(cfg: Config, rows: pl.DataFrame, preds: dict[str, np.ndarray]) -> pl.DataFrame:
+    """The evaluated rows as the report reads them: the events' keys and time, labels and masks,
+    the eval columns (request, relevance, GAUC groups, segments) the rows have, every task's
+    prediction (``pred_<task>``) and the combined ``score`` of ``[score] weights``."""
+    events = cfg.feature_set().events
+    ev = cfg.eval
+    wanted = [*events.keys, events.time, *label_columns(cfg.tasks), ev.request, ev.relevance,
+              ev.graded_relevance, *ev.gauc_by, *ev.segments]  # fmt: skip
+    keep = [c for c in dict.fromkeys(wanted) if c and c in rows.columns]
+    score = combined_score(cfg.tasks, cfg.score.weights, preds)
+    return rows.select(keep).with_columns(
+        *(pl.Series(pred_column(t), preds[output_name(t)], dtype=pl.Float64) for t in cfg.tasks),
+        pl.Series(SCORE, score, dtype=pl.Float64),
+    )
+
+
 def evaluate(
-    cfg: Config, *, run_id: str | None = None, split: str = "test", output: Path | None = None
+    cfg: Config,
+    *,
+    run_id: str | None = None,
+    split: str = "test",
+    output: Path | None = None,
+    predictions: Path | None = None,
 ) -> dict:
     run_id = run_id or latest_train_run(cfg)
-    output = output or cfg.path("eval") / f"{run_id}-{split}.json"
-    check_output(output, what="--output", inputs=cfg.protected_paths(),
-                 roots={"workdir": Path(cfg.workdir), "current folder": Path.cwd()})  # fmt: skip
+    output = Path(output or cfg.path("eval") / f"{run_id}-{split}.json")
+    report_dir = output.parent / f"{output.stem}-report"
+    roots = {"workdir": Path(cfg.workdir), "current folder": Path.cwd()}
+    for path, what in ((output, "--output"), (report_dir, "the report folder"),
+                       (predictions, "--predictions")):  # fmt: skip
+        if path is not None:
+            check_output(path, what=what, inputs=cfg.protected_paths(), roots=roots)
+    mine = (output.resolve(), report_dir.resolve())
+    if predictions is not None and Path(predictions).resolve() in mine:
+        raise ValueError(f"--predictions {predictions}: the same path as the JSON report")
     bundle = load_run_bundle(cfg, run_id)
     rows = load_split(cfg.dataset_dir, split).collect()
     if rows.height == 0:
         raise ValueError(f"split {split!r} of {cfg.dataset_dir} is empty; nothing to evaluate")
-    preds = predict_frame(
-        bundle.model, bundle.features, bundle.mappings, cfg.tasks, rows,
-        batch_size=cfg.train.eval_batch_size,
-    )  # fmt: skip
-    metrics: dict[str, float] = {}
-    for t in cfg.tasks:
-        label = rows[t.label].to_numpy().astype(np.float64)
-        metrics |= task_metrics(
-            t, preds[output_name(t)], label,
-            label_stats=task_label_stats(t, bundle.manifest), mask=_mask(t, rows),
-        )  # fmt: skip
-    metrics |= _oracle_metrics(cfg, rows)
+    tensors = map_to_tensors(rows, bundle.features, bundle.mappings)
+    preds, gates = predict_with_gates(
+        bundle.model, tensors, cfg.tasks, batch_size=cfg.train.eval_batch_size
+    )
+    frame = prediction_frame(cfg, rows, preds)
+    report = build_report(frame, cfg.tasks, cfg.eval, bundle.manifest)
+    oracle = _oracle_metrics(cfg, rows)
+    metrics = report.metrics | oracle
 
     client = client_for(cfg)
     prefix = "test" if split == "test" else f"eval_{split}"  # valid/... is training's own
-    for k, v in metrics.items():
-        if np.isfinite(v):
-            client.log_metric(run_id, f"{prefix}/{k}", v)
+    _log_metrics(client, run_id, prefix, report, oracle)
     data = eval_data_id(cfg, split, rows.height)
     client.set_tag(run_id, f"{EVAL_DATA_TAG}.{prefix}", data)
-    report = {"run_id": run_id, "split": split, "rows": rows.height, "data": data,
-              "metrics": metrics}  # fmt: skip
-    write_text_atomic(output, json.dumps(report, indent=2))
+    with replacing_dir(report_dir) as tmp:
+        images = write_plots(frame, cfg.tasks, report, tmp)
+        names = [t.name for t in cfg.tasks]
+        images += expert_heatmaps(gates, rows, cfg.train.heatmap_by, names, tmp, split=split)
+        title = f"Evaluation of run {run_id} on the {split} split"
+        (tmp / "report.md").write_text(markdown(report, cfg.tasks, title=title, images=images,
+                                                extra=oracle))  # fmt: skip
+    client.log_artifacts(run_id, str(report_dir), artifact_path=f"eval/{split}")
+    if predictions is not None:
+        _write_parquet_atomic(frame, Path(predictions))
+    result = {
+        "run_id": run_id, "split": split, "rows": rows.height, "data": data, "metrics": metrics,
+        "ci": {k: list(v) for k, v in report.ci.items()}, "segments": report.segments,
+        "notes": report.notes, "report": str(report_dir / "report.md"),
+        "predictions": str(predictions) if predictions is not None else None,
+    }  # fmt: skip
+    write_text_atomic(output, json.dumps(result, indent=2))
     client.log_artifact(run_id, str(output), artifact_path="eval")
-    report["output"] = str(output)
-    return report
+    result["output"] = str(output)
+    return result
+
+
+def _metric_key(text: str) -> str:
+    """A segment value as part of an MLflow metric key (letters, digits, ``_-. /`` only)."""
+    return re.sub(r"[^\w.\- ]", "_", text) or "_"
+
+
+def _log_metrics(
+    client: mlflow.MlflowClient, run_id: str, prefix: str, report: EvalReport, oracle: dict
+) -> None:
+    now = int(time.time() * 1000)
+    values = {f"{prefix}/{k}": v for k, v in (report.metrics | oracle).items()}
+    for k, (lo, hi) in report.ci.items():
+        values |= {f"{prefix}/{k}_ci_low": lo, f"{prefix}/{k}_ci_high": hi}
+    for col, seg in report.segments.items():
+        for value, m in seg.items():
+            values |= {f"{prefix}/by_{col}/{_metric_key(value)}/{k}": v for k, v in m.items()}
+    batch = [Metric(k, float(v), now, 0) for k, v in values.items() if np.isfinite(v)]
+    for lo in range(0, len(batch), 1000):  # MLflow's limit per call
+        client.log_batch(run_id, metrics=batch[lo : lo + 1000])
+
+
+def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _oracle_metrics(cfg: Config, rows: pl.DataFrame) -> dict[str, float]:

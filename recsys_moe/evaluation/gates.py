@@ -147,7 +147,13 @@ def plot_expert_heatmap(
 
 
 def expert_heatmaps(
-    gates: Tensor, frame: pl.DataFrame, columns: list[str], task_names: list[str], out_dir: Path
+    gates: Tensor,
+    frame: pl.DataFrame,
+    columns: list[str],
+    task_names: list[str],
+    out_dir: Path,
+    *,
+    split: str = "valid",
 ) -> list[Path]:
     """Expert usage by each of ``columns`` of ``frame`` (the rows ``gates [T, N, E]`` belong to;
     absent columns skipped), one PNG each: ``out_dir/experts_by_<column>.png``."""
@@ -160,7 +166,7 @@ def expert_heatmaps(
         out.append(
             plot_expert_heatmap(
                 usage, names, out_dir / f"experts_by_{col}.png",
-                task_names=task_names, title=f"expert usage by {col} (validation split)",
+                task_names=task_names, title=f"expert usage by {col} ({split} split)",
             )
         )  # fmt: skip
     return out

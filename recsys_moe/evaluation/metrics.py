@@ -1,22 +1,53 @@
 """Offline metrics per task, on predictions in natural units (probability, seconds).
 
-Binary tasks: AUC (torchmetrics), logloss, normalized entropy, calibration (predicted / observed).
-Regression tasks: RMSE and MAE in label units, RMSE on the log1p scale, and the RMSE of predicting
-a constant (the training mean), the baseline any model must beat.
+Every metric is a stateful torchmetrics ``Metric``: ``update`` once per batch, ``compute`` at the
+end; under ``torch.distributed`` ``compute`` all-reduces the sums (``dist_reduce_fx="sum"``) and
+gathers the row states (``"cat"``) of every rank first, so ranks that each evaluated a shard of
+the rows report the metrics of all of them.
+
+Binary tasks: AUC (torchmetrics ``BinaryAUROC``, exact: ties count 1/2), logloss, normalized
+entropy and calibration (``LogLoss``: sums of ``binary_cross_entropy``), a reliability curve
+(``ReliabilityCurve``) and GAUC per group column (``GroupedAUC``: each group's AUC weighted by its
+rows; groups with one class are skipped and counted).
+Regression tasks: RMSE and MAE in label units and on the log1p (training) scale (torchmetrics
+``MeanSquaredError`` / ``MeanAbsoluteError``), the RMSE of predicting a constant (the training
+mean), the baseline any model must beat, and XAUC (``XAUC``: the share of row pairs with
+different labels that the predictions order the same way, ties 1/2).
+A masked task is judged on its masked rows only (watch time given a click).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy.stats import kendalltau
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
+from torchmetrics.utilities.data import dim_zero_cat
 
 from recsys_moe.config import TaskConfig
 from recsys_moe.model.objectives import output_name
 
 EPS = 1e-7
+F64 = torch.float64
+
+
+def as_tensor(x: np.ndarray | Tensor, dtype: torch.dtype = F64) -> Tensor:
+    return x.to(dtype) if isinstance(x, Tensor) else torch.tensor(np.asarray(x), dtype=dtype)
+
+
+def cat_state(state: list[Tensor] | Tensor) -> Tensor | None:
+    """A ``cat`` state's rows as one tensor (a list before a sync, a tensor after), or None."""
+    if isinstance(state, Tensor):
+        return state
+    return dim_zero_cat(state) if state else None
 
 
 def auc(pred: np.ndarray, label: np.ndarray) -> float:
@@ -25,23 +56,303 @@ def auc(pred: np.ndarray, label: np.ndarray) -> float:
     return float(binary_auroc(torch.as_tensor(pred), torch.as_tensor(label).long()))
 
 
+class LogLoss(Metric):
+    """Logloss (predictions clipped to [EPS, 1 - EPS]), normalized entropy (logloss over the
+    entropy of the rows' positive rate) and calibration (mean prediction over that rate) from four
+    sums. With one class only NE, and without positives calibration, are NaN."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        for name in ("loss_sum", "pred_sum", "label_sum", "count"):
+            self.add_state(name, torch.zeros((), dtype=F64), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, label: Tensor) -> None:
+        p, y = pred.to(F64).clamp(EPS, 1 - EPS), label.to(F64)
+        self.loss_sum += F.binary_cross_entropy(p, y, reduction="sum")
+        self.pred_sum += p.sum()
+        self.label_sum += y.sum()
+        self.count += y.numel()
+
+    def compute(self) -> dict[str, float]:
+        n = float(self.count)
+        if n == 0:
+            return {"logloss": math.nan, "ne": math.nan, "calibration": math.nan}
+        logloss, rate = float(self.loss_sum) / n, float(self.label_sum) / n
+        entropy = math.nan  # one class only: entropy 0, NE undefined
+        if 0.0 < rate < 1.0:
+            entropy = -(rate * math.log(rate) + (1 - rate) * math.log1p(-rate))
+        return {
+            "logloss": logloss,
+            "ne": logloss / entropy,
+            "calibration": float(self.pred_sum) / n / rate if rate > 0 else math.nan,
+        }
+
+
+class ReliabilityCurve(Metric):
+    """Per bin of predicted probability (``bins`` equal widths over [0, 1]): rows, mean
+    prediction and observed positive rate (a calibrated model lies on the diagonal)."""
+
+    full_state_update = False
+
+    def __init__(self, bins: int = 20, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.bins = bins
+        for name in ("pred_sum", "label_sum", "count"):
+            self.add_state(name, torch.zeros(bins, dtype=F64), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, label: Tensor) -> None:
+        p = pred.to(F64).clamp(0.0, 1.0)
+        b = (p * self.bins).long().clamp_max(self.bins - 1)
+        self.pred_sum.index_add_(0, b, p)
+        self.label_sum.index_add_(0, b, label.to(F64))
+        self.count.index_add_(0, b, torch.ones_like(p))
+
+    def compute(self) -> dict[str, np.ndarray]:
+        n = self.count.numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {
+                "rows": n,
+                "mean_pred": self.pred_sum.numpy() / n,
+                "observed": self.label_sum.numpy() / n,
+                "lower": np.arange(self.bins) / self.bins,
+            }
+
+
+def group_auc(
+    pred: np.ndarray, label: np.ndarray, group: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each group's AUC (Mann-Whitney with average ranks for ties, NaN with one class): group ids
+    (sorted), AUCs and rows, vectorised (one lexsort)."""
+    n = len(pred)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    order = np.lexsort((pred, group))
+    g, p, y = group[order], pred[order], label[order].astype(np.float64)
+    ids, start, counts = np.unique(g, return_index=True, return_counts=True)
+    new = np.ones(n, dtype=bool)
+    new[1:] = (g[1:] != g[:-1]) | (p[1:] != p[:-1])  # a new block of tied (group, prediction)
+    block = np.cumsum(new) - 1
+    first = np.flatnonzero(new)
+    size = np.diff(np.append(first, n))
+    gi = np.repeat(np.arange(len(ids)), counts)
+    rank = (first + (size - 1) / 2.0)[block] - start[gi] + 1  # 1-based, ties averaged
+    pos = np.bincount(gi, weights=y, minlength=len(ids))
+    neg = counts - pos
+    rank_sum = np.bincount(gi, weights=y * rank, minlength=len(ids))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        aucs = (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+    return ids, aucs, counts.astype(np.float64)
+
+
+def gauc_of(aucs: np.ndarray, rows: np.ndarray) -> dict[str, float]:
+    """Impression-weighted mean of the groups' AUCs; one-class groups skipped and counted."""
+    ok = np.isfinite(aucs)
+    w = rows[ok].sum()
+    return {
+        "gauc": float((aucs[ok] * rows[ok]).sum() / w) if w > 0 else math.nan,
+        "groups": float(ok.sum()),
+        "groups_skipped": float((~ok).sum()),
+        "rows_skipped": float(rows[~ok].sum()),
+    }
+
+
+class GroupedAUC(Metric):
+    """GAUC: the AUC within each group (a user, a request), weighted by the group's rows; groups
+    whose rows have one class only have no AUC and are skipped, and counted (``groups_skipped``,
+    ``rows_skipped``). Rows are kept (``cat`` states: gathered over ranks) because a group's rows
+    may arrive in several batches."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        for name in ("preds", "labels", "groups"):
+            self.add_state(name, [], dist_reduce_fx="cat")
+
+    def update(self, pred: Tensor, label: Tensor, group: Tensor) -> None:
+        self.preds.append(pred.to(F64))
+        self.labels.append(label.to(F64))
+        self.groups.append(group.long())
+
+    def per_group(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if cat_state(self.preds) is None:
+            return group_auc(np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+        cat = [cat_state(s).numpy() for s in (self.preds, self.labels, self.groups)]
+        return group_auc(*cat)
+
+    def compute(self) -> dict[str, float]:
+        _, aucs, rows = self.per_group()
+        return gauc_of(aucs, rows)
+
+
+def xauc(pred: np.ndarray, label: np.ndarray) -> float:
+    """The share of pairs with different labels that ``pred`` orders as ``label`` (tied
+    predictions 1/2): ``(1 + D) / 2`` with Somers' D of the prediction given the label, from
+    Kendall's tau-b (scipy, O(n log n)):
+    ``P - Q = tau_b * sqrt((n0 - ties_pred) * (n0 - ties_label))``. NaN when all labels are
+    equal."""
+    n = len(label)
+    n0 = n * (n - 1) / 2
+
+    def ties(x: np.ndarray) -> float:
+        c = np.unique(x, return_counts=True)[1].astype(np.float64)
+        return float((c * (c - 1) / 2).sum())
+
+    pairs = n0 - ties(label)  # pairs with different labels
+    if pairs <= 0:
+        return math.nan
+    free = n0 - ties(pred)
+    if free <= 0:
+        return 0.5  # one prediction for every row: every pair tied
+    tau = float(kendalltau(pred, label, variant="b").statistic)
+    return 0.5 + 0.5 * tau * math.sqrt(free * pairs) / pairs
+
+
+class XAUC(Metric):
+    """XAUC of a regression task (``xauc``), over all rows (``cat`` states, gathered)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.add_state("preds", [], dist_reduce_fx="cat")
+        self.add_state("labels", [], dist_reduce_fx="cat")
+
+    def update(self, pred: Tensor, label: Tensor) -> None:
+        self.preds.append(pred.to(F64))
+        self.labels.append(label.to(F64))
+
+    def compute(self) -> float:
+        preds, labels = cat_state(self.preds), cat_state(self.labels)
+        return math.nan if preds is None else xauc(preds.numpy(), labels.numpy())
+
+
+class TaskMetrics:
+    """Every metric of one task, updated batch by batch (``update``), then ``compute``: a flat
+    dict ``<task>_<metric>``. ``group_by`` names the GAUC groups a binary task reports
+    (``update``'s ``groups``: one id array per name); ``label_stats``: the training split's
+    ``train_mean`` and ``train_mean_log1p`` of the label (``task_label_stats``) for the
+    constant-predictor baselines of a regression task. ``sync``: ``compute`` all-reduces (sums) and
+    gathers (rows) the states of every rank of the process group first (every rank must call it);
+    off by default, for one process evaluating all rows."""
+
+    def __init__(
+        self,
+        task: TaskConfig,
+        *,
+        label_stats: dict | None = None,
+        group_by: tuple[str, ...] = (),
+        reliability_bins: int = 20,
+        sync: bool = False,
+    ) -> None:
+        self.task = task
+        self.stats = label_stats or {}
+        kw = {"sync_on_compute": sync}
+        self.metrics: dict[str, Metric] = {}
+        if task.kind == "binary":
+            self.metrics["auc"] = BinaryAUROC(**kw)
+            self.metrics["logloss"] = LogLoss(**kw)
+            self.metrics["reliability"] = ReliabilityCurve(reliability_bins, **kw)
+            for g in group_by:
+                self.metrics[f"gauc_{g}"] = GroupedAUC(**kw)
+        else:
+            for name in ("rmse", "rmse_log"):
+                self.metrics[name] = MeanSquaredError(squared=False, **kw)
+            for name in ("mae", "mae_log"):
+                self.metrics[name] = MeanAbsoluteError(**kw)
+            if "train_mean" in self.stats:
+                self.metrics["rmse_mean_predictor"] = MeanSquaredError(squared=False, **kw)
+            if "train_mean_log1p" in self.stats:
+                self.metrics["rmse_log_mean_predictor"] = MeanSquaredError(squared=False, **kw)
+            self.metrics["xauc"] = XAUC(**kw)
+        for m in self.metrics.values():
+            m.set_dtype(F64)
+        self.rows = 0
+
+    def update(
+        self,
+        pred: np.ndarray | Tensor,
+        label: np.ndarray | Tensor,
+        *,
+        mask: np.ndarray | Tensor | None = None,
+        groups: Mapping[str, np.ndarray | Tensor] | None = None,
+    ) -> None:
+        t = self.task
+        p, y = as_tensor(pred), as_tensor(label)
+        groups = {k: as_tensor(v, torch.int64) for k, v in (groups or {}).items()}
+        if t.mask:
+            if mask is None:
+                raise ValueError(f"task {t.name!r} is masked by {t.mask!r}: pass its values")
+            keep = as_tensor(mask) == 1
+            p, y = p[keep], y[keep]
+            groups = {k: v[keep] for k, v in groups.items()}
+        if p.numel() == 0:
+            return
+        self.rows += p.numel()
+        m = self.metrics
+        if t.kind == "binary":
+            m["auc"].update(p, y.long())
+            m["logloss"].update(p, y)
+            m["reliability"].update(p, y)
+            for k, metric in m.items():
+                if k.startswith("gauc_"):
+                    g = k.removeprefix("gauc_")
+                    if g not in groups:
+                        raise ValueError(f"task {t.name!r}: GAUC by {g!r} needs its ids")
+                    metric.update(p, y, groups[g])
+            return
+        m["rmse"].update(p, y)
+        m["mae"].update(p, y)
+        lp, ly = torch.log1p(p.clamp_min(0.0)), torch.log1p(y)
+        m["rmse_log"].update(lp, ly)
+        m["mae_log"].update(lp, ly)
+        if "rmse_mean_predictor" in m:
+            m["rmse_mean_predictor"].update(torch.full_like(y, self.stats["train_mean"]), y)
+        if "rmse_log_mean_predictor" in m:
+            const = torch.full_like(y, self.stats["train_mean_log1p"])
+            m["rmse_log_mean_predictor"].update(const, ly)
+        m["xauc"].update(p, y)
+
+    def compute(self) -> dict[str, float]:
+        """The task's metrics, keyed ``<task>_<metric>`` (``{}`` when no row counted)."""
+        if self.rows == 0:
+            return {}
+        out: dict[str, float] = {}
+        for k, metric in self.metrics.items():
+            if k == "reliability":
+                continue
+            if k == "auc":
+                labels = cat_state(metric.target)
+                one_class = bool(labels.min() == labels.max())
+                out[k] = math.nan if one_class else float(metric.compute())
+                continue
+            value = metric.compute()
+            if k == "logloss":
+                out |= value  # logloss, ne, calibration
+            elif k.startswith("gauc_"):  # gauc_<group>, gauc_<group>_groups, ..._rows_skipped
+                out |= {k if j == "gauc" else f"{k}_{j}": v for j, v in value.items()}
+            else:
+                out[k] = float(value)
+        return {f"{self.task.name}_{k}": v for k, v in out.items()}
+
+    def reliability(self) -> dict[str, np.ndarray] | None:
+        m = self.metrics.get("reliability")
+        return m.compute() if m is not None and self.rows else None
+
+
 def binary_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
     """AUC on the predictions as given (clipping would tie the extremes); logloss on predictions
     clipped to [EPS, 1 - EPS]; NE = logloss over the entropy of the scored rows' positive rate;
     calibration = mean prediction over that rate. With one class only, AUC, NE (entropy 0) and,
     without positives, calibration are undefined: NaN, not a huge finite number."""
-    y = label.astype(np.float64)
-    p = np.clip(pred.astype(np.float64), EPS, 1 - EPS)
-    logloss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    rate = float(y.mean())
-    one_class = rate in (0.0, 1.0)
-    base = math.nan if one_class else -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
-    return {
-        "auc": auc(pred.astype(np.float64), y),
-        "logloss": logloss,
-        "ne": logloss / base,
-        "calibration": float(p.mean() / rate) if rate > 0 else math.nan,
-    }
+    m = TaskMetrics(TaskConfig(name="x", kind="binary", label="y"))
+    m.update(pred, label)
+    return {k.removeprefix("x_"): v for k, v in m.compute().items()}
 
 
 def regression_metrics(
@@ -51,20 +362,11 @@ def regression_metrics(
     train_mean: float | None = None,
     train_mean_log1p: float | None = None,
 ) -> dict[str, float]:
-    y = label.astype(np.float64)
-    p = pred.astype(np.float64)
-    out = {
-        "rmse": float(np.sqrt(np.mean((p - y) ** 2))),
-        "mae": float(np.mean(np.abs(p - y))),
-        "rmse_log": float(np.sqrt(np.mean((np.log1p(np.maximum(p, 0)) - np.log1p(y)) ** 2))),
-    }
-    if train_mean is not None:
-        out["rmse_mean_predictor"] = float(np.sqrt(np.mean((train_mean - y) ** 2)))
-    if train_mean_log1p is not None:
-        out["rmse_log_mean_predictor"] = float(
-            np.sqrt(np.mean((train_mean_log1p - np.log1p(y)) ** 2))
-        )
-    return out
+    stats = {"train_mean": train_mean, "train_mean_log1p": train_mean_log1p}
+    task = TaskConfig(name="x", kind="regression", label="y")
+    m = TaskMetrics(task, label_stats={k: v for k, v in stats.items() if v is not None})
+    m.update(pred, label)
+    return {k.removeprefix("x_"): v for k, v in m.compute().items()}
 
 
 def task_label_stats(task: TaskConfig, manifest: dict) -> dict | None:
@@ -84,30 +386,20 @@ def task_metrics(
     *,
     label_stats: dict | None = None,
     mask: np.ndarray | None = None,
+    groups: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Metrics of one task, keyed ``<task>_<metric>`` (e.g. ``click_auc``).
+    """Metrics of one task, keyed ``<task>_<metric>`` (e.g. ``click_auc``), in one update.
 
     ``label_stats``: the training split's ``train_mean`` (and ``train_mean_log1p``) of the label,
     from the training set's manifest, for the constant-predictor baselines (``task_label_stats``).
     ``mask``: the task's mask column; a masked task is judged on the rows where it is 1, the rows
     its loss counts (watch time of clicks predicts the watch time *given* a click).
+    ``groups``: GAUC group ids by name (binary tasks), e.g. ``{"user_id": ...}``.
     """
-    if task.mask:
-        if mask is None:
-            raise ValueError(f"task {task.name!r} is masked by {task.mask!r}: pass its values")
-        keep = np.asarray(mask) == 1
-        pred, label = np.asarray(pred)[keep], np.asarray(label)[keep]
-        if not keep.any():
-            return {}
-    stats = label_stats or {}
-    if task.kind == "binary":
-        m = binary_metrics(pred, label)
-    else:
-        m = regression_metrics(
-            pred, label,
-            train_mean=stats.get("train_mean"), train_mean_log1p=stats.get("train_mean_log1p"),
-        )  # fmt: skip
-    return {f"{task.name}_{k}": v for k, v in m.items()}
+    stats = {k: v for k, v in (label_stats or {}).items() if k.startswith("train_mean")}
+    m = TaskMetrics(task, label_stats=stats, group_by=tuple(groups or ()))
+    m.update(pred, label, mask=mask if task.mask else None, groups=groups)
+    return m.compute()
 
 
 def split_metrics(
