@@ -89,13 +89,16 @@ def build_training_set(
     valid_days: int,
     test_days: int,
     carry: Sequence[str] = (),
+    carry_checks: dict[str, str] | None = None,
     min_event_time: datetime | str | None = None,
     min_coverage: float = MIN_COVERAGE,
 ) -> dict[str, Any]:
     """Build ``out/`` (see the module docstring) atomically and return its manifest.
 
     ``carry``: columns besides the labels that the mapped splits keep (e.g. a mask or duration
-    column the losses read).
+    column the losses read). ``carry_checks``: carried columns the losses read, by the check
+    their values must pass: "binary" (0 or 1: a mask, a positive indicator) or "positive"
+    (finite and > 0: a duration the target is divided by); labels are checked by kind anyway.
     ``min_event_time``: events before it are rejected (None or "": no lower bound; a string is an
     ISO time, e.g. "2026-01-01"; naive = UTC).
     ``min_coverage``: the least share of event rows that must find each entity's features.
@@ -106,6 +109,10 @@ def build_training_set(
     for column, kind in labels.items():
         if kind not in LABEL_KINDS:
             raise ValueError(f"label {column!r}: kind {kind!r} is not one of {LABEL_KINDS}")
+    checks = {c: k for c, k in (carry_checks or {}).items() if c not in labels}
+    for column, kind in checks.items():
+        if kind not in ("binary", "positive"):
+            raise ValueError(f"carried column {column!r}: check {kind!r} is not binary or positive")
     if valid_days < 0 or test_days < 0:
         raise ValueError(f"valid_days ({valid_days}) and test_days ({test_days}) must be >= 0")
     if not 0.0 <= min_coverage <= 1.0:
@@ -117,7 +124,7 @@ def build_training_set(
             raise ValueError(
                 f"min_event_time: expected an ISO time like '2026-01-01', got {min_event_time!r}"
             ) from None
-    limits = _Limits(min_event_time, min_coverage)
+    limits = _Limits(min_event_time, min_coverage, checks)
     with replacing_dir(out) as tmp, pl.Config(engine_affinity=_ENGINE):  # also validation's
         return _build(store, tmp, features, labels, valid_days, test_days, list(carry), limits)
 
@@ -159,7 +166,10 @@ def load_split(dataset_dir: str | Path, split: str) -> pl.LazyFrame:
 def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
-        raise ValueError(f"dataset {dataset_dir}: no {MANIFEST}; build it with build_training_set")
+        raise ValueError(
+            f"training set {dataset_dir}: no {MANIFEST} (not built yet?); build it with "
+            "`recsys-moe features build --config CONFIG` (the same --config/--workdir/--set)"
+        )
     return json.loads(path.read_text())
 
 
@@ -170,6 +180,7 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
 class _Limits:
     min_event_time: datetime | None
     min_coverage: float
+    carry_checks: dict[str, str]  # carried column -> "binary" | "positive"
 
 
 def _build(
@@ -190,13 +201,17 @@ def _build(
     required |= {e.key: f"join key of entity {e.name}" for e in features.entities.values()}
     required[ev.time] = "event time"
     required |= {c: f"{kind} label {c!r}" for c, kind in labels.items()}
+    required |= {c: f"column {c!r} a loss reads" for c in carry if c not in required}
     validate_events(
         events,
         path=str(events_path),
         required=required,
         int_ids=list(dict.fromkeys([*ev.keys, *entity_keys])),
-        binary_labels=[c for c, k in labels.items() if k == "binary"],
+        binary_labels=[
+            c for c, k in [*labels.items(), *limits.carry_checks.items()] if k == "binary"
+        ],
         nonneg_labels=[c for c, k in labels.items() if k == "regression"],
+        positive_values=[c for c, k in limits.carry_checks.items() if k == "positive"],
         time_column=ev.time,
         unique_keys=ev.keys,
         not_after=datetime.now(UTC) + FUTURE_TOLERANCE,

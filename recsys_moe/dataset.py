@@ -10,7 +10,7 @@ from pathlib import Path
 from feature_store import OfflineStore
 from pipelines.atomic import check_output
 from pipelines.training_set import build_training_set
-from recsys_moe.config import Config, label_columns
+from recsys_moe.config import Config, TaskConfig, label_columns
 
 
 def check_in_workdir(cfg: Config, rel: str, what: str) -> None:
@@ -24,6 +24,13 @@ def check_in_workdir(cfg: Config, rel: str, what: str) -> None:
             f"{what} {rel!r} resolves to {cfg.path(rel).resolve()}, outside the workdir "
             f"{workdir}; give an absolute path to write outside it"
         )
+
+
+def loss_column_checks(tasks: list[TaskConfig]) -> dict[str, str]:
+    """The values each non-label column a loss reads must hold: a mask or a positive indicator
+    0 or 1 ("binary"), a duration the target is divided by finite and > 0 ("positive")."""
+    checks = {c: "binary" for t in tasks for c in (t.mask, t.positive) if c}
+    return checks | {t.quantile_of: "positive" for t in tasks if t.quantile_of}
 
 
 def build_dataset(cfg: Config) -> dict:
@@ -42,6 +49,7 @@ def build_dataset(cfg: Config) -> dict:
         valid_days=cfg.data.valid_days,
         test_days=cfg.data.test_days,
         carry=label_columns(cfg.tasks),
+        carry_checks=loss_column_checks(cfg.tasks),
         min_event_time=cfg.data.min_event_time,
         min_coverage=cfg.data.min_coverage,
     )

@@ -403,3 +403,36 @@ def test_data_config_contract_fields() -> None:
         DataConfig(min_coverage=-0.1)
     with pytest.raises(ValueError, match=r"data\.min_event_time: expected an ISO time"):
         DataConfig(min_event_time="yesterday")
+
+
+def test_columns_a_loss_reads_are_checked_like_labels(tmp_path: Path) -> None:
+    """A mask or positive indicator must be 0/1, a duration the target is divided by finite and
+    > 0 (a zero would make the target inf): named with the count, before anything is written."""
+    from recsys_moe.config import TaskConfig
+    from recsys_moe.dataset import loss_column_checks
+
+    tasks = [
+        TaskConfig(name="click", label="click", kind="binary"),
+        TaskConfig(name="wt", label="watch_time_s", kind="regression", mask="click"),
+        TaskConfig(name="share", label="watch_time_s", kind="regression",
+                   objective="duration_quantile", quantile_of="dur", mask="seen"),
+    ]  # fmt: skip
+    checks = loss_column_checks(tasks)
+    assert checks == {"click": "binary", "seen": "binary", "dur": "positive"}
+    good = write_store(tmp_path / "good")
+    events = pl.read_parquet(good.path("impressions"))
+    n = events.height
+    ok = events.with_columns(dur=pl.lit(10.0), seen=pl.lit(1))
+    ok.write_parquet(good.path("impressions"))
+    build(good, tmp_path / "ds-ok", carry=["dur", "seen"], carry_checks=checks)
+    for column, values, want in [
+        ("dur", [0.0] + [10.0] * (n - 1), r"column 'dur' .*finite and > 0.*1 of \d+ rows"),
+        ("dur", [math.inf] * 2 + [10.0] * (n - 2), r"column 'dur' .*finite and > 0.*2 of"),
+        ("seen", [2] + [1] * (n - 1), r"column 'seen' .*0 or 1.*1 of"),
+    ]:
+        store = write_store(tmp_path / f"bad-{column}-{values[0]}")
+        ok.with_columns(pl.Series(column, values)).write_parquet(store.path("impressions"))
+        out = tmp_path / f"ds-{column}-{values[0]}"
+        with pytest.raises(DataError, match=want):
+            build(store, out, carry=["dur", "seen"], carry_checks=checks)
+        assert not out.exists()
