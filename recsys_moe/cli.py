@@ -11,7 +11,7 @@
     recsys-moe register --config FILE [--run-id ID]
     recsys-moe promote --config FILE --model NAME --version V [--alias champion]
     recsys-moe score --config FILE --model models:/NAME@ALIAS --candidates PATH --output DIR
-                     [--top-k K] [--as-of ISO-TIME]
+                     [--top-k K] [--as-of ISO-TIME] [--overwrite]
 
 Every job takes ``--config`` (default: the embedded ``configs/demo.toml``), ``--set key=value``
 overrides and ``--workdir``. Bad input ends with ``error: ...`` on stderr and exit status 2.
@@ -147,6 +147,7 @@ def run_score(
     top_k: int | None = None,
     as_of: str | None = None,
     store: Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     from serving.score import score
 
@@ -158,12 +159,19 @@ def run_score(
         cfg=cfg,
         as_of=datetime.fromisoformat(as_of) if as_of else None,
         store_dir=store,
+        overwrite=overwrite,
     )
+    if "output" not in manifest:  # a rank other than 0 under torchrun: rank 0 reports the job
+        print(f"rank {manifest['rank']}: scored {len(manifest['shards'])} shard(s)")
+        return manifest
     print(
         f"scored {manifest['candidate_rows']} candidates with {manifest['model_uri']} "
         f"(version {manifest['model_version']}): top {manifest['top_k']} of "
         f"{manifest['groups']} {manifest['group_by']}s → {manifest['output']}"
     )
+    counts = ", ".join(f"{k} {manifest[k]}" for k in manifest if k.startswith(("unknown_",
+                       "expired_")) or k in ("duplicates_dropped", "short_requests"))  # fmt: skip
+    print(f"  as of {manifest['as_of']} ({manifest['as_of_from']}); {counts}")
     return manifest
 
 
@@ -193,7 +201,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     run_score(_config(args), args.model, args.candidates, args.output, top_k=args.top_k,
-              as_of=args.as_of, store=args.store)  # fmt: skip
+              as_of=args.as_of, store=args.store, overwrite=args.overwrite)  # fmt: skip
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -221,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     reg = run_register(cfg, result.run_id)
     print("== 6/6 score candidates")
     sc = run_score(cfg, reg.uri, store / "candidates.parquet", cfg.path("scores"),
-                   as_of=meta["scoring_time"])  # fmt: skip
+                   as_of=meta["scoring_time"], overwrite=True)  # fmt: skip
     m = ev["metrics"]
     print("\n== summary")
     print(f"  click AUC (test)       {m['click_auc']:.4f}   Bayes-optimal {meta_auc(m, meta):.4f}")
@@ -363,13 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score candidates with a registered model, keep the top K")
     _common(p)
-    p.add_argument("--model", required=True, help="registry URI, models:/NAME@ALIAS")
     p.add_argument(
-        "--candidates", required=True, type=Path, help="Parquet: user_id, item_id[, request_id]"
+        "--model", required=True, help="registry URI, models:/NAME@ALIAS or models:/NAME/VERSION"
     )
-    p.add_argument("--output", required=True, type=Path, help="output folder (replaced atomically)")
+    p.add_argument(
+        "--candidates", required=True, type=Path,
+        help="Parquet file or folder of them: user_id, item_id[, request_id]",
+    )  # fmt: skip
+    p.add_argument(
+        "--output", required=True, type=Path,
+        help="output folder: one part per shard, _manifest.json last; a rerun of the same run "
+        "resumes, another run's output is refused",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --output that holds another run's scores")  # fmt: skip
     p.add_argument("--top-k", type=int, help="rows kept per request/user (default: score.top_k)")
-    p.add_argument("--as-of", help="scoring time, ISO (default: candidates' time column, else now)")
+    p.add_argument(
+        "--as-of", help="scoring time, ISO (default: the store's latest feature time)"
+    )
     p.add_argument("--store", type=Path, help="offline store root (default: the config's)")
     p.set_defaults(func=cmd_score)
     return parser

@@ -1,143 +1,124 @@
-"""Candidate scoring, a batch job over a registered model.
+"""Candidate scoring, a batch job over a registered model: streaming, sharded, resumable.
 
     recsys-moe score --config configs/demo.toml --model models:/recsys-moe-demo@champion \\
         --candidates demo-run/data/candidates.parquet --output demo-run/scores --top-k 10
+    torchrun --nproc-per-node 4 -m recsys_moe.cli score ...      # each rank takes its shards
 
-Candidates (``user_id``, ``item_id``, optional ``request_id``, optional event-time column) get
-their features as of the scoring time from the offline store (the same point-in-time join as the
-training set), then the registry model's predictions (``p_click``, ``watch_time_s``) and a combined
-score ``prod_t p_t ** w_t`` (binary tasks) ``* (1 + y_t) ** w_t`` (regression tasks). The top K per
-request (or per user, without ``request_id``) are written, ranked, to ``OUTPUT/part-00000.parquet``
-with ``OUTPUT/_manifest.json``; the folder is written under a temporary name and renamed when
-complete, so a reader never sees half of it.
+Candidates (``user_id``, ``item_id``, optional ``request_id``; a file or a folder of Parquet) get
+their features as of ONE scoring time (``--as-of``, default the store's latest feature time, never
+the wall clock; ``serving.asof``), the registry model's predictions (``p_click``,
+``watch_time_s``) and a combined score ``prod_t p_t ** w_t`` (binary tasks) ``* (1 + y_t) **
+w_t`` (regression tasks). The top K per request (or per user) are written, ranked, to
+``OUTPUT/part-<shard>.parquet``; shards are hash buckets of the request (or user) id, so a
+group never spans two shards (``serving.candidates``).
+
+Output protocol: ``OUTPUT/_run.json`` (what this output is: model version and run, feature
+fingerprint, as-of, candidates, K, weights, shard count) is written first; a later run with a
+different one is refused (``--overwrite`` replaces the output). Each shard is written to a hidden
+temporary name and renamed when complete, its counts in ``_shards/`` before it; a rerun skips
+complete shards. ``_manifest.json`` is written last, by rank 0 once every shard exists: a reader
+takes the output as complete when the manifest is there. Parquet parts depend only on the inputs
+(not on the number of ranks or on interruptions): a rerun from scratch is byte-identical.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from datetime import UTC, datetime
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import mlflow
 import polars as pl
+from mlflow.exceptions import MlflowException
+from tqdm import tqdm
 
-from feature_store import DataError, FeatureSet, OfflineStore, join_features
-from feature_store.pit import features_found
-from pipelines.atomic import check_output, replacing_dir
+from feature_store import DataError, OfflineStore
+from pipelines.atomic import check_output, write_text_atomic
 from recsys_moe.config import Config, TaskConfig
 from recsys_moe.tracking import client_for
+from serving.asof import AsOfFeatures, TimeRange, check_as_of, store_time_ranges
+from serving.candidates import (
+    SPILL,
+    CandidateSource,
+    clean,
+    partition_unit,
+    read_shard,
+    shard_count,
+    unit_done,
+)
 
 log = logging.getLogger(__name__)
 
-PART = "part-00000.parquet"
+PART = "part-00000.parquet"  # the first shard's file (the only one of a small candidate set)
 MANIFEST = "_manifest.json"
+RUN = "_run.json"
+SHARDS = "_shards"
+CHUNK = 262_144  # candidates gathered and predicted at once (bounds tensor memory)
+POLL_S = 0.2
+# how long a rank waits for the others' shards (torchrun stops every rank when one fails)
+WAIT_S = 24 * 3600.0
 
 
-def parse_model_uri(uri: str) -> tuple[str, str]:
-    """``models:/NAME@ALIAS`` → (NAME, ALIAS)."""
-    if not uri.startswith("models:/") or "@" not in uri:
-        raise ValueError(
-            f"--model {uri!r}: expected models:/NAME@ALIAS, e.g. models:/demo@champion"
-        )
-    name, alias = uri.removeprefix("models:/").rsplit("@", 1)
-    return name, alias
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
 
 
-def read_candidates(path: Path, *, time_column: str) -> pl.LazyFrame:
-    if not path.exists():
-        raise DataError(f"candidates {path}: no such file")
+# ---- the model -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRef:
+    uri: str
+    name: str
+    version: str
+    run_id: str
+    alias: str | None
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` → (NAME, ALIAS, None); ``models:/NAME/VERSION`` → (NAME, None,
+    VERSION)."""
+    rest = uri.removeprefix("models:/") if uri.startswith("models:/") else None
+    if rest and "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif rest and "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise ValueError(
+        f"--model {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION, e.g. "
+        "models:/recsys-moe-demo@champion or models:/recsys-moe-demo/3"
+    )
+
+
+def resolve_model(cfg: Config, uri: str) -> ModelRef:
+    """The registered version ``uri`` names (an alias resolved once, so every shard and rank
+    scores with the same version); an unknown name, alias or version is a ``ValueError``."""
+    name, alias, version = parse_model_uri(uri)
+    client = client_for(cfg)
     try:
-        lf = pl.scan_parquet(path)
-        schema = lf.collect_schema()
-    except Exception as e:  # a truncated or non-Parquet file
-        raise DataError(f"candidates {path}: not a readable Parquet file ({e})") from e
-    for col in ("user_id", "item_id"):
-        if col not in schema:
-            raise DataError(
-                f"candidates {path}: missing required column {col!r}; columns: {schema.names()}"
-            )
-        if not schema[col].is_integer():
-            raise DataError(
-                f"candidates {path}: column {col!r} has dtype {schema[col]}, expected an integer "
-                "id (cast to Int64 where the file is written)"
-            )
-    if "request_id" in schema and not schema["request_id"].is_integer():
-        raise DataError(f"candidates {path}: column 'request_id' must be an integer id")
-    if time_column in schema and not isinstance(schema[time_column], pl.Datetime):
-        raise DataError(f"candidates {path}: column {time_column!r} must be a Datetime")
-    return lf
-
-
-def clean_candidates(lf: pl.LazyFrame, path: Path) -> tuple[pl.LazyFrame, dict[str, int]]:
-    """Candidates without null ids and without repeated (request or user, item) pairs (the first
-    kept), and the count of each kind dropped; none left is a ``DataError``."""
-    schema = lf.collect_schema()
-    ids = [c for c in ("request_id", "user_id", "item_id") if c in schema]
-    group = "request_id" if "request_id" in schema else "user_id"
-    frame = lf.with_row_index("__row").collect()
-    total = frame.height
-    if total == 0:
-        raise DataError(f"candidates {path}: no rows; nothing to score (previous output kept)")
-    no_null = frame.drop_nulls(ids)
-    unique = no_null.unique([group, "item_id"], keep="first", maintain_order=True)
-    dropped = {"null_id": total - no_null.height, "duplicate": no_null.height - unique.height}
-    if unique.height == 0:
-        raise DataError(
-            f"candidates {path}: all {total} rows have a null id ({', '.join(ids)}); nothing to "
-            "score (previous output kept)"
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias is not None
+            else client.get_model_version(name, str(version))
         )
-    for kind, n in dropped.items():
-        if n:
-            log.warning("candidates %s: dropped %d of %d rows (%s)", path, n, total, kind)
-    return unique.drop("__row").lazy(), dropped
-
-
-COVERAGE_WARNING = 0.9  # a share of candidates with an entity's features under this is reported
-
-
-def feature_coverage(
-    rows: pl.DataFrame, features: FeatureSet, store: OfflineStore, path: Path
-) -> dict[str, float]:
-    """Per entity, the share of candidates whose features were found as of the scoring time
-    (the others are scored as unknown: row 0 of every table, the mean of every numeric). Under
-    ``COVERAGE_WARNING`` a warning; none found at all is a ``DataError`` (a wrong store, or a
-    scoring time before every row)."""
-    out: dict[str, float] = {}
-    found = features_found(features)
-    if not found:
-        return out
-    counts = rows.select(*[e.sum().alias(name) for name, e in found.items()]).row(0, named=True)
-    for name in found:
-        ent = features.entities[name]
-        share = counts[name] / rows.height
-        out[name] = round(share, 6)
-        if share == 0:
-            raise DataError(
-                f"candidates {path}: none of the {rows.height} candidates found features of "
-                f"entity {name} in {store.path(ent.table)} as of the scoring time; check the "
-                "store (--store), the ids and --as-of (before every row's valid_from?)"
-            )
-        if share < COVERAGE_WARNING:
-            log.warning(
-                "candidates %s: %.1f%% of the candidates found features of entity %s; the rest "
-                "are scored as unknown (ids not in %s, or not yet valid as of the scoring time)",
-                path, 100 * share, name, store.path(ent.table),
-            )  # fmt: skip
-    return out
-
-
-def check_finite(frame: pl.DataFrame, columns: list[str], keys: list[str], path: Path) -> None:
-    """Every prediction and score finite, else a ``DataError`` naming how many rows and one."""
-    bad = pl.any_horizontal([~pl.col(c).is_finite() | pl.col(c).is_null() for c in columns])
-    rows = frame.filter(bad)
-    if rows.height:
-        example = rows.select(keys + columns).row(0, named=True)
-        raise DataError(
-            f"candidates {path}: {rows.height} of {frame.height} rows got a score that is not a "
-            f"finite number (e.g. {example}); nothing written. Check those rows' features in the "
-            "store for NaN or infinite values"
-        )
+    except MlflowException as e:
+        known = sorted(m.name for m in client.search_registered_models())
+        what = f"alias @{alias}" if alias is not None else f"version {version}"
+        raise ValueError(
+            f"--model {uri}: the registry ({cfg.tracking_uri()}) has no {what} of model "
+            f"{name!r} ({str(e).splitlines()[0]}); registered models: {known or 'none'}; "
+            "`recsys-moe register` creates versions"
+        ) from e
+    return ModelRef(uri=uri, name=name, version=str(mv.version), run_id=mv.run_id, alias=alias)
 
 
 def combined_score(tasks: list[TaskConfig], weights: dict[str, float]) -> pl.Expr:
@@ -155,6 +136,189 @@ def combined_score(tasks: list[TaskConfig], weights: dict[str, float]) -> pl.Exp
     return expr
 
 
+def check_finite(frame: pl.DataFrame, columns: list[str], keys: list[str], path: Path) -> None:
+    """Every prediction and score finite, else a ``DataError`` naming how many rows and one."""
+    bad = pl.any_horizontal([~pl.col(c).is_finite() | pl.col(c).is_null() for c in columns])
+    rows = frame.filter(bad)
+    if rows.height:
+        example = rows.select(keys + columns).row(0, named=True)
+        raise DataError(
+            f"candidates {path}: {rows.height} of {frame.height} rows got a score that is not a "
+            f"finite number (e.g. {example}); nothing written. Check those rows' features in the "
+            "store for NaN or infinite values"
+        )
+
+
+# ---- the output folder ---------------------------------------------------------------------------
+def _differences(a: dict, b: dict) -> list[str]:
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def open_output(output: Path, identity: dict, *, rank: int, overwrite: bool) -> None:
+    """Make ``output`` this run's: new, or an earlier attempt of the same run (resumed), else a
+    ``ValueError`` (another model version, as-of, candidate set, ...). Rank 0 decides; the
+    others wait for its ``_run.json``."""
+    run_file = output / RUN
+    if rank != 0:
+        _wait(lambda: run_file.is_file() and json.loads(run_file.read_text()) == identity,
+              f"{run_file} of this run (written by rank 0)")  # fmt: skip
+        return
+    if output.exists():
+        previous = json.loads(run_file.read_text()) if run_file.is_file() else None
+        others = [p.name for p in output.iterdir() if p.name != RUN]
+        if previous == identity:
+            return
+        if previous is None and others and not overwrite:
+            raise ValueError(
+                f"--output {output} exists and is not a scoring output of this job (no {RUN}; "
+                f"holds {others[:5]}); choose another folder or pass --overwrite to replace it"
+            )
+        if previous is not None and not overwrite:
+            diff = ", ".join(f"{k}: {previous.get(k)!r} there, {identity.get(k)!r} now"
+                             for k in _differences(previous, identity))  # fmt: skip
+            raise ValueError(
+                f"--output {output} holds scores of another run ({diff}); refusing to mix them. "
+                "Write to a new folder, or pass --overwrite to replace it"
+            )
+        if overwrite:
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.rename(output, old)
+            shutil.rmtree(old)
+    output.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_file, json.dumps(identity, indent=2, sort_keys=True))
+
+
+def _wait(ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
+        if time.monotonic() > deadline:
+            raise DataError(f"gave up waiting for {what} after {WAIT_S:.0f} s")
+        time.sleep(POLL_S)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- one shard -----------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """What every shard of one run shares."""
+
+    source: CandidateSource
+    output: Path
+    model: object  # serving.pyfunc.RecsysModel
+    feats: AsOfFeatures
+    tasks: list[TaskConfig]
+    weights: dict[str, float]
+    top_k: int
+    as_of: datetime
+    time_column: str
+    max_missing_share: float
+    ranges: dict[str, TimeRange]
+    store: OfflineStore
+    batch_size: int
+
+
+def score_shard(job: Job, shard: int, rank: int, bar: tqdm) -> dict:
+    """Score shard ``shard`` and write its top K (temporary name, then renamed); its counts."""
+    from recsys_moe.evaluation.predict import predict_tensors
+
+    src = job.source
+    frame, duplicates = clean(read_shard(job.output, shard, src.ids), src.group)
+    counts: dict[str, int] = {}
+    preds: list[pl.DataFrame] = []
+    for start in range(0, frame.height, CHUNK):
+        chunk = frame.slice(start, CHUNK)
+        data, c = job.feats.gather(chunk)
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0) + v
+        _check_missing(job, shard, counts, start + chunk.height)
+        out = predict_tensors(job.model.bundle.model, data, job.tasks, batch_size=job.batch_size)
+        preds.append(pl.DataFrame(out))
+        bar.update(chunk.height)
+    keys = src.ids
+    if preds:
+        scored = pl.concat([frame.select(keys), pl.concat(preds)], how="horizontal")
+    else:  # an empty shard (no group hashed to it): an empty part, same columns
+        from recsys_moe.model.objectives import output_name
+
+        names = [output_name(t) for t in job.tasks]
+        scored = frame.select(keys).with_columns(pl.lit(None, pl.Float64).alias(n) for n in names)
+    pred_cols = [c for c in scored.columns if c not in keys]
+    scored = scored.with_columns(
+        pl.lit(job.as_of).cast(pl.Datetime("us")).alias(job.time_column),
+        score=combined_score(job.tasks, job.weights),
+    ).select(*keys, job.time_column, *pred_cols, "score")
+    check_finite(scored, [*pred_cols, "score"], keys, src.path)
+    group = src.group
+    sizes = scored.group_by(group).len()
+    ranked = (
+        scored.sort([group, "score", "item_id"], descending=[False, True, False])
+        .with_columns(rank=pl.int_range(1, pl.len() + 1).over(group).cast(pl.Int32))
+        .filter(pl.col("rank") <= job.top_k)
+    )
+    stats = {
+        "shard": shard,
+        "file": part_name(shard),
+        "rank": rank,
+        "candidates": frame.height,
+        "rows": ranked.height,
+        "groups": sizes.height,
+        "duplicates_dropped": duplicates,
+        "short_requests": int((sizes["len"] < job.top_k).sum()),
+        **counts,
+    }
+    final = job.output / part_name(shard)
+    tmp = job.output / f".{final.name}.tmp-{os.getpid()}"
+    write_text_atomic(job.output / SHARDS / f"{final.name}.json", json.dumps(stats))
+    ranked.write_parquet(tmp)
+    os.replace(tmp, final)  # the part appears whole, after its counts
+    return stats
+
+
+def _check_missing(job: Job, shard: int, counts: dict[str, int], seen: int) -> None:
+    """Too many candidates without features (above ``score.max_missing_share``) fail the job,
+    naming the likely cause: an as-of past the store's range or a stale store (expired), or
+    ids the store does not know (unknown)."""
+    missing = counts.get("missing_features", 0)
+    if seen == 0 or missing / seen <= job.max_missing_share:
+        return
+    expired = counts.get("expired_features", 0)
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+    ranges = "; ".join(
+        f"{name} rows {r.first.isoformat()} .. {r.last.isoformat()}"
+        for name, r in job.ranges.items()
+    )
+    if expired >= missing - expired:
+        cause = (
+            f"most of them have features older than their TTL as of {job.as_of.isoformat()}: "
+            f"the store looks stale (refresh it), or --as-of lies past its range ({ranges})"
+        )
+    else:
+        cause = (
+            f"most of them are ids the store {job.store.root} has no row for as of "
+            f"{job.as_of.isoformat()} ({ranges}): candidates of another store (--store), or an "
+            "--as-of before their first rows"
+        )
+    raise DataError(
+        f"candidates {job.source.path}: {missing} of {seen} candidates in shard {shard} "
+        f"({100 * missing / seen:.2f}%) lack features, above score.max_missing_share "
+        f"({100 * job.max_missing_share:g}%): {cause}. Counts: {detail}. Nothing written for "
+        "this shard; raise score.max_missing_share only if scoring them unknown is intended"
+    )
+
+
+# ---- the job -------------------------------------------------------------------------------------
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks (torchrun's environment; 0 and 1 alone)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def score(
     *,
     model_uri: str,
@@ -164,73 +328,156 @@ def score(
     cfg: Config,
     as_of: datetime | None = None,
     store_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Score ``candidates`` with the registry model ``model_uri``; write the top ``top_k``.
+    """Score ``candidates`` with the registry model ``model_uri``; write the top ``top_k`` per
+    request (or user) into ``output``. Under torchrun each rank does its share; rank 0 writes the
+    manifest and returns it (the other ranks return their shards' counts).
 
-    Refused before anything is read when ``output`` would replace or delete an input. Candidates
-    with a null id and repeated (request or user, item) pairs are dropped and counted; no
-    candidate left, or any score that is not a finite number, fails the job with the previous
-    output untouched."""
+    Refused before anything is read when ``output`` would replace or delete an input, and before
+    anything is written when the candidates are empty, the as-of precedes the store's features,
+    or ``output`` holds another run's scores."""
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    rank, world = rank_and_world()
     store_path = Path(store_dir or cfg.store_dir)
+    candidates, output = Path(candidates), Path(output)
     check_output(
         output, what="--output",
-        inputs=cfg.protected_paths() | {"candidates": Path(candidates), "store": store_path},
+        inputs=cfg.protected_paths() | {"candidates": candidates, "store": store_path},
         roots={"workdir": Path(cfg.workdir), "current folder": Path.cwd()},
     )  # fmt: skip
-    name, alias = parse_model_uri(model_uri)
-    client = client_for(cfg)
-    version = client.get_model_version_by_alias(name, alias).version
-    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    source = CandidateSource(candidates)
+    if source.rows == 0:
+        raise DataError(
+            f"candidates {candidates}: no rows; nothing to score (previous output kept)"
+        )
+    ref = resolve_model(cfg, model_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{ref.name}/{ref.version}")
     model = pyfunc.unwrap_python_model()
-    features = model.bundle.features
-    mcfg = model.bundle.config
-    time_col = features.events.time
-    candidates, output = Path(candidates), Path(output)
-    lf, dropped = clean_candidates(read_candidates(candidates, time_column=time_col), candidates)
-    has_time = time_col in lf.collect_schema()
-    if as_of is not None or not has_time:
-        stamp = (as_of or datetime.now(UTC)).replace(tzinfo=None)
-        lf = lf.with_columns(pl.lit(stamp).cast(pl.Datetime("us")).alias(time_col))
+    bundle = model.bundle
+    features = bundle.features
     store = OfflineStore(store_path)
-    rows = join_features(lf, store, features, event_time=time_col).collect()
-    coverage = feature_coverage(rows, features, store, candidates)
-
-    preds = model.predict_polars(rows)
-    group = "request_id" if "request_id" in rows.columns else "user_id"
-    keys = [c for c in ("request_id", "user_id", "item_id") if c in rows.columns]
-    scored = pl.concat([rows.select(keys + [time_col]), preds], how="horizontal").with_columns(
-        # the model's tasks, the scoring job's weights ([score] of --config)
-        score=combined_score(mcfg.tasks, cfg.score.weights)
-    )
-    check_finite(scored, [*preds.columns, "score"], keys, candidates)
-    ranked = (
-        scored.sort([group, "score", "item_id"], descending=[False, True, False])
-        .with_columns(rank=pl.int_range(1, pl.len() + 1).over(group).cast(pl.Int32))
-        .filter(pl.col("rank") <= top_k)
-    )
-    manifest = {
-        "model_uri": model_uri,
-        "model_name": name,
-        "model_version": version,
-        "candidates": str(candidates.resolve()),
-        "candidate_rows": rows.height,
-        "dropped": dropped,
-        "coverage": coverage,
-        "groups": int(ranked[group].n_unique()),
-        "group_by": group,
+    ranges = store_time_ranges(store, features)
+    as_of_given = as_of is not None
+    if as_of is None:  # the store's latest feature time, never the wall clock
+        as_of = max(r.last for r in ranges.values())
+    as_of = as_of.replace(tzinfo=None)
+    check_as_of(as_of, ranges, store)
+    shards = shard_count(source.rows, cfg.score.shard_rows)
+    identity = {
+        "model_name": ref.name,
+        "model_version": ref.version,
+        "model_run_id": ref.run_id,
+        "features_fingerprint": features.fingerprint(),
+        "as_of": as_of.isoformat(),
+        "store": str(store_path.resolve()),
+        "candidates": source.identity(),
         "top_k": top_k,
-        "rows": ranked.height,
-        "as_of": None if as_of is None and has_time else str(ranked[time_col].min()),
-        "files": [PART],
-        "written_at": datetime.now(UTC).isoformat(),
+        "weights": dict(sorted(cfg.score.weights.items())),
+        "shards": shards,
     }
-    _write_atomic(output, ranked, manifest)
+    open_output(output, identity, rank=rank, overwrite=overwrite)
+    job = Job(
+        source=source, output=output, model=model,
+        feats=AsOfFeatures(store, features, bundle.mappings, as_of), tasks=bundle.config.tasks,
+        weights=cfg.score.weights, top_k=top_k, as_of=as_of, time_column=features.events.time,
+        max_missing_share=cfg.score.max_missing_share, ranges=ranges, store=store,
+        batch_size=bundle.config.train.eval_batch_size,
+    )  # fmt: skip
+    mine = [s for s in range(shards) if s % world == rank]
+    todo = [s for s in mine if not (output / part_name(s)).is_file()]
+    if any(not (output / part_name(s)).is_file() for s in range(shards)):
+        _partition(source, shards, output, rank, world)
+    done: list[dict] = []
+    rows = sum(spilled_rows(output, s) for s in todo)
+    desc = f"scoring (rank {rank}/{world})" if world > 1 else "scoring"
+    with tqdm(total=rows, unit="pair", unit_scale=True, disable=None, file=sys.stderr,
+              desc=desc) as bar:  # fmt: skip
+        for s in todo:
+            for tmp in output.glob(f".{part_name(s)}.tmp-*"):  # a killed attempt's leftover
+                tmp.unlink(missing_ok=True)
+            done.append(score_shard(job, s, rank, bar))
+    if rank != 0:
+        return {"rank": rank, "shards": done}
+    _wait(lambda: all((output / part_name(s)).is_file() for s in range(shards)),
+          f"every shard in {output}")  # fmt: skip
+    manifest = _manifest(job, ref, identity, shards, as_of_given)
+    write_text_atomic(output / MANIFEST, json.dumps(manifest, indent=2))
+    shutil.rmtree(output / SPILL, ignore_errors=True)
     return manifest | {"output": str(output)}
 
 
-def _write_atomic(output: Path, frame: pl.DataFrame, manifest: dict) -> None:
-    with replacing_dir(output) as tmp:
-        frame.write_parquet(tmp / PART)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+def spilled_rows(output: Path, shard: int) -> int:
+    """The rows of a shard's spill files (the progress bar's total), from their footers."""
+    import pyarrow.parquet as pq
+
+    files = (output / SPILL / f"s-{shard:05d}").glob("u-*.parquet")
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _partition(source: CandidateSource, shards: int, output: Path, rank: int, world: int) -> None:
+    """Phase 1: this rank's row groups into the spill folder; then wait for every rank's."""
+    units = [u for u in range(len(source.units)) if u % world == rank]
+    for u in tqdm(units, unit="row group", disable=None, file=sys.stderr, desc="partitioning"):
+        if not unit_done(output, u).is_file():
+            partition_unit(source, u, shards, output)
+    _wait(lambda: all(unit_done(output, u).is_file() for u in range(len(source.units))),
+          f"the other ranks' partitions in {output / SPILL}")  # fmt: skip
+
+
+def _manifest(job: Job, ref: ModelRef, identity: dict, shards: int, as_of_given: bool) -> dict:
+    out = job.output
+    per_shard = [json.loads((out / SHARDS / f"{part_name(s)}.json").read_text())
+                 for s in range(shards)]  # fmt: skip
+    for st in per_shard:
+        st["sha256"] = _sha256(out / st["file"])
+    null_ids = 0
+    units = sorted((out / SPILL / "units").glob("u-*.json"))
+    if units:
+        null_ids = sum(json.loads(u.read_text())["null_id"] for u in units)
+    else:  # a rerun over a complete output: the spill is gone, the previous manifest has it
+        prev = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
+        null_ids = prev.get("null_ids_dropped", 0)
+    keys = [k for k in per_shard[0] if k not in ("shard", "file", "rank", "sha256")]
+    totals = {k: sum(st.get(k, 0) for st in per_shard) for k in keys}
+    scored = totals["candidates"]
+    if scored == 0:
+        raise DataError(
+            f"candidates {job.source.path}: all {job.source.rows} rows have a null id "
+            f"({', '.join(job.source.ids)}); nothing to score"
+        )
+    entities = list(job.ranges)
+    coverage = {
+        e: round(1 - (totals.get(f"unknown_{e}s", 0) + totals.get(f"expired_{e}_features", 0))
+                 / scored, 6)
+        for e in entities
+    }  # fmt: skip
+    return {
+        "model_uri": ref.uri,
+        "model_name": ref.name,
+        "model_version": ref.version,
+        "model_run_id": ref.run_id,
+        "features_fingerprint": identity["features_fingerprint"],
+        "as_of": identity["as_of"],
+        "as_of_from": "--as-of" if as_of_given else "the store's latest feature time",
+        "store": identity["store"],
+        "candidates": str(job.source.path.resolve()),
+        "candidate_input_rows": job.source.rows,
+        "candidate_rows": scored,
+        "null_ids_dropped": null_ids,
+        "duplicates_dropped": totals["duplicates_dropped"],
+        "dropped": {"null_id": null_ids, "duplicate": totals["duplicates_dropped"]},
+        **{k: totals[k] for k in keys if k.startswith(("unknown_", "expired_", "missing_"))},
+        "missing_features_share": round(totals.get("missing_features", 0) / scored, 6),
+        "max_missing_share": job.max_missing_share,
+        "coverage": coverage,
+        "short_requests": totals["short_requests"],
+        "group_by": job.source.group,
+        "groups": totals["groups"],
+        "top_k": job.top_k,
+        "rows": totals["rows"],
+        "shard_key": f"splitmix64({job.source.group}) mod {shards}",
+        "shards": per_shard,
+        "files": [st["file"] for st in per_shard],
+    }
