@@ -65,8 +65,21 @@ def synth_data(cfg: Config, out: Path, params: SynthParams, *, test_days: int) -
     check_output(out, what="data synth --out", inputs=protected,
                  roots={"workdir": Path(cfg.workdir), "current folder": Path.cwd()})  # fmt: skip
     meta = synthesize(out, test_days=test_days, **asdict(params))
-    print(f"wrote {out}: {meta['rows']}")
+    print(synth_summary(out, meta))
     return meta
+
+
+def synth_summary(out: Path, meta: dict) -> str:
+    """What ``data synth`` wrote, in words."""
+    p, r = meta["params"], meta["rows"]
+    return (
+        f"wrote {out}: {p['users']:,} users ({r['users']:,} attribute rows), {p['items']:,} items "
+        f"({r['items']:,} rows), {r['impressions']:,} impressions in {r['requests']:,} requests "
+        f"over {p['days']} days (click rate {meta['click_rate']:.3f}), {r['candidates']:,} "
+        f"candidates in {r['candidate_requests']:,} requests; seed {p['seed']}, task conflict "
+        f"{p['task_conflict']:g}; Bayes-optimal click AUC {meta['bayes_optimal_click_auc']:.4f} "
+        f"on the last {meta['test_days']} day(s)"
+    )
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -76,14 +89,16 @@ def cmd_import(args: argparse.Namespace) -> None:
     check_output(args.out, what="data import --out", inputs={"source": Path(src)},
                  roots={"current folder": Path.cwd()})  # fmt: skip
     meta = import_dataset(args.name, src=src, out=args.out)
-    print(f"imported {args.name} from {src} into {args.out}: {meta.get('rows', '')}")
+    rows = ", ".join(f"{n:,} {table} rows" for table, n in meta.get("rows", {}).items())
+    print(f"imported {args.name} from {src} into {args.out}: {rows}")
 
 
 def build(cfg: Config) -> dict:
     from recsys_moe.dataset import build_dataset
 
     manifest = build_dataset(cfg)
-    print(f"wrote training set {cfg.dataset_dir}: rows {manifest['rows']}")
+    rows = ", ".join(f"{n:,} {split}" for split, n in manifest["rows"].items())
+    print(f"wrote training set {cfg.dataset_dir}: {rows} rows")
     return manifest
 
 
@@ -208,7 +223,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from recsys_moe.training.sweep import sweep
 
     result = sweep(args.config, args.grid, args.set, workdir=args.workdir, match=args.match_compute)
-    print(f"\nsweep {result.parent_run_id} ({len(result.rows)} runs, validation metrics):")
+    print(f"sweep {result.parent_run_id} ({len(result.rows)} runs, validation metrics):")
     print(result.table)
 
 
@@ -264,15 +279,26 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set train.epochs=3 (repeatable)",
     )  # fmt: skip
     p.add_argument("--workdir", help="override the config's workdir (relative paths resolve here)")
+    _output_flags(p, default=argparse.SUPPRESS)
+
+
+def _output_flags(p: argparse.ArgumentParser, default: object = False) -> None:
+    """-v and -q, accepted before and after the subcommand (``SUPPRESS`` on the subcommands:
+    a flag given before it is not reset by the subcommand's default)."""
     p.add_argument(
-        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-        help="log progress (INFO)",
+        "-v", "--verbose", action="store_true", default=default,
+        help="also print the project's own debug lines (not the libraries' notices)",
+    )  # fmt: skip
+    p.add_argument(
+        "-q", "--quiet", action="store_true", default=default,
+        help="no progress bars (they show only when stderr is a terminal anyway)",
     )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys-moe", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    parser.add_argument("--version", action="version", version=f"recsys-moe {_version()}")
+    _output_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run every job on synthetic data in --workdir")
@@ -311,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from where)",
     )  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output store folder")
+    _output_flags(p, default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_import)
 
     feats = sub.add_parser("features", help="feature store jobs")
@@ -400,20 +427,63 @@ def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recsys-moe")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"
+
+
+PROJECT_LOGGERS = ("recsys_moe", "pipelines", "feature_store", "serving")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Warnings and errors from the libraries; their notices a user cannot act on stay hidden
+    (MLflow's database set-up lines, torch's ``is_fx_tracing`` warning at every TorchRec trace,
+    fbgemm's loaded-library lines, TorchRec's planner tables). ``-v`` adds the project's own
+    debug lines only."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(asctime)s %(name)s %(message)s",
-    )
+    quiet_libraries(getattr(args, "verbose", False))
+    if getattr(args, "quiet", False):
+        from pipelines import progress
+
+        progress.set_mode("never")
     try:
         args.func(args)
     except ValueError as e:  # user errors (DataError is one): say what to do, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # MLflow's "not found" for a run id, model, version or alias named
+        message = _mlflow_user_error(e, args)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _mlflow_user_error(e: Exception, args: argparse.Namespace) -> str | None:
+    if "mlflow" not in sys.modules:
+        return None
+    from recsys_moe.tracking import user_error
+
+    try:
+        uri = _config(args).tracking_uri() if hasattr(args, "set") else None
+    except ValueError:
+        uri = None
+    return user_error(e, uri)
 
 
 if __name__ == "__main__":

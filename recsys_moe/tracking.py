@@ -2,14 +2,25 @@
 
 With the embedded default (a SQLite file), artifacts go to ``<workdir>/mlartifacts`` rather than
 MLflow's ``./mlruns`` in whatever directory the job was started from.
+
+What a person sees in the MLflow UI: the experiment is tagged as a model-training experiment
+(``mlflow.experimentKind``; MLflow 3 otherwise opens an untagged experiment on its GenAI
+overview) and described (``mlflow.note.content``); a training run is named after what ran
+(``run_name``: mixture, widths, epochs, seed), described (``run_description``) and has its
+training set's splits as MLflow datasets (``log_datasets``). ``user_error`` turns MLflow's
+"not found" errors (run ids, experiments, registered models, versions, aliases) into the CLI's
+``error: ...`` lines.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import secrets
 import socket
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -21,6 +32,8 @@ from recsys_moe.config import Config
 log = logging.getLogger(__name__)
 
 TRAIN_JOB_TAG = "recsys_moe.job"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the description MLflow's UI shows and edits
 
 
 HOST_TAG, PID_TAG = "recsys_moe.host", "recsys_moe.pid"  # which process a RUNNING run belongs to
@@ -96,11 +109,112 @@ def ensure_experiment(cfg: Config) -> str:
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is not None:
         end_stale_runs(client, exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before the tag was set
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if cfg.tracking_uri().startswith("sqlite:"):
         location = cfg.path("mlartifacts").resolve().as_uri()
-    return client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: EXPERIMENT_NOTE}
+    return client.create_experiment(cfg.mlflow.experiment, artifact_location=location, tags=tags)
+
+
+EXPERIMENT_NOTE = """Multi-task ranking (recsys-moe): an MMoE or baseline mixture over a TorchRec \
+embedding tower, one head per task.
+
+- **training runs** (`recsys-moe train`, tag `recsys_moe.job = train`), named \
+`mixture-widths-epochs-seed`: per-step losses `train/loss_<task>`, per-epoch validation metrics \
+`valid/<task>_<metric>`, the model bundle (`model/`), gate statistics (`gates/`), expert-usage \
+heatmaps (`plots/`); `recsys-moe evaluate` adds `test/...` metrics and the report under `eval/`.
+- **sweeps** (`recsys-moe sweep`, tag `recsys_moe.job = sweep`): a parent run with the results \
+table (`sweep.md`) and one child training run per setting.
+"""
+
+
+def _widths(dims: list[int]) -> str:
+    return "x".join(str(d) for d in dims)
+
+
+def run_name(cfg: Config) -> str:
+    """What ran, e.g. ``mmoe-4e-64x32-3ep-seed0``, ``shared_bottom-151x75-3ep-seed0``,
+    ``cgc-2t1s-64x32-3ep-seed0``."""
+    m, t = cfg.model, cfg.train
+    if m.mixture in ("single_task", "shared_bottom"):
+        arch = _widths(m.bottom_dims or m.expert_dims)
+    elif m.mixture in ("cgc", "ple"):
+        arch = f"{m.num_task_experts}t{m.num_shared_experts}s-{_widths(m.expert_dims)}"
+    else:
+        arch = f"{m.num_experts}e-{_widths(m.expert_dims)}"
+    return f"{m.mixture}-{arch}-{t.epochs}ep-seed{t.seed}"
+
+
+def run_description(cfg: Config) -> str:
+    """The run's description (Markdown): model, tasks, training settings, training set."""
+    m, t = cfg.model, cfg.train
+    tasks = ", ".join(
+        f"`{x.name}` ({x.kind}{', where ' + x.mask + ' = 1' if x.mask else ''})" for x in cfg.tasks
+    )
+    rows = _manifest(cfg).get("rows", {})
+    counts = ", ".join(f"{n:,} {s}" for s, n in rows.items()) or "rows unknown"
+    return (
+        f"`recsys-moe train`: **{m.mixture}** ({run_name(cfg)}) with tasks {tasks}.\n\n"
+        f"{t.epochs} epochs, batch {t.batch_size} per process, lr {t.lr:g} (dense), "
+        f"{t.embedding_lr:g} (embeddings), seed {t.seed}.\n\n"
+        f"Training set `{cfg.dataset_dir.resolve()}` ({counts}); features `{cfg.features_path}`."
+        "\n\nCharts: `train/` per-step losses, `valid/` per-epoch validation metrics; gate "
+        "statistics are the table and plot under `gates/` (artifacts)."
+    )
+
+
+def _manifest(cfg: Config) -> dict:
+    try:
+        return json.loads((cfg.dataset_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def log_datasets(cfg: Config) -> None:
+    """The training set's train and valid splits as MLflow datasets of the active run
+    (``training`` / ``validation`` context): source path, row count, digest of the build."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    manifest = _manifest(cfg)
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    rows = manifest.get("rows", {})
+    for split, context in (("train", "training"), ("valid", "validation")):
+        path = (cfg.dataset_dir / f"{split}.parquet").resolve()
+        with warnings.catch_warnings():  # a local path resolves to two equal source kinds
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path))
+        dataset = MetaDataset(source, name=f"{cfg.dataset_dir.name}/{split}", digest=digest)
+        mlflow.log_input(
+            dataset, context=context, tags={"rows": str(rows.get(split, "")), "split": split}
+        )
+
+
+# MLflow error codes that mean "the thing you named is not there" (an unknown alias comes as an
+# INVALID_PARAMETER_VALUE "... not found"; other invalid values are bugs, not user errors)
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def user_error(e: BaseException, uri: str | None = None) -> str | None:
+    """The ``error: ...`` text for an MLflow error caused by what the user named (a run id, an
+    experiment, a registered model, version or alias that does not exist), else None."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(e, MlflowException):
+        return None
+    alias = e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e.message)
+    if e.error_code not in _NOT_FOUND and not alias:
+        return None
+    where = f" in the MLflow store {uri}" if uri else ""
+    message = str(e.message).strip().rstrip(".")
+    return (
+        f"{message}{where}; check the id or name (the MLflow UI lists runs and registered "
+        "models: `mlflow ui --backend-store-uri URI`), or pass --workdir/--config of the store "
+        "that holds it"
+    )
 
 
 def latest_train_run(cfg: Config) -> str:

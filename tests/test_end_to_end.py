@@ -97,10 +97,17 @@ def test_saved_model_scores_as_the_trained_sharded_one(run: SimpleNamespace) -> 
 def test_training_logs_gate_statistics_and_expert_heatmaps(run: SimpleNamespace) -> None:
     client = client_for(run.cfg)
     metrics = client.get_run(run.result.run_id).data.metrics
-    usage = [v for k, v in metrics.items() if k.startswith("gates/click/usage_e")]
+    assert not [k for k in metrics if k.startswith("gates/")]  # a table, not metric series
+    table = mlflow.load_table("gates/gate_stats.json", run_ids=[run.result.run_id])
+    last = table[table["step"] == table["step"].max()].set_index(["task", "statistic"])["value"]
+    validations = client.get_metric_history(run.result.run_id, "valid/click_auc")
+    assert sorted(set(table["step"])) == sorted(m.step for m in validations)  # one set each
+    usage = [v for (t, stat), v in last.items() if t == "click" and stat.startswith("usage_e")]
     assert len(usage) == run.cfg.model.num_experts
     assert sum(usage) == pytest.approx(1.0, abs=1e-4)
-    assert 0.0 <= metrics["gates/watch_time/entropy"] <= 1.0
+    assert 0.0 <= last[("watch_time", "entropy")] <= 1.0
+    gate_arts = [a.path for a in client.list_artifacts(run.result.run_id, "gates")]
+    assert gate_arts == ["gates/gate_stats.json", "gates/gate_stats.png"]
     names = sorted(p.name for p in run.result.plots)
     assert names == ["experts_by_category.png", "experts_by_segment.png"]
     assert all(p.stat().st_size > 1000 for p in run.result.plots)

@@ -5,7 +5,8 @@
 
 A grid value is parsed like a ``--set`` value (TOML, else a bare string); commas inside
 brackets or quotes belong to the value (``--grid "model.expert_dims=[64, 32],[128, 64]"``).
-The parent run holds the grid and, at the end, the results table (``sweep.md``). The table shows
+The parent run (named after the grid, described with it) holds the grid and, at the end, the
+results table (``sweep.md``); a progress bar on stderr counts the runs. The table shows
 each task's headline validation metrics (binary: AUC and log loss; regression: RMSE, and RMSE on
 the log scale for ``log1p`` tasks).
 
@@ -24,9 +25,16 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipelines import progress
 from recsys_moe.config import Config, TaskConfig, load_config
 from recsys_moe.model import match_compute, model_cost
-from recsys_moe.tracking import TRAIN_JOB_TAG, client_for, ensure_experiment, run_owner_tags
+from recsys_moe.tracking import (
+    NOTE_TAG,
+    TRAIN_JOB_TAG,
+    client_for,
+    ensure_experiment,
+    run_owner_tags,
+)
 from recsys_moe.training.train import train
 
 SEED = "train.seed"  # a grid over it adds a mean ± sd table per other setting
@@ -91,9 +99,17 @@ def sweep(
         cfgs = matched(load_config(config, list(overrides), workdir=workdir), cfgs)
     shown = shown_metrics(cfgs[0].tasks)
     client = client_for(cfgs[0])
+    name = "sweep " + " ".join(f"{k}={','.join(v)}" for k, v in axes)
+    note = (
+        f"`recsys-moe sweep`: {len(combos)} training runs (the child runs), one per combination "
+        f"of {', '.join(f'`{k}` in {v}' for k, v in axes)}"
+        + (", widths rescaled to the base config's FLOPs per example" if match else "")
+        + ". The table of validation metrics is the artifact `sweep.md`."
+    )
     parent = client.create_run(
         ensure_experiment(cfgs[0]),
-        tags={TRAIN_JOB_TAG: "sweep", "mlflow.runName": "sweep", **run_owner_tags()},
+        run_name=name[:250],
+        tags={TRAIN_JOB_TAG: "sweep", NOTE_TAG: note, **run_owner_tags()},
     )
     pid = parent.info.run_id
     for i, (key, values) in enumerate(axes):
@@ -102,8 +118,10 @@ def sweep(
         client.log_param(pid, "match_compute", "true")
     rows: list[dict[str, str | float]] = []
     ok = False
+    runs = progress.bar(total=len(combos), desc="sweep", unit="run")
     try:
         for combo, cfg in zip(combos, cfgs, strict=True):
+            runs.set_postfix_str(" ".join(f"{k}={v}" for k, v in combo.items()))
             result = train(cfg, parent_run_id=pid)
             row: dict[str, str | float] = dict(combo)
             if match:
@@ -112,9 +130,10 @@ def sweep(
             row |= {k: result.valid[k] for k in shown if k in result.valid}
             row |= {"samples_per_s": result.samples_per_s, "run_id": result.run_id}
             rows.append(row)
-            print(format_table(rows[-1:], header=len(rows) == 1), flush=True)
+            runs.update(1)
         ok = True
     finally:
+        runs.close()
         table = format_table(rows)
         summary = summarize(rows, [k for k, _ in axes], shown)
         if summary:
