@@ -239,6 +239,15 @@ class TrainConfig:
     lr_scaling: LrScaling = "sqrt"
     embedding_lr_scaling: LrScaling = "sqrt"
     warmup_steps: int | Literal["auto"] = "auto"
+    # model selection (training/selection.py), validation at each epoch's end: the run's model is
+    # the epoch with the best selection score (select = "best") or the last one ("last");
+    # selection_metric "" = the mean over tasks of each task's gate metric, normalised (2 AUC - 1,
+    # 1 - RMSE / the training mean's RMSE, ...), or a validation metric's key (click_auc); with
+    # patience > 0 training stops after that many epochs without an improvement > min_delta
+    select: Literal["best", "last"] = "best"
+    selection_metric: str = ""
+    patience: int = 0
+    min_delta: float = 0.0
     seed: int = 0
     # every step's losses are logged, sent to MLflow in one batch per log_every steps: each batch
     # is a store commit (2-core demo: every 50 steps cost 13 % of throughput, every 500 nothing
@@ -288,7 +297,8 @@ class TrainConfig:
                   cpu_threads=(self.cpu_threads, 0),
                   profile_steps=(self.profile_steps, 0),
                   dist_timeout_s=(self.dist_timeout_s, 1),
-                  lr_reference_batch=(self.lr_reference_batch, 1))  # fmt: skip
+                  lr_reference_batch=(self.lr_reference_batch, 1),
+                  patience=(self.patience, 0), min_delta=(self.min_delta, 0.0))  # fmt: skip
         if self.warmup_steps != "auto":
             at_least("train", warmup_steps=(self.warmup_steps, 0))
         for name in ("lr", "embedding_lr"):

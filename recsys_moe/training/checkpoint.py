@@ -8,6 +8,8 @@ Layout, one folder per MLflow run::
             rank-<r>.pt            per rank: torch (and CUDA) RNG state, LR scheduler state
             .complete              JSON loop state: step, run id, the loader's position
         LATEST                     "ckpt-<step>": the newest complete checkpoint
+        best-weights.pt            train.select = "best": the best validation's full weights
+                                   (rank 0, tensors only; loaded with weights_only=True)
 
 A save writes ``ckpt-<step>`` (every rank), then rank 0 writes ``.complete`` and replaces
 ``LATEST`` atomically (temporary file + rename). A process killed before that leaves the
@@ -33,6 +35,7 @@ from pipelines.atomic import write_text_atomic
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
+BEST_WEIGHTS = "best-weights.pt"
 COMPLETE = ".complete"
 # Test hook: "<step>" makes the process exit after writing ckpt-<step>, before committing it.
 FAULT_ENV = "RECSYS_MOE_CHECKPOINT_FAULT"
@@ -43,6 +46,7 @@ class LoopState:
     step: int  # optimizer steps done
     run_id: str
     data: dict[str, Any] = field(default_factory=dict)  # the loader's position after that step
+    selection: dict[str, Any] = field(default_factory=dict)  # training.selection.Selection's
 
 
 def _step_of(path: Path) -> int:
@@ -79,6 +83,14 @@ def save(
     dist.barrier()
     log.info("checkpoint %s", ckpt)
     return ckpt
+
+
+def write_weights_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.save`` a dict of tensors under a temporary name, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def load(ckpt: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> LoopState:

@@ -54,6 +54,7 @@ from recsys_moe.training.module import (
 )
 from recsys_moe.training.profile import StepProfiler
 from recsys_moe.training.recipe import build_scheduler, scaled_rates
+from recsys_moe.training.selection import Selection, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class TrainResult:
     step_s: list[float] = field(default_factory=list)  # host time of each step (validation apart)
     profile: str = ""  # train.profile_steps: the top ops
     gpu_busy_share: float = float("nan")  # train.profile_steps on CUDA: kernels' time / wall
+    selected_step: int = 0  # the step whose weights are the model (train.select)
+    stopped_step: int = 0  # the last step trained (< epochs x steps when stopped early)
 
 
 @dataclass
@@ -195,6 +198,27 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
         run_dir = resume_from.parent if resume_from is not None else ckpt_root / run_id
         result = TrainResult(run_id=run_id, cost=cost)
 
+        selection = Selection(t.patience, t.min_delta)
+        selection.load_state_dict(start.selection)
+        best: dict[str, Any] = {}  # select = "best": the best validation's weights (rank 0), ..
+        best_file = run_dir / checkpoint.BEST_WEIGHTS
+        if t.select == "best" and selection.best_step and best_file.is_file():  # resumed
+            # the best validation was in an earlier attempt: its weights and metrics, no gates
+            best["state"] = torch.load(best_file, weights_only=True) if info.is_main else None
+            best.update(saved_step=selection.best_step, valid=start.selection.get("valid", {}),
+                        gate_stats={}, gates=torch.zeros(0))  # fmt: skip
+
+        def select(step: int, gates: Tensor) -> bool:
+            """Score this validation, keep the weights if best; whether to stop early."""
+            score = broadcast_object(selection_score(result.valid, cfg.tasks, t.selection_metric))
+            logger.log_metrics({"valid/selection_score": score}, step=step)
+            if selection.update(step, score) and t.select == "best":
+                full = sharding.full_state_dict(dmp)  # on a CPU: the live tensors themselves
+                full = None if full is None else {k: v.clone() for k, v in full.items()}
+                best.update(state=full, gates=gates,
+                            valid=dict(result.valid), gate_stats=dict(result.gates))  # fmt: skip
+            return selection.stop
+
         def validate(model: nn.Module) -> Tensor:
             """Metrics and gate statistics of the validation split, logged; its gates."""
             preds, gates = predict_with_gates(
@@ -209,18 +233,37 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
             return gates
 
         def save(step: int) -> None:
+            if best.get("state") is not None and best.get("saved_step") != selection.best_step:
+                checkpoint.write_weights_atomic(best["state"], best_file)  # rank 0: the best so far
+                best["saved_step"] = selection.best_step
             checkpoint.save(
                 run_dir,
-                checkpoint.LoopState(step=step, run_id=run_id, data=loader.state_after(step)),
+                checkpoint.LoopState(step=step, run_id=run_id, data=loader.state_after(step),
+                                     selection=selection.state_dict()
+                                     | {"valid": best.get("valid", {})}),
                 model=dmp, optimizer=optimizer, scheduler=state.scheduler,
                 keep=t.checkpoint.keep,
             )  # fmt: skip
 
-        gates = _loop(state, t, info.device, start.step, logger, result, validate,
+        gates = _loop(state, t, info.device, start.step, logger, result, validate, select,
                       save if t.checkpoint.every else None)  # fmt: skip
 
-        # ---- the full model on rank 0: bundle and heatmaps -----------------------------------
-        full = sharding.full_state_dict(dmp)
+        # ---- the selected model on rank 0: bundle and heatmaps -------------------------------
+        result.selected_step = result.stopped_step
+        if "valid" in best and selection.best_step != result.stopped_step:
+            full, gates = best["state"], best["gates"]
+            result.valid, result.gates = best["valid"], best["gate_stats"]
+            result.selected_step = selection.best_step
+        else:
+            full = sharding.full_state_dict(dmp)
+        per_epoch = len(loader)
+        logger.log_metrics({"train/selected_epoch": result.selected_step / per_epoch,
+                            "train/stopped_epoch": result.stopped_step / per_epoch})  # fmt: skip
+        if result.selected_step != result.stopped_step or result.stopped_step < total_steps:
+            log.info("model: the weights of step %d (epoch %d), validation %s; trained %d of "
+                     "%d steps", result.selected_step, result.selected_step // per_epoch,
+                     " ".join(f"{k}={v:.4f}" for k, v in result.valid.items()),
+                     result.stopped_step, total_steps)  # fmt: skip
         if full is not None:
             plain = build_model(features, cfg.model, names)
             plain.load_state_dict({k.removeprefix("model."): v for k, v in full.items()
@@ -248,16 +291,19 @@ def _loop(
     logger: MetricLogger,
     result: TrainResult,
     validate: Callable[[nn.Module], Tensor],
+    select: Callable[[int, Tensor], bool],
     save: Callable[[int], None] | None,
 ) -> Tensor:
     """Steps ``start_step + 1 ..`` to the end of epoch ``t.epochs - 1``; validation at each
-    epoch's end, a checkpoint every ``t.checkpoint.every`` steps. The last validation's gates."""
+    epoch's end (then ``select``, which may stop the loop: early stopping), a checkpoint every
+    ``t.checkpoint.every`` steps. The last validation's gates."""
     dmp, loader = state.model, state.loader
     progress, pause = sharding.train_step(dmp, state.optimizer, device, pipeline=t.pipeline)
     batches = loader.until_epoch(t.epochs)
     per_epoch, total = len(loader), t.epochs * len(loader)
-    window = StepWindow(logger, first_step=start_step, total=total, per_epoch=per_epoch,
-                        batch_size=t.batch_size)  # fmt: skip  (and the progress bar on rank 0)
+    window = StepWindow(
+        logger, first_step=start_step, total=total, per_epoch=per_epoch, batch_size=t.batch_size
+    )  # fmt: skip  (and the progress bar on rank 0)
     profiler = StepProfiler(t.profile_steps, device) if t.profile_steps else None
     gates = torch.zeros(0)
     seen, t0, eval_s = 0, time.perf_counter(), 0.0  # throughput excludes validation
@@ -280,12 +326,21 @@ def _loop(
             dmp.train()
             logger.log_metrics({f"valid/{k}": v for k, v in result.valid.items()}, step=step)
             logger.log_gates(result.gates, step=step)
-            eval_s += time.perf_counter() - t_eval
             log.info("epoch %d step %d valid %s", step // per_epoch - 1, step,
                      " ".join(f"{k}={v:.4f}" for k, v in result.valid.items()))  # fmt: skip
+            stop = select(step, gates)
+            eval_s += time.perf_counter() - t_eval
+        else:
+            stop = False
         if save is not None and step % t.checkpoint.every == 0:
             result.losses += window.flush()
             save(step)
+        result.stopped_step = step
+        if stop:
+            result.losses += window.flush()
+            log.info("early stop after epoch %d: no improvement of the selection score for %d "
+                     "epoch(s)", step // per_epoch - 1, t.patience)  # fmt: skip
+            break
     elapsed = time.perf_counter() - t0 - eval_s
     world = torch.distributed.get_world_size()
     result.samples_per_s = seen * world / elapsed if elapsed > 0 else 0.0
