@@ -239,3 +239,18 @@ def latest_train_run(cfg: Config) -> str:
             f"{cfg.tracking_uri()}; run `recsys-moe train --config ...` first or pass --run-id"
         )
     return runs[0].info.run_id
+
+
+def chart_sections(metric_keys: list[str]) -> list[tuple[str, list[str]]]:
+    """The sections of charts MLflow's run page ("Model metrics" tab) shows for these metric
+    keys, in the order it shows them, each with its charts in order: a key's section is the
+    part before its last ``/``; sections with a name come first, alphabetically, then the
+    unprefixed keys ("Model metrics"); ``system/`` keys are on another tab; charts sort by key.
+    (MLflow 3's ``RunsChartsCardConfig.getBaseChartAndSectionConfigs``,
+    mlflow/server/js/src/experiment-tracking/components/runs-charts/runs-charts.types.ts.)"""
+    sections: dict[str, list[str]] = {}
+    for key in sorted(k for k in metric_keys if not k.startswith("system/")):
+        sections.setdefault(key.rpartition("/")[0] or "Model metrics", []).append(key)
+    named = sorted(s for s in sections if s != "Model metrics")
+    order = [*named, *(["Model metrics"] if "Model metrics" in sections else [])]
+    return [(s, sections[s]) for s in order]

@@ -98,7 +98,8 @@ def test_training_logs_gate_statistics_and_expert_heatmaps(run: SimpleNamespace)
     client = client_for(run.cfg)
     metrics = client.get_run(run.result.run_id).data.metrics
     assert not [k for k in metrics if k.startswith("gates/")]  # a table, not metric series
-    table = mlflow.load_table("gates/gate_stats.json", run_ids=[run.result.run_id])
+    exp_id = client.get_run(run.result.run_id).info.experiment_id
+    table = client.load_table(exp_id, "gates/gate_stats.json", run_ids=[run.result.run_id])
     last = table[table["step"] == table["step"].max()].set_index(["task", "statistic"])["value"]
     validations = client.get_metric_history(run.result.run_id, "valid/click_auc")
     assert sorted(set(table["step"])) == sorted(m.step for m in validations)  # one set each
