@@ -17,11 +17,12 @@ MODES = ("auto", "always", "never")
 _mode = {"value": ""}  # "" = not set by the CLI: the environment's, else auto
 
 
-def set_mode(mode: str) -> None:
-    """``auto`` (a bar when stderr is a terminal), ``always`` or ``never``."""
-    if mode not in MODES:
+def set_mode(mode: str | None) -> None:
+    """``auto`` (a bar when stderr is a terminal), ``always`` or ``never``; None: back to the
+    environment's (``RECSYS_MOE_PROGRESS``, else auto)."""
+    if mode is not None and mode not in MODES:
         raise ValueError(f"progress mode {mode!r}: expected one of {MODES}")
-    _mode["value"] = mode
+    _mode["value"] = mode or ""
 
 
 def mode() -> str:

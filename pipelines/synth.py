@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from pipelines import progress
 from pipelines.atomic import replacing_dir
 
 GENERATOR = "pipelines.synth"
@@ -575,8 +576,12 @@ def write_atomically(
     as a licence, skipped when absent), built in a sibling temp dir and renamed into place; an
     existing ``out`` is replaced (``pipelines.atomic.replacing_dir``)."""
     with replacing_dir(out) as tmp:
+        bar = progress.bar(total=len(frames), desc=f"write {out.name}", unit="table")
         for name, frame in frames.items():
+            bar.set_postfix_str(f"{name} ({frame.height:,} rows)")
             frame.write_parquet(tmp / f"{name}.parquet")
+            bar.update(1)
+        bar.close()
         for path in copies:
             if path.is_file():
                 shutil.copyfile(path, tmp / path.name)

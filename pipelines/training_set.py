@@ -56,6 +56,7 @@ from feature_store import (
     validate_events,
 )
 from feature_store.pit import features_found
+from pipelines import progress
 from pipelines.atomic import replacing_dir
 from pipelines.mappings import apply_mappings, fit_mappings
 
@@ -242,6 +243,8 @@ def _build(
         .then(pl.lit("valid"))
         .otherwise(pl.lit("test"))
     )
+    bar = progress.bar(total=4, desc="features build", unit="stage")
+    bar.set_postfix_str("point-in-time join and time split")
     # One pass, one sink: each row goes to <split>.parquet (three filtered sinks of one plan
     # would each recompute the join in the streaming engine).
     joined.select(columns).sink_parquet(
@@ -259,10 +262,15 @@ def _build(
         if not (tmp / f"{name}.parquet").is_file():
             empty = pl.DataFrame(schema=joined.select(columns).collect_schema())
             empty.write_parquet(tmp / f"{name}.parquet")
-
+    bar.update(1)
+    bar.set_postfix_str("feature coverage")
     coverage = _coverage(tmp, features)
     warnings = _check_coverage(coverage, tmp, features, store, limits.min_coverage)
+    bar.update(1)
+    bar.set_postfix_str("id mappings (fit on train, applied to each split)")
     map_splits(tmp, features, keep)
+    bar.update(1)
+    bar.set_postfix_str("manifest")
     manifest = _manifest(store, tmp, features, labels, days) | {
         "mapped_columns": keep,
         "coverage": coverage,
@@ -270,6 +278,8 @@ def _build(
         "warnings": warnings,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    bar.update(1)
+    bar.close()
     return manifest
 
 

@@ -132,11 +132,12 @@ def run_evaluate(
     report = evaluate(cfg, run_id=run_id, split=split, output=output, predictions=predictions)
     picked = "" if run_id else ", the latest finished training run"
     print(f"evaluated run {report['run_id']}{picked} on {split} ({report['rows']} rows)")
+    logged = "test" if split == "test" else f"eval_{split}"  # the keys evaluate logs them as
     for k, v in report["metrics"].items():
         if not k.endswith(("_groups", "_skipped", "requests")):
             ci = report["ci"].get(k)
             shown = f"   [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-            print(f"  {split}/{k:<32} {v:.4f}{shown}")
+            print(f"  {logged}/{k:<32} {v:.4f}{shown}")
     print(f"wrote {report['output']} and {report['report']}")
     if report["predictions"]:
         print(f"wrote {report['predictions']} (one row per evaluated event)")
@@ -295,6 +296,77 @@ def _output_flags(p: argparse.ArgumentParser, default: object = False) -> None:
     )  # fmt: skip
 
 
+# Each subcommand's --help ends with examples and where its output goes.
+EXAMPLES = {
+    "demo": """examples:
+  recsys-moe demo                              # in ./demo-run
+  recsys-moe demo --workdir /tmp/demo -q       # elsewhere, no progress bars
+
+writes (under --workdir): data/ (synthetic store), dataset/ (training set), mlflow.db and
+mlartifacts/ (MLflow runs and registry), models/RUN_ID/ (bundles), eval/, scores/""",
+    "data synth": """examples:
+  recsys-moe data synth --config configs/demo.toml        # the demo's data, in demo-run/data
+  recsys-moe data synth --users 4000 --seed 1 --out /tmp/small
+
+writes: --out (default: the config's data.store, WORKDIR/data): users.parquet, items.parquet,
+impressions.parquet, candidates.parquet, oracle.parquet, meta.json; replaced as a whole""",
+    "data import": """examples:
+  recsys-moe data import census --src DOWNLOADS/census-income --out census-run/data
+  recsys-moe data import movielens --src DOWNLOADS/ml-latest-small --out movielens-run/data
+
+writes: --out, the store layout (entity tables, events, meta.json with source and licence);
+the README's "Real data" section says which files each importer reads and where to get them""",
+    "features build": """examples:
+  recsys-moe features build --config configs/demo.toml
+  recsys-moe features build --config configs/movielens.toml --set data.valid_days=7
+
+writes: the config's data.dataset (WORKDIR/dataset): train/valid/test.parquet, mapped/,
+mappings/, manifest.json (rows, coverage, feature fingerprint)""",
+    "train": """examples:
+  recsys-moe train --config configs/demo.toml --set train.epochs=5
+  recsys-moe train --set model.mixture=shared_bottom -v
+  torchrun --standalone --nproc-per-node 2 -m recsys_moe.cli train --config configs/demo.toml
+
+writes: an MLflow run in WORKDIR/mlflow.db (losses, validation metrics, gates/, plots/, the
+bundle as artifact model/), the bundle in WORKDIR/models/RUN_ID/; prints the run id""",
+    "sweep": """examples:
+  recsys-moe sweep --grid model.mixture=mmoe,shared_bottom --grid train.seed=0,1 \\
+      --set train.epochs=3 --match-compute
+
+writes: a parent MLflow run (its table: artifact sweep.md) with one child training run per
+setting; prints the table of validation metrics (mean ± sd over a train.seed grid)""",
+    "evaluate": """examples:
+  recsys-moe evaluate --config configs/demo.toml               # the latest training run, test
+  recsys-moe evaluate --run-id RUN_ID --split valid --output report.json
+
+writes: metrics on the run, WORKDIR/eval/RUN-SPLIT.json and the report beside it""",
+    "register": """examples:
+  recsys-moe register --config configs/demo.toml               # the latest evaluated run
+
+writes: a version of the registered model (mlflow.registered_model), alias champion for the
+first, challenger after; prints the name, version and alias""",
+    "promote": """examples:
+  recsys-moe promote --model recsys-moe-demo --version 2
+
+writes: the alias (default champion) moved to --version, or an error naming the worse task""",
+    "score": """examples:
+  recsys-moe score --model models:/recsys-moe-demo@champion \\
+      --candidates demo-run/data/candidates.parquet --output demo-run/scores --top-k 10
+
+writes: --output: part-*.parquet (top K per request or user), _manifest.json (counts, model)""",
+}
+
+
+def _with_examples(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    for path, text in EXAMPLES.items():
+        p = parser
+        for name in path.split():
+            sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+            p = sub.choices[name]
+        p.epilog, p.formatter_class = text, argparse.RawDescriptionHelpFormatter
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys-moe", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"recsys-moe {_version()}")
@@ -418,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--store", type=Path, help="offline store root (default: the config's)")
     p.set_defaults(func=cmd_score)
-    return parser
+    return _with_examples(parser)
 
 
 def _terminated(signum: int, frame: object) -> None:
