@@ -164,6 +164,7 @@ def run_score(
     as_of: str | None = None,
     store: Path | None = None,
     overwrite: bool = False,
+    quantize: str = "none",
 ) -> dict:
     from serving.score import score
 
@@ -176,6 +177,7 @@ def run_score(
         as_of=datetime.fromisoformat(as_of) if as_of else None,
         store_dir=store,
         overwrite=overwrite,
+        quantize=quantize,  # type: ignore[arg-type]  (one of argparse's choices)
     )
     if "output" not in manifest:  # a rank other than 0 under torchrun: rank 0 reports the job
         print(f"rank {manifest['rank']}: scored {len(manifest['shards'])} shard(s)")
@@ -188,6 +190,9 @@ def run_score(
     counts = ", ".join(f"{k} {manifest[k]}" for k in manifest if k.startswith(("unknown_",
                        "expired_")) or k in ("duplicates_dropped", "short_requests"))  # fmt: skip
     print(f"  as of {manifest['as_of']} ({manifest['as_of_from']}); {counts}")
+    if "prediction_change" in manifest:
+        change = ", ".join(f"{k} {v:.3g}" for k, v in manifest["prediction_change"].items())
+        print(f"  int8 tables against fp32 (first chunk of each shard): {change}")
     return manifest
 
 
@@ -217,7 +222,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     run_score(_config(args), args.model, args.candidates, args.output, top_k=args.top_k,
-              as_of=args.as_of, store=args.store, overwrite=args.overwrite)  # fmt: skip
+              as_of=args.as_of, store=args.store, overwrite=args.overwrite,
+              quantize=args.quantize)  # fmt: skip
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -484,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true",
                    help="replace an --output that holds another run's scores")  # fmt: skip
+    p.add_argument(
+        "--quantize", choices=["none", "int8"], default="none",
+        help="int8: score with int8 embedding tables (TorchRec's quantized EBC); the change "
+        "against fp32 goes to the manifest",
+    )  # fmt: skip
     p.add_argument("--top-k", type=int, help="rows kept per request/user (default: score.top_k)")
     p.add_argument(
         "--as-of", help="scoring time, ISO (default: the store's latest feature time)"

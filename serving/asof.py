@@ -2,10 +2,14 @@
 
 A scoring job has one as-of time, so each user and item has at most one feature row in effect:
 the row with the greatest ``valid_from <= as_of`` (the point-in-time join's rule; the store's
-contract allows one row per key and time). Those rows are mapped (``apply_mappings``) and turned
-into tensors (``to_tensor_data``) once; a candidate then costs an index lookup and a gather
-instead of a join and a mapping per pair. Row 0 of every entity's tensors is the mapping of a row
-of nulls: what a candidate without features gets, exactly as ``predict_frame`` would give it.
+contract allows one row per key and time). Those rows are mapped (``apply_mappings``), turned into
+tensors (``to_tensor_data``) and passed through the model's embedding tower once, with every other
+entity's bags empty and its dense values 0: the tower's output is a concatenation, so a
+candidate's tower output is the sum of its user's and its item's rows. A candidate then costs an
+index lookup and a gather instead of a join, a mapping and an embedding lookup per pair; the
+model's mixture and heads run on the gathered rows (``serving.score``). Row 0 of every entity's
+rows is a row of nulls: what a candidate without features gets, exactly as ``predict_frame``
+would give it.
 
 A candidate's entity is ``unknown`` when the store has no row of its key in effect as of the
 scoring time (the id is not in the store, or its first row is later), ``expired`` when the row in
@@ -27,7 +31,8 @@ from torch import Tensor
 from feature_store import DataError, FeatureSet, OfflineStore
 from feature_store.validate import validate_table
 from pipelines.mappings import Mappings, apply_mappings
-from recsys_moe.data import JaggedColumn, TensorData, gather_jagged, to_tensor_data
+from recsys_moe.data import JaggedColumn, TensorData, iterate_batches, to_tensor_data
+from recsys_moe.model import MultiTaskModel
 
 IDX = "__idx"
 
@@ -56,12 +61,12 @@ def _subset(features: FeatureSet, keep: list) -> FeatureSet:
 
 
 @dataclass
-class EntityTensors:
-    """One entity's mapped feature rows: row 0 the unknown row, row i + 1 key ``keys[i]``."""
+class EntityRows:
+    """One entity's tower rows ``[n + 1, D_in]``: row 0 the unknown row, row i + 1 key
+    ``keys[i]``."""
 
     keys: pl.DataFrame  # key, __idx (Int64), expired (bool)
-    data: TensorData
-    dense_names: list[str]  # the columns of data.dense
+    tower: Tensor
 
 
 class AsOfFeatures:
@@ -74,10 +79,14 @@ class AsOfFeatures:
         features: FeatureSet,
         mappings: Mappings,
         as_of: datetime,
+        model: MultiTaskModel,
+        batch_size: int = 4096,
     ) -> None:
         self.features = features
         self.mappings = mappings
-        self.entities: dict[str, EntityTensors] = {}
+        self.model = model
+        self.batch_size = batch_size
+        self.entities: dict[str, EntityRows] = {}
         for name, ent in features.entities.items():
             own = [f for f in features.for_entity(name) if f.column != ent.key]
             if not own:
@@ -113,15 +122,13 @@ class AsOfFeatures:
                 pl.when(pl.col("expired")).then(0)
                 .otherwise(pl.col("expired").not_().cum_sum()).cast(pl.Int64).alias(IDX),
             )  # fmt: skip
-            self.entities[name] = EntityTensors(
-                keys=keys, data=to_tensor_data(mapped, sub), dense_names=[f.name for f in sub.dense]
-            )
+            self.entities[name] = EntityRows(keys=keys, tower=self._tower(mapped, sub))
         self.key_features = [
             f for f in features.features if f.column == features.entities[f.entity].key
         ]
 
-    def gather(self, cands: pl.DataFrame) -> tuple[TensorData, dict[str, int]]:
-        """The model input for ``cands`` (rows in order), and counts of candidates: per entity
+    def gather(self, cands: pl.DataFrame) -> tuple[Tensor, dict[str, int]]:
+        """The tower output ``[N, D_in]`` for ``cands`` (rows in order), and counts: per entity
         ``unknown_<entity>s`` and ``expired_<entity>_features``; ``expired_features`` (any entity
         expired) and ``missing_features`` (any entity unknown or expired)."""
         n = cands.height
@@ -141,36 +148,46 @@ class AsOfFeatures:
             index[name] = torch.from_numpy(got[IDX].fill_null(0).to_numpy().astype(np.int64))
         counts["expired_features"] = int(expired_any.sum())
         counts["missing_features"] = int((unknown_any | expired_any).sum())
-        keyed = None
-        if self.key_features:
+        x = torch.zeros(n, self.model.tower.out_dim)
+        for name, et in self.entities.items():
+            x += et.tower[index[name]]
+        if self.key_features:  # mapped per distinct key of this chunk, then gathered
             sub = _subset(self.features, self.key_features)
-            mapped = apply_mappings(cands.lazy(), sub, self.mappings).collect()
-            keyed = EntityTensors(cands, to_tensor_data(mapped, sub), [f.name for f in sub.dense])
-        dense_cols: list[Tensor] = []
-        sparse: dict[str, JaggedColumn] = {}
-        for f in self.features.features:
-            if f in self.key_features:
-                assert keyed is not None
-                src, idx = keyed, None
-            else:
-                src, idx = self.entities[f.entity], index[f.entity]
-            if f.is_sparse:
-                col = src.data.sparse[f.name]
-                sparse[f.name] = col if idx is None else _take(col, idx)
-            else:
-                block = src.data.dense[:, src.dense_names.index(f.name)]
-                dense_cols.append(block if idx is None else block[idx])
-        dense = torch.stack(dense_cols, dim=1) if dense_cols else torch.zeros(n, 0)
-        return TensorData(dense=dense, sparse=sparse, num_rows=n), counts
+            keys = [self.features.entities[f.entity].key for f in self.key_features]
+            distinct = cands.select(keys).unique(maintain_order=True)
+            mapped = apply_mappings(distinct.lazy(), sub, self.mappings).collect()
+            rows = self._tower(mapped, sub)
+            pos = cands.select(keys).join(
+                distinct.with_row_index(IDX), on=keys, how="left", maintain_order="left"
+            )[IDX]
+            x += rows[torch.from_numpy(pos.to_numpy().astype(np.int64))]
+        return x, counts
 
-
-def _take(col: JaggedColumn, idx: Tensor) -> JaggedColumn:
-    lengths = col.lengths[idx]
-    offsets = torch.zeros(len(idx) + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    return JaggedColumn(
-        values=gather_jagged(col.offsets[idx], lengths, col.values), offsets=offsets
-    )
+    @torch.no_grad()
+    def _tower(self, mapped: pl.DataFrame, sub: FeatureSet) -> Tensor:
+        """The tower's output for mapped rows of the features ``sub`` (the other features: empty
+        bags, dense 0, which add nothing to the concatenation)."""
+        own = to_tensor_data(mapped, sub)
+        n = own.num_rows
+        empty = JaggedColumn(
+            values=torch.zeros(0, dtype=torch.int64), offsets=torch.zeros(n + 1, dtype=torch.int64)
+        )
+        sparse = {f.name: own.sparse.get(f.name, empty) for f in self.features.sparse}
+        dense = torch.zeros(n, len(self.features.dense))
+        names = [f.name for f in sub.dense]
+        for j, f in enumerate(self.features.dense):
+            if f.name in names:
+                dense[:, j] = own.dense[:, names.index(f.name)]
+        data = TensorData(dense=dense, sparse=sparse, num_rows=n)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = [
+                self.model.tower(b.dense, b.sparse) for b in iterate_batches(data, self.batch_size)
+            ]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.model.tower.out_dim)
 
 
 def check_as_of(as_of: datetime, ranges: dict[str, TimeRange], store: OfflineStore) -> None:

@@ -258,3 +258,24 @@ def test_two_ranks_under_torchrun_give_the_rows_of_one(
     assert rows[0].equals(rows[1]) and rows[0].height == m1["rows"] == m2["rows"]
     assert _parts(tmp_path / "one") == _parts(tmp_path / "two")
     assert os.environ.get("RANK") is None  # the test process itself is no rank
+
+
+def test_int8_tables_score_close_to_fp32_and_are_another_run(
+    run: SimpleNamespace, tmp_path: Path
+) -> None:
+    cands = run.cfg.store_dir / "candidates.parquet"
+    out = tmp_path / "q"
+    fp32 = score(model_uri=run.reg.uri, candidates=cands, output=tmp_path / "f", top_k=10_000,
+                 cfg=run.cfg)  # fmt: skip
+    m = score(model_uri=run.reg.uri, candidates=cands, output=out, top_k=10_000, cfg=run.cfg,
+              quantize="int8")  # fmt: skip
+    change = m["prediction_change"]
+    assert m["quantize"] == "int8" and change["rows"] == run.cands.height
+    a = pl.read_parquet(list((tmp_path / "f").glob("part-*"))).sort("request_id", "item_id")
+    b = pl.read_parquet(list(out.glob("part-*"))).sort("request_id", "item_id")
+    d = (a["p_click"] - b["p_click"]).abs()
+    assert d.max() == pytest.approx(change["p_click_max_abs_change"])
+    assert 0 < d.max() < 0.05
+    assert "prediction_change" not in fp32
+    with pytest.raises(ValueError, match="quantize"):
+        score(model_uri=run.reg.uri, candidates=cands, output=out, top_k=10_000, cfg=run.cfg)
