@@ -6,10 +6,12 @@
 ``register`` refuses a run that has not been evaluated (``recsys-moe evaluate``: its test
 metrics are what promotion compares). It saves an MLflow pyfunc (models from code: the pyfunc's
 source file, the model bundle as artifact, this project's packages as code paths) with a
-signature generated from the feature definitions, uploads it into the training run's artifacts
-and creates a version of ``mlflow.registered_model`` from there (the run is not reopened). The
-version gets the alias ``champion`` when the model has none yet, else ``challenger``; its test
-metrics and the identity of the evaluated data become tags, and a description says what it is.
+signature generated from the feature definitions, uploads it as an MLflow 3 logged model of the
+training run (the run is not reopened) with the run's test metrics as its metrics (numbers: the
+version page shows them), and creates a version of ``mlflow.registered_model`` from it. The
+version gets the alias ``champion`` when the model has none yet, else ``challenger``; tags with
+the sha256 of the training set's manifest and of the model's config, the identity of the
+evaluated data, the test metrics (also as tags, to search by), and a description of all these.
 
 ``promote`` moves an alias (``champion``) to a version only when every task's gate metric
 (``tasks.<name>.gate``, ``gate_tolerance``) is no worse than the current holder's, measured on
@@ -24,24 +26,29 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.metadata as md
+import math
 import tempfile
-import uuid
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 
 from feature_store.signature import model_signature
 from pipelines.training_set import load_split
 from recsys_moe.config import HIGHER_IS_BETTER, Config
 from recsys_moe.evaluation.evaluate import EVAL_DATA_TAG
+from recsys_moe.evaluation.report import is_count
 from recsys_moe.model.objectives import output_name
 from recsys_moe.tracking import client_for, latest_train_run
 
 PACKAGES = ("recsys_moe", "pipelines", "feature_store", "serving")
+DATA_HASH_TAG = "recsys_moe.data_sha256"  # of the training set's manifest.json
+CONFIG_HASH_TAG = "recsys_moe.config_sha256"  # of the model bundle's config.json
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
@@ -92,6 +99,30 @@ def evaluated_metrics(run: Run) -> dict[str, float]:
     return {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
 
 
+def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The evaluation's metrics of all rows: not by segment, not the intervals, not the oracle's."""
+    return {
+        k: v for k, v in metrics.items()
+        if "/" not in k and not k.endswith(("_ci_low", "_ci_high"))
+        and not k.startswith("bayes_optimal_")
+    }  # fmt: skip
+
+
+def evaluated_dataset(run: Run) -> tuple[str | None, str | None]:
+    """Name and digest of the run's dataset input of context ``evaluation`` on the test split
+    (``evaluation.evaluate.log_dataset``), else ``(None, None)``."""
+    for i in reversed(run.inputs.dataset_inputs if run.inputs else []):
+        tags = {t.key: t.value for t in i.tags}
+        if tags.get("mlflow.data.context") == "evaluation" and tags.get("split") == "test":
+            return i.dataset.name, i.dataset.digest
+    return None, None
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes ("" if it is missing)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
 def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Registered:
     """Register the run's model (``python_model``: path of the pyfunc's code file)."""
     client = client_for(cfg)
@@ -113,7 +144,15 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
     # The pyfunc is saved locally and uploaded into the run's artifacts, then registered from
     # there: the training run is never reopened (reopening set it RUNNING for a moment, and
     # concurrent jobs looking for "the latest finished run" picked an older one meanwhile).
-    artifact_path = f"pyfunc/{uuid.uuid4().hex[:12]}"
+    headline = headline_metrics(evaluated)
+    tags = {
+        EVAL_DATA_TAG: run.data.tags.get(f"{EVAL_DATA_TAG}.test", ""),
+        DATA_HASH_TAG: file_hash(cfg.dataset_dir / "manifest.json"),
+        CONFIG_HASH_TAG: file_hash(Path(bundle_dir) / "config.json"),
+    }
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="pyfunc"
+    )
     with tempfile.TemporaryDirectory(prefix="recsys-moe-pyfunc-") as tmp:
         local = Path(tmp) / "pyfunc"
         mlflow.pyfunc.save_model(
@@ -125,13 +164,22 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
             input_example=example.to_pandas(),
             pip_requirements=_requirements(),
         )
-        client.log_artifacts(run_id, str(local), artifact_path=artifact_path)
-    source = f"{run.info.artifact_uri}/{artifact_path}"
-    data = run.data.tags.get(f"{EVAL_DATA_TAG}.test", "")
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(evaluated.items()) if "bayes" not in k)
+        client.log_model_artifacts(logged.model_id, str(local))
+    # the test metrics as numbers on the logged model (MLflow 3): a version page shows them
+    now = int(time.time() * 1000)
+    data = evaluated_dataset(run)  # the rows they were taken on (evaluate's dataset input)
+    client.log_batch(run_id, metrics=[
+        Metric(f"test/{k}", v, now, 0, model_id=logged.model_id, dataset_name=data[0],
+               dataset_digest=data[1])
+        for k, v in headline.items() if math.isfinite(v)
+    ])  # fmt: skip
+    client.finalize_logged_model(logged.model_id, "READY")
+    source = f"models:/{logged.model_id}"
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(headline.items()) if not is_count(k))
     description = (
         f"Trained by run {run_id} (experiment {cfg.mlflow.experiment}); training set "
-        f"{run.data.tags.get('recsys_moe.dataset', '?')}; tasks "
+        f"{run.data.tags.get('recsys_moe.dataset', '?')} (manifest sha256 "
+        f"{tags[DATA_HASH_TAG][:12]}), config sha256 {tags[CONFIG_HASH_TAG][:12]}; tasks "
         f"{', '.join(t.name for t in cfg.tasks)}; test metrics: {shown}"
     )
     with registry_lock(cfg):
@@ -146,15 +194,15 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
                 raise
         version = str(
             client.create_model_version(
-                name, source=source, run_id=run_id, description=description
+                name, source=source, run_id=run_id, tags=tags, description=description,
+                model_id=logged.model_id,
             ).version
-        )
+        )  # fmt: skip
         aliases = client.get_registered_model(name).aliases
         alias = CHALLENGER if CHAMPION in aliases else CHAMPION
         client.set_registered_model_alias(name, alias, version)
-        for k, v in evaluated.items():
+        for k, v in headline.items():  # also as tags, for searching versions by a metric
             client.set_model_version_tag(name, version, f"test/{k}", f"{v:.6g}")
-        client.set_model_version_tag(name, version, EVAL_DATA_TAG, data)
     return Registered(name=name, version=version, alias=alias, run_id=run_id)
 
 

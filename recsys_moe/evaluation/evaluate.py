@@ -19,11 +19,13 @@ reported beside them as ``bayes_optimal_...``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import secrets
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -130,6 +132,7 @@ def evaluate(
 
     client = client_for(cfg)
     prefix = "test" if split == "test" else f"eval_{split}"  # valid/... is training's own
+    log_dataset(client, run_id, cfg, split)
     _log_metrics(client, run_id, prefix, report, oracle)
     data = eval_data_id(cfg, split, rows.height)
     client.set_tag(run_id, f"{EVAL_DATA_TAG}.{prefix}", data)
@@ -156,12 +159,39 @@ def evaluate(
 
 
 def _metric_key(text: str) -> str:
-    """A segment value as part of an MLflow metric key (letters, digits, ``_-. /`` only)."""
+    """A segment value as part of an MLflow metric key: letters, digits, `_`, `-`, `.`, spaces."""
     return re.sub(r"[^\w.\- ]", "_", text) or "_"
 
 
+def log_dataset(client: mlflow.MlflowClient, run_id: str, cfg: Config, split: str) -> None:
+    """The evaluated split as a dataset input of the run (context ``evaluation``; training logs
+    its train and valid splits, ``tracking.log_datasets``, with the same name and digest scheme:
+    source the split's Parquet, digest that of the training set's manifest, new with every
+    build); ``register`` attaches it to the metrics of the logged model."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    manifest = load_manifest(cfg.dataset_dir)
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    path = (cfg.dataset_dir / f"{split}.parquet").resolve()
+    with warnings.catch_warnings():  # a local path resolves to two equal source kinds
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(path))
+    name = f"{cfg.dataset_dir.name}/{split}"
+    dataset = MetaDataset(source, name=name, digest=digest)
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation"), InputTag("split", split),
+            InputTag("rows", str(manifest.get("rows", {}).get(split, "")))]  # fmt: skip
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+
 def _log_metrics(
-    client: mlflow.MlflowClient, run_id: str, prefix: str, report: EvalReport, oracle: dict
+    client: mlflow.MlflowClient,
+    run_id: str,
+    prefix: str,
+    report: EvalReport,
+    oracle: dict,
 ) -> None:
     now = int(time.time() * 1000)
     values = {f"{prefix}/{k}": v for k, v in (report.metrics | oracle).items()}
