@@ -7,7 +7,10 @@
 # Sections (environment, 1 = on): BENCH_PREP=1 the bench training set (ROWS rows, 4M);
 # BENCH_1GPU=1 one GPU with the torch-rechub peer; BENCH_2GPU=1 two GPUs under torchrun
 # (BENCH_TYPES: sharding types to force, one run each, e.g. "table_wise row_wise");
-# BENCH_DEMO=0 the demo model at batch 8192 and 32768 (device loader) and 512.
+# BENCH_COMPILE=0 one GPU with train.compile=true; BENCH_SCORE=0 the forward's pairs/s at
+# 8k-256k rows (gpu_bench.py score); BENCH_DEMO=0 the demo model at batch 512, 8192 and 32768
+# with the large-batch recipe (train.lr_scaling auto-warm-up), 8192 without scaling, and 8192
+# compiled.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site2
 export PYTHONPATH=/tmp/site:$PWD:/tmp/site2 NCCL_NVLS_ENABLE=0 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
@@ -21,6 +24,16 @@ if [ "${BENCH_1GPU:-1}" = 1 ]; then
     --out "$OUT/gpu_bench_1gpu.json" > "$OUT/gpu_bench_1gpu.log" 2>&1
   tail -4 "$OUT/gpu_bench_1gpu.log"
 fi
+if [ "${BENCH_COMPILE:-0}" = 1 ]; then
+  CUDA_VISIBLE_DEVICES=0 python benchmarks/gpu_bench.py train --work $W --set train.compile=true \
+    --out "$OUT/gpu_bench_1gpu_compile.json" > "$OUT/gpu_bench_1gpu_compile.log" 2>&1
+  tail -2 "$OUT/gpu_bench_1gpu_compile.log"
+fi
+if [ "${BENCH_SCORE:-0}" = 1 ]; then
+  CUDA_VISIBLE_DEVICES=0 python benchmarks/gpu_bench.py score --work $W \
+    --out "$OUT/gpu_score.json" > "$OUT/gpu_score.log" 2>&1
+  grep "^score" "$OUT/gpu_score.log" || tail -5 "$OUT/gpu_score.log"
+fi
 if [ "${BENCH_2GPU:-1}" = 1 ]; then
   python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu_bench.py train \
     --work $W --out "$OUT/gpu_bench_2gpu.json" > "$OUT/gpu_bench_2gpu.log" 2>&1
@@ -33,12 +46,13 @@ if [ "${BENCH_2GPU:-1}" = 1 ]; then
 fi
 if [ "${BENCH_DEMO:-0}" = 1 ]; then
   D=/tmp/bench-demo
-  python -m recsys_moe.cli data synth --out $D/data >/dev/null 2>&1
-  python -m recsys_moe.cli features build --workdir $D >/dev/null 2>&1
-  for B in 512 8192 32768; do
-    LR=""; [ "$B" != 512 ] && LR="--set train.lr=2e-2 --set train.embedding_lr=0.2"
-    CUDA_VISIBLE_DEVICES=0 python -m recsys_moe.cli train --workdir $D --set train.batch_size=$B \
-      --set train.epochs=2 $LR 2>&1 | grep -a "trained run" | cut -c1-150 \
-      | sed "s/^/demo model, 1 GPU, batch $B: /" | tee -a "$OUT/demo_batches.txt"
+  [ -f $D/dataset/manifest.json ] || { python -m recsys_moe.cli data synth --workdir $D -q \
+    && python -m recsys_moe.cli features build --workdir $D -q; } >/dev/null 2>&1
+  for RUN in "512" "8192" "32768" "8192 --set train.lr_scaling=none --set train.embedding_lr_scaling=none" \
+             "8192 --set train.compile=true" ${DEMO_EXTRA:-}; do
+    set -- $RUN; B=$1; shift
+    CUDA_VISIBLE_DEVICES=0 python -m recsys_moe.cli train --workdir $D -q --set train.batch_size=$B \
+      "$@" 2>&1 | grep -a "trained run" | cut -c1-200 \
+      | sed "s/^/demo model, 1 GPU, batch $B $*: /" | tee -a "$OUT/demo_batches.txt"
   done
 fi

@@ -93,6 +93,9 @@ def compile_dense(module: TrainModule) -> None:
     pipelines keep it as one leaf call of their fx trace and run it compiled; the embedding
     tower stays eager (fbgemm's kernels). In place (``nn.Module.compile``): state-dict keys,
     checkpoints and the saved bundle are those of the eager modules."""
+    # TorchRec 1.6's pipeline fx-traces through these modules (1.8 keeps them as leaves): let
+    # the trace, which only finds the sharded modules' inputs, run their eager code
+    torch._dynamo.config.error_on_nested_fx_trace = False
     model = module.model
     for part in (model.mixture, *model.heads.values(), module.loss):
         part.compile(dynamic=False)
