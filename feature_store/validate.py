@@ -171,12 +171,14 @@ def validate_events(
     not_before: datetime | None = None,
     numeric: Sequence[Feature] = (),
     positive_values: Sequence[str] = (),
+    finite_labels: Sequence[str] = (),
 ) -> None:
     """Raise ``DataError`` unless the events frame can be used.
 
     ``required`` maps each required column to why it is needed. Checks: required columns exist;
     ``int_ids`` are integer and never null; ``time_column`` is Datetime and never null; binary
-    labels are 0 or 1; ``nonneg_labels`` are finite and >= 0; ``positive_values`` (e.g. a
+    labels are 0 or 1; ``nonneg_labels`` are finite and >= 0; ``finite_labels`` finite (any
+    sign); ``positive_values`` (e.g. a
     duration the loss divides by) are finite and > 0 (nulls count as bad in all three); the
     frame has rows; no two rows share the same ``unique_keys`` (an event's identity); no event
     time is after ``not_after`` (the builder passes its clock plus a day: a future time would
@@ -187,7 +189,8 @@ def validate_events(
     """
     schema = lf.collect_schema()
     _check_columns(schema, required, path=path, what="events")
-    for column in [*int_ids, *binary_labels, *nonneg_labels, *positive_values, time_column]:
+    values = [*binary_labels, *nonneg_labels, *finite_labels, *positive_values]
+    for column in [*int_ids, *values, time_column]:
         if column not in schema:
             raise DataError(
                 f"events file {path}: missing column {column!r}; "
@@ -199,7 +202,7 @@ def validate_events(
     for column in int_ids:
         _check_int(schema, column, path=path, what="events")
     _check_time(schema, time_column, path=path, what="events")
-    for column in [*binary_labels, *nonneg_labels, *positive_values]:
+    for column in values:
         _check_label_dtype(schema, column, path=path)
 
     head = f"events file {path}"
@@ -219,6 +222,11 @@ def validate_events(
         bad = x.is_null() | ~x.is_finite() | (x < 0.0)
         checks.append(_Check(f"nonneg:{column}", f"column {column!r}", "finite and >= 0"))
         aggs += [bad.sum().alias(f"nonneg:{column}"), _example(column, bad, f"nonneg:{column}")]
+    for column in finite_labels:
+        x = pl.col(column).cast(pl.Float64)
+        bad = x.is_null() | ~x.is_finite()
+        checks.append(_Check(f"finite:{column}", f"column {column!r}", "finite"))
+        aggs += [bad.sum().alias(f"finite:{column}"), _example(column, bad, f"finite:{column}")]
     for column in positive_values:
         x = pl.col(column).cast(pl.Float64)
         bad = x.is_null() | ~x.is_finite() | (x <= 0.0)

@@ -61,7 +61,7 @@ from pipelines.atomic import replacing_dir
 from pipelines.mappings import apply_mappings, fit_mappings
 
 SPLITS = ("train", "valid", "test")
-LABEL_KINDS = ("binary", "regression")
+LABEL_KINDS = ("binary", "regression", "real")  # 0/1; finite and >= 0; finite
 MANIFEST = "manifest.json"
 MAPPINGS_DIR = "mappings"
 MAPPED_DIR = "mapped"
@@ -103,7 +103,8 @@ def build_training_set(
     ``min_event_time``: events before it are rejected (None or "": no lower bound; a string is an
     ISO time, e.g. "2026-01-01"; naive = UTC).
     ``min_coverage``: the least share of event rows that must find each entity's features.
-    ``labels`` maps label column → "binary" (must be 0/1) or "regression" (finite, >= 0). The
+    ``labels`` maps label column → "binary" (must be 0/1), "regression" (finite, >= 0: a watch
+    time, fitted on a log scale) or "real" (finite, any sign: fitted standardised). The
     last ``test_days`` calendar days present in the events are the test split, the ``valid_days``
     days before them the validation split, all earlier days the training split.
     """
@@ -212,6 +213,7 @@ def _build(
             c for c, k in [*labels.items(), *limits.carry_checks.items()] if k == "binary"
         ],
         nonneg_labels=[c for c, k in labels.items() if k == "regression"],
+        finite_labels=[c for c, k in labels.items() if k == "real"],
         positive_values=[c for c, k in limits.carry_checks.items() if k == "positive"],
         time_column=ev.time,
         unique_keys=ev.keys,
@@ -470,23 +472,31 @@ def label_stats(train: pl.LazyFrame, labels: dict[str, str]) -> dict[str, dict[s
     its means on the rows where each binary label is 1 (``when``: a task masked by that label,
     e.g. watch time of clicks only, is judged against those)."""
     binary = [c for c, kind in labels.items() if kind == "binary"]
-    regression = [c for c, kind in labels.items() if kind == "regression"]
+    numeric = [c for c, kind in labels.items() if kind != "binary"]
     aggs = [pl.col(c).cast(pl.Float64).mean().alias(f"{c}:mean") for c in labels]
-    for c in regression:
+    for c in numeric:
         value = pl.col(c).cast(pl.Float64)
-        aggs.append(value.log1p().mean().alias(f"{c}:log1p"))
+        aggs.append(value.std().alias(f"{c}:std"))
+        if labels[c] == "regression":
+            aggs.append(value.log1p().mean().alias(f"{c}:log1p"))
         for b in binary:
             given = pl.col(b) == 1
             aggs.append(value.filter(given).mean().alias(f"{c}|{b}:mean"))
-            aggs.append(value.log1p().filter(given).mean().alias(f"{c}|{b}:log1p"))
+            aggs.append(value.filter(given).std().alias(f"{c}|{b}:std"))
+            if labels[c] == "regression":
+                aggs.append(value.log1p().filter(given).mean().alias(f"{c}|{b}:log1p"))
     row = train.select(aggs).collect(engine=_ENGINE).row(0, named=True) if aggs else {}
+
+    def numbers(prefix: str, kind: str) -> dict[str, Any]:
+        out = {"train_mean": row[f"{prefix}:mean"], "train_std": row[f"{prefix}:std"]}
+        if kind == "regression":
+            out["train_mean_log1p"] = row[f"{prefix}:log1p"]
+        return out
+
     stats: dict[str, dict[str, Any]] = {}
     for c, kind in labels.items():
         stats[c] = {"kind": kind, "train_mean": row[f"{c}:mean"]}
-        if kind == "regression":
-            stats[c]["train_mean_log1p"] = row[f"{c}:log1p"]
-            stats[c]["when"] = {
-                b: {"train_mean": row[f"{c}|{b}:mean"], "train_mean_log1p": row[f"{c}|{b}:log1p"]}
-                for b in binary
-            }
+        if kind != "binary":
+            stats[c] |= numbers(c, kind)
+            stats[c]["when"] = {b: numbers(f"{c}|{b}", kind) for b in binary}
     return stats

@@ -26,6 +26,19 @@ def check_in_workdir(cfg: Config, rel: str, what: str) -> None:
         )
 
 
+def label_kinds(tasks: list[TaskConfig]) -> dict[str, str]:
+    """Each label column's check: "binary" (0/1), "real" (finite, any sign: a plain mse task) or
+    "regression" (finite and >= 0: log1p, weighted-logistic and duration objectives). A column
+    two tasks read gets the stricter check."""
+    kinds: dict[str, str] = {}
+    for t in tasks:
+        kind = "real" if t.kind == "regression" and t.objective == "mse" else t.kind
+        if kinds.get(t.label) not in (None, "real") and kind == "real":
+            continue
+        kinds[t.label] = kind
+    return kinds
+
+
 def loss_column_checks(tasks: list[TaskConfig]) -> dict[str, str]:
     """The values each non-label column a loss reads must hold: a mask or a positive indicator
     0 or 1 ("binary"), a duration the target is divided by finite and > 0 ("positive")."""
@@ -45,7 +58,7 @@ def build_dataset(cfg: Config) -> dict:
         store=OfflineStore(cfg.store_dir),
         out=cfg.dataset_dir,
         features=cfg.feature_set(),
-        labels={t.label: t.kind for t in cfg.tasks},
+        labels=label_kinds(cfg.tasks),
         valid_days=cfg.data.valid_days,
         test_days=cfg.data.test_days,
         carry=label_columns(cfg.tasks),

@@ -8,7 +8,9 @@ Objectives (``TaskConfig.objective``, resolved from ``kind`` and ``transform`` a
 
     bce                binary: BCE with logits against the 0/1 label.
     mse_log1p          regression: MSE of the raw output against log1p(label); natural = expm1.
-    mse                regression: MSE against the label itself; natural = raw.
+    mse                regression: MSE against the label itself, divided by the label's training
+                       variance (the head outputs std·h + mean: ``TaskHead.out_scale``), so
+                       that a label of any sign and scale weighs like the others; natural = raw.
     weighted_logistic  Covington et al. 2016 (YouTube): a logistic head, positives (``positive``
                        column = 1, default label > 0) weighted by the label (watch time),
                        negatives by 1. At the optimum the odds exp(logit) = Σ_pos T / N_neg ≈ E[T]
@@ -48,8 +50,11 @@ def _column(labels: dict[str, Tensor], name: str, task: TaskConfig) -> Tensor:
     return labels[name].float()
 
 
-def task_loss(task: TaskConfig, raw: Tensor, labels: dict[str, Tensor]) -> Tensor:
-    """Scalar loss of one task: the mean of its per-row loss over counted rows (module doc)."""
+def task_loss(
+    task: TaskConfig, raw: Tensor, labels: dict[str, Tensor], scale: float = 1.0
+) -> Tensor:
+    """Scalar loss of one task: the mean of its per-row loss over counted rows (module doc).
+    ``scale``: mse only, the label's training standard deviation (the error is divided by it)."""
     obj = task.objective
     y = _column(labels, task.label, task).to(raw.dtype)
     valid = ~torch.isnan(y)
@@ -67,6 +72,8 @@ def task_loss(task: TaskConfig, raw: Tensor, labels: dict[str, Tensor]) -> Tenso
         weight = torch.where(pos, y, 1.0)
         bce = F.binary_cross_entropy_with_logits(raw, pos.to(raw.dtype), reduction="none")
         per_row = weight * bce
+    elif obj == "mse":
+        per_row = ((raw - y) / scale) ** 2
     else:
         per_row = (raw - target(task, y)) ** 2
     valid_f = valid.to(raw.dtype)
@@ -74,10 +81,15 @@ def task_loss(task: TaskConfig, raw: Tensor, labels: dict[str, Tensor]) -> Tenso
 
 
 def task_losses(
-    out: ModelOutput, labels: dict[str, Tensor], tasks: list[TaskConfig]
+    out: ModelOutput,
+    labels: dict[str, Tensor],
+    tasks: list[TaskConfig],
+    scales: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
-    """Scalar loss per task name."""
-    return {t.name: task_loss(t, out.logits[t.name], labels) for t in tasks}
+    """Scalar loss per task name; ``scales``: mse tasks' label standard deviations."""
+    scales = scales or {}
+    return {t.name: task_loss(t, out.logits[t.name], labels, scales.get(t.name, 1.0))
+            for t in tasks}  # fmt: skip
 
 
 def total_loss(losses: dict[str, Tensor], tasks: list[TaskConfig]) -> Tensor:

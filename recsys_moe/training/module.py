@@ -34,22 +34,31 @@ class TrainLoss(nn.Module):
     mixture's load-balancing loss."""
 
     def __init__(
-        self, tasks: list[TaskConfig], weighting: nn.Module | None, aux_loss_weight: float = 0.0
+        self,
+        tasks: list[TaskConfig],
+        weighting: nn.Module | None,
+        aux_loss_weight: float = 0.0,
+        scales: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.tasks = tasks
         self.weighting = weighting
         self.aux_loss_weight = aux_loss_weight
+        self.scales = dict(scales or {})  # mse tasks: the label's training std
 
     @classmethod
-    def for_config(cls, model: ModelConfig, tasks: list[TaskConfig]) -> TrainLoss:
+    def for_config(
+        cls, model: ModelConfig, tasks: list[TaskConfig], label_stats: dict | None = None
+    ) -> TrainLoss:
+        """``label_stats``: task name -> its training-split stats (``task_label_stats``); an mse
+        task's loss is divided by its label's variance (``label_scales``)."""
         uncertainty = model.loss_weighting == "uncertainty"
         weighting = UncertaintyWeighting([t.name for t in tasks]) if uncertainty else None
-        return cls(tasks, weighting, model.aux_loss_weight)
+        return cls(tasks, weighting, model.aux_loss_weight, label_scales(tasks, label_stats or {}))
 
     def forward(self, out: ModelOutput, labels: dict[str, Tensor]) -> LossOutput:
         out = out._replace(logits={k: v.float() for k, v in out.logits.items()})
-        losses = task_losses(out, labels, self.tasks)
+        losses = task_losses(out, labels, self.tasks, self.scales)
         aux = None if out.aux_loss is None else self.aux_loss_weight * out.aux_loss
         loss = combine_losses(losses, self.tasks, self.weighting, aux_loss=aux)
         if aux is not None:
@@ -101,10 +110,23 @@ def compile_dense(module: TrainModule) -> None:
         part.compile(dynamic=False)
 
 
+def label_scales(tasks: list[TaskConfig], label_stats: dict) -> dict[str, float]:
+    """Each mse task's label standard deviation on the training split (1 where the stats lack
+    it or it is 0: a constant label)."""
+    out = {}
+    for t in tasks:
+        std = (label_stats.get(t.name) or {}).get("train_std")
+        if t.objective == "mse":
+            out[t.name] = float(std) if std and math.isfinite(std) and std > 0 else 1.0
+    return out
+
+
 def init_head_biases(model: nn.Module, tasks: list[TaskConfig], label_stats: dict) -> None:
     """Start each head's output at the constant predictor of its label (training-split mean):
-    logit(rate) for BCE, the mean of the fitted target for MSE. Without it a head on a far-off
-    scale (ratings near 3.5) spends its first epochs, and the shared experts, on the offset.
+    logit(rate) for BCE, the mean of the fitted target for mse_log1p; an mse head outputs
+    std·h + mean of its label (``TaskHead.set_output_affine``) with h starting at 0. Without it
+    a head on a far-off scale (ratings near 3.5) spends its first epochs, and the shared
+    experts, on the offset.
 
     ``label_stats``: task name → the training split's means (``evaluation.metrics.
     task_label_stats``; a masked task's are those where its mask is 1)."""
@@ -117,8 +139,10 @@ def init_head_biases(model: nn.Module, tasks: list[TaskConfig], label_stats: dic
             value = math.log(rate / (1 - rate))
         elif t.objective == "mse_log1p" and "train_mean_log1p" in s:
             value = s["train_mean_log1p"]
-        elif t.objective == "mse":
-            value = s["train_mean"]
+        elif t.objective == "mse":  # the layers fit the standardised label
+            scale = label_scales([t], label_stats).get(t.name, 1.0)
+            model.heads[t.name].set_output_affine(scale, s["train_mean"])
+            value = 0.0
         else:
             continue
         model.heads[t.name].init_output_bias(value)

@@ -126,10 +126,11 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
     torch.manual_seed(t.seed)
     names = [task.name for task in cfg.tasks]
     model = build_model(features, cfg.model, names, device="meta")
-    init_head_biases(model, cfg.tasks, {x.name: task_label_stats(x, manifest) for x in cfg.tasks})
+    stats = {x.name: task_label_stats(x, manifest) for x in cfg.tasks}
+    init_head_biases(model, cfg.tasks, stats)
     module = TrainModule(
         model,
-        TrainLoss.for_config(cfg.model, cfg.tasks),
+        TrainLoss.for_config(cfg.model, cfg.tasks, stats),
         autocast=t.bf16 and info.device.type == "cuda",
     )
     params = {
