@@ -58,7 +58,7 @@ from feature_store import (
 from feature_store.pit import features_found
 from pipelines import progress
 from pipelines.atomic import replacing_dir
-from pipelines.mappings import apply_mappings, fit_mappings
+from pipelines.mappings import apply_mappings, fit_mappings, hash_index
 
 SPLITS = ("train", "valid", "test")
 LABEL_KINDS = ("binary", "regression", "real")  # 0/1; finite and >= 0; finite
@@ -93,6 +93,7 @@ def build_training_set(
     carry_checks: dict[str, str] | None = None,
     min_event_time: datetime | str | None = None,
     min_coverage: float = MIN_COVERAGE,
+    split: SplitRule | None = None,
 ) -> dict[str, Any]:
     """Build ``out/`` (see the module docstring) atomically and return its manifest.
 
@@ -103,6 +104,7 @@ def build_training_set(
     ``min_event_time``: events before it are rejected (None or "": no lower bound; a string is an
     ISO time, e.g. "2026-01-01"; naive = UTC).
     ``min_coverage``: the least share of event rows that must find each entity's features.
+    ``split``: how rows go to train/valid/test (``SplitRule``; default: by time, the days below).
     ``labels`` maps label column → "binary" (must be 0/1), "regression" (finite, >= 0: a watch
     time, fitted on a log scale) or "real" (finite, any sign: fitted standardised). The
     last ``test_days`` calendar days present in the events are the test split, the ``valid_days``
@@ -126,7 +128,7 @@ def build_training_set(
             raise ValueError(
                 f"min_event_time: expected an ISO time like '2026-01-01', got {min_event_time!r}"
             ) from None
-    limits = _Limits(min_event_time, min_coverage, checks)
+    limits = _Limits(min_event_time, min_coverage, checks, split or SplitRule())
     with replacing_dir(out) as tmp, pl.Config(engine_affinity=_ENGINE):  # also validation's
         return _build(store, tmp, features, labels, valid_days, test_days, list(carry), limits)
 
@@ -179,10 +181,46 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class SplitRule:
+    """How the training set's rows are split (``[data]``'s ``split`` settings).
+
+    - ``time``: the last ``test_days`` calendar days present are the test split, the
+      ``valid_days`` days before them validation, the rest training (``build_training_set``'s
+      days arguments);
+    - ``random``: a seeded hash of the event's key columns (``events.keys``, splitmix64 over the
+      ids, the same on every machine and Polars version) sends ``test_fraction`` of the events
+      to test and ``valid_fraction`` to validation: an event's split depends on its key alone,
+      so rebuilding after new events arrive keeps the old ones where they were;
+    - ``column``: an events column whose values are "train", "valid" or "test".
+    """
+
+    kind: str = "time"  # time | random | column
+    valid_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+    column: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("time", "random", "column"):
+            raise ValueError(f"split {self.kind!r} is not one of time, random, column")
+        fractions = (self.valid_fraction, self.test_fraction)
+        if self.kind == "random" and not (
+            all(0.0 <= f < 1.0 for f in fractions) and sum(fractions) < 1.0
+        ):
+            raise ValueError(
+                f"split fractions valid {self.valid_fraction} + test {self.test_fraction} must "
+                "each lie in [0, 1) and leave rows for training (sum < 1)"
+            )
+        if self.kind == "column" and not self.column:
+            raise ValueError("split 'column' needs the name of the events column (split_column)")
+
+
+@dataclass(frozen=True)
 class _Limits:
     min_event_time: datetime | None
     min_coverage: float
     carry_checks: dict[str, str]  # carried column -> "binary" | "positive"
+    split: SplitRule
 
 
 def _build(
@@ -223,11 +261,19 @@ def _build(
         numeric=[f for f in features.dense if f.column == features.entities[f.entity].key],
     )
 
-    days = _split_days(events, ev.time, str(events_path), valid_days, test_days)
+    rule = limits.split
+    if rule.kind == "time":
+        days = _split_days(events, ev.time, str(events_path), valid_days, test_days)
+    else:
+        days = _split_range(events, ev.time)
+    split_columns = [rule.column] if rule.kind == "column" else []
+    if rule.kind == "column":
+        _check_split_column(events, rule.column, str(events_path))
     keep = list(dict.fromkeys([*labels, *carry]))  # what the mapped splits hold besides features
-    columns = list(dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *keep]))
+    columns = list(dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *keep,
+                                  *split_columns]))  # fmt: skip
     # entity keys join the features even when they are not part of the output (census: person_id)
-    wanted = {*columns, *(e.key for e in features.entities.values())}
+    wanted = {*columns, *split_columns, *(e.key for e in features.entities.values())}
     event_columns = [c for c in events.collect_schema().names() if c in wanted]
     joined = join_features(events.select(event_columns), store, features, event_time=ev.time)
     missing = [c for c in carry if c not in joined.collect_schema()]
@@ -237,14 +283,7 @@ def _build(
             f"positives, durations); columns of the events and features: "
             f"{joined.collect_schema().names()}"
         )
-    day = pl.col(ev.time).dt.date()
-    split = (
-        pl.when(day < days["valid"][0])
-        .then(pl.lit("train"))
-        .when(day < days["test"][0])
-        .then(pl.lit("valid"))
-        .otherwise(pl.lit("test"))
-    )
+    split = _split_expr(rule, ev.time, ev.keys, days)
     bar = progress.bar(total=4, desc="features build", unit="stage")
     bar.set_postfix_str("point-in-time join and time split")
     # One pass, one sink: each row goes to <split>.parquet (three filtered sinks of one plan
@@ -273,7 +312,7 @@ def _build(
     map_splits(tmp, features, keep)
     bar.update(1)
     bar.set_postfix_str("manifest")
-    manifest = _manifest(store, tmp, features, labels, days) | {
+    manifest = _manifest(store, tmp, features, labels, days, rule) | {
         "mapped_columns": keep,
         "coverage": coverage,
         "min_coverage": limits.min_coverage,
@@ -424,8 +463,16 @@ def _manifest(
     features: FeatureSet,
     labels: dict[str, str],
     days: dict[str, tuple[date, date]],
+    rule: SplitRule,
 ) -> dict[str, Any]:
     ev = features.events
+    rules = {
+        "time": "calendar days of the event time; start inclusive, end exclusive",
+        "random": f"splitmix64 hash of the event keys {list(ev.keys)} with seed {rule.seed}: "
+        f"valid {rule.valid_fraction}, test {rule.test_fraction} of the events (the days are "
+        "each split's time range)",
+        "column": f"the events column {rule.column!r} (the days are each split's time range)",
+    }
     train = load_split(tmp, "train")
     return {
         "feature_set_fingerprint": features.fingerprint(),
@@ -436,12 +483,72 @@ def _manifest(
         "labels": label_stats(train, labels),
         "rows": {s: load_split(tmp, s).select(pl.len()).collect().item() for s in SPLITS},
         "splits": {s: {"start": a.isoformat(), "end": b.isoformat()} for s, (a, b) in days.items()},
-        "split_rule": "calendar days of the event time; start inclusive, end exclusive",
+        "split_rule": rules[rule.kind],
         "sources": {
             t: str(store.path(t).resolve())
             for t in [ev.table, *(e.table for e in features.entities.values())]
         },
     }
+
+
+def _split_expr(
+    rule: SplitRule, time: str, keys: Sequence[str], days: dict[str, tuple[date, date]]
+) -> pl.Expr:
+    """Each row's split name ("train" / "valid" / "test") under ``rule``."""
+    if rule.kind == "column":
+        return pl.col(rule.column).cast(pl.String)
+    if rule.kind == "random":
+        u = unit_hash([pl.col(k) for k in keys], rule.seed)
+        test, valid = rule.test_fraction, rule.test_fraction + rule.valid_fraction
+        return (
+            pl.when(u < test).then(pl.lit("test")).when(u < valid).then(pl.lit("valid"))
+            .otherwise(pl.lit("train"))
+        )  # fmt: skip
+    day = pl.col(time).dt.date()
+    return (
+        pl.when(day < days["valid"][0])
+        .then(pl.lit("train"))
+        .when(day < days["test"][0])
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("test"))
+    )
+
+
+UNIT = 2**31  # unit_hash's resolution
+
+
+def unit_hash(keys: Sequence[pl.Expr], seed: int) -> pl.Expr:
+    """A number in [0, 1) from integer key columns and a seed (splitmix64 per key, chained):
+    uniform, and the same for the same keys and seed on any machine."""
+    h = pl.lit(seed, dtype=pl.Int64)
+    for k in keys:
+        h = hash_index(h * 1_000_003 + k.cast(pl.Int64), UNIT + 1)  # 1..UNIT
+    return (h - 1).cast(pl.Float64) / UNIT
+
+
+def _check_split_column(events: pl.LazyFrame, column: str, path: str) -> None:
+    schema = events.collect_schema()
+    if column not in schema:
+        raise DataError(
+            f"events file {path}: no split column {column!r} (data.split_column); columns: "
+            f"{list(schema.names())}"
+        )
+    value = pl.col(column).cast(pl.String)
+    bad = value.is_null() | ~value.is_in(list(SPLITS))
+    counts = [bad.sum().alias("n"), pl.len().alias("rows"), value.filter(bad).first()]
+    n, rows, example = events.select(counts).collect(engine=_ENGINE).row(0)
+    if n:
+        raise DataError(
+            f"events file {path}: column {column!r} (data.split_column) must be one of "
+            f"{list(SPLITS)} in every row; {n:,} of {rows:,} rows are not (e.g. {example!r})"
+        )
+
+
+def _split_range(events: pl.LazyFrame, time: str) -> dict[str, tuple[date, date]]:
+    """Splits not cut by time: each spans every day present."""
+    day = pl.col(time).dt.date()
+    lo, hi = events.select(day.min().alias("lo"), day.max().alias("hi")).collect().row(0)
+    return {s: (lo, hi + timedelta(days=1)) for s in SPLITS}
 
 
 def _split_days(

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from feature_store import FeatureSet
+from feature_store import FeatureSet, OfflineStore
 from pipelines.synth import SynthParams
+from pipelines.training_set import SplitRule
 from recsys_moe.fields import at_least, check_fields, choices, hints
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
@@ -53,8 +54,17 @@ ShardingName = Literal[
 class DataConfig:
     store: str = "data"  # offline store root: raw Parquet tables (events, users, items)
     dataset: str = "dataset"  # training-set output: train/valid/test Parquet + mappings
+    # how rows are split (pipelines.training_set.SplitRule): time = the last test_days calendar
+    # days are the test split, the valid_days before them validation; random = a seeded hash of
+    # the event keys, valid_fraction / test_fraction of the events; column = an events column
+    # (split_column) holding "train" / "valid" / "test"
+    split: Literal["time", "random", "column"] = "time"
     valid_days: int = 1  # the day(s) before the test days
     test_days: int = 1  # the last day(s) of events
+    valid_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    split_column: str = ""
     # data contracts (pipelines/training_set.py): events before this ISO time are rejected
     # ("" = no lower bound; naive = UTC), e.g. "2026-01-01" or "2026-01-01T06:00:00+02:00"
     min_event_time: str = ""
@@ -72,12 +82,20 @@ class DataConfig:
         if self.min_coverage > 1.0:
             raise ValueError(f"data.min_coverage must lie in [0, 1], got {self.min_coverage}")
         try:
+            self.split_rule()
+        except ValueError as e:
+            raise ValueError(f"data: {e}") from None
+        try:
             datetime.fromisoformat(self.min_event_time) if self.min_event_time else None
         except ValueError:
             raise ValueError(
                 "data.min_event_time: expected an ISO time like '2026-01-01' or "
                 f"'2026-01-01T06:00:00', got {self.min_event_time!r}"
             ) from None
+
+    def split_rule(self) -> SplitRule:
+        return SplitRule(self.split, self.valid_fraction, self.test_fraction, self.split_seed,
+                         self.split_column)  # fmt: skip
 
 
 @dataclass
@@ -423,11 +441,14 @@ class Config:
         return p if p.is_absolute() else Path(self.config_dir) / p
 
     def feature_set(self) -> FeatureSet:
-        """The feature definitions, parsed once per config (and again if ``features`` changes)."""
+        """The feature definitions, parsed once per config (and again if ``features`` changes);
+        pattern groups resolved against the tables of the offline store (``data.store``)."""
         path = self.features_path
         cached = self.__dict__.get("_feature_set")
         if cached is None or cached[0] != path:
-            cached = (path, FeatureSet.load(path))
+            store = OfflineStore(self.store_dir)
+            columns = lambda table: store.scan(table).collect_schema().names()  # noqa: E731
+            cached = (path, FeatureSet.load(path, columns=columns))
             self.__dict__["_feature_set"] = cached  # not a field: asdict and replace skip it
         return cached[1]
 

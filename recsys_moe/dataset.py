@@ -65,4 +65,5 @@ def build_dataset(cfg: Config) -> dict:
         carry_checks=loss_column_checks(cfg.tasks),
         min_event_time=cfg.data.min_event_time,
         min_coverage=cfg.data.min_coverage,
+        split=cfg.data.split_rule(),
     )

@@ -6,9 +6,13 @@ need them to; each says what it is for. They are built from the same entity and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import polars as pl
 import torch
 from torchrec import KeyedJaggedTensor
 
+from feature_store import OfflineStore
 from recsys_moe.config import TaskConfig
 
 USER = """
@@ -168,3 +172,28 @@ entity = "user"
 kind = "numeric"
 """
 )
+
+
+# ---- a small store (test_real_labels, test_splits) -------------------------------------------
+def small_store(root: Path, delta: list[float], **columns: list) -> OfflineStore:
+    """A store for configs/features/synth.toml: users 1-2, items 10-11 from day 0, one event
+    every 6 hours from 2026-01-02 per value of ``delta`` (a signed label), plus ``columns``."""
+    t0 = pl.datetime(2026, 1, 1)
+    root.mkdir(parents=True)
+    users = pl.DataFrame({"user_id": [1, 2], "segment": ["a", "b"], "age_bucket": ["x", "y"],
+                          "country": ["us", "fr"], "interests": [["a"], ["b"]]})  # fmt: skip
+    items = pl.DataFrame({"item_id": [10, 11], "category": ["n", "m"], "author": [7, 8],
+                          "tags": [["t"], ["u"]], "duration_s": [30.0, 60.0]})  # fmt: skip
+    for frame, name in ((users, "users"), (items, "items")):
+        frame.with_columns(valid_from=t0).select(pl.col("valid_from"), pl.all().exclude(
+            "valid_from")).write_parquet(root / f"{name}.parquet")  # fmt: skip
+    n = len(delta)
+    pl.DataFrame({
+        "request_id": list(range(n)), "user_id": [1 + i % 2 for i in range(n)],
+        "item_id": [10 + i % 2 for i in range(n)],
+        "ts": pl.datetime_range(pl.datetime(2026, 1, 2), pl.datetime(2026, 1, 2) + pl.duration(
+            hours=6 * (n - 1)), "6h", eager=True),
+        "click": [i % 2 for i in range(n)], "watch_time_s": [1.0] * n, "delta": delta,
+        **columns,
+    }).write_parquet(root / "impressions.parquet")  # fmt: skip
+    return OfflineStore(root)

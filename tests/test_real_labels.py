@@ -9,8 +9,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from fixtures import small_store
 
-from feature_store import DataError, FeatureSet, OfflineStore
+from feature_store import DataError, FeatureSet
 from pipelines.training_set import build_training_set, load_manifest
 from recsys_moe.config import TaskConfig
 from recsys_moe.dataset import label_kinds
@@ -67,34 +68,12 @@ def test_mse_loss_is_standardised_by_the_training_std() -> None:
     assert head.mlp[-1].bias.item() == 0.0
 
 
-def _store(root: Path, delta: list[float]) -> OfflineStore:
-    """The synthetic store layout of tests/test_contracts.py, with a signed label ``delta``."""
-    t0 = pl.datetime(2026, 1, 1)
-    root.mkdir(parents=True)
-    users = pl.DataFrame({"user_id": [1, 2], "segment": ["a", "b"], "age_bucket": ["x", "y"],
-                          "country": ["us", "fr"], "interests": [["a"], ["b"]]})  # fmt: skip
-    items = pl.DataFrame({"item_id": [10, 11], "category": ["n", "m"], "author": [7, 8],
-                          "tags": [["t"], ["u"]], "duration_s": [30.0, 60.0]})  # fmt: skip
-    for frame, name in ((users, "users"), (items, "items")):
-        frame.with_columns(valid_from=t0).select(pl.col("valid_from"), pl.all().exclude(
-            "valid_from")).write_parquet(root / f"{name}.parquet")  # fmt: skip
-    n = len(delta)
-    pl.DataFrame({
-        "request_id": list(range(n)), "user_id": [1 + i % 2 for i in range(n)],
-        "item_id": [10 + i % 2 for i in range(n)],
-        "ts": pl.datetime_range(pl.datetime(2026, 1, 2), pl.datetime(2026, 1, 2) + pl.duration(
-            hours=6 * (n - 1)), "6h", eager=True),
-        "click": [i % 2 for i in range(n)], "watch_time_s": [1.0] * n, "delta": delta,
-    }).write_parquet(root / "impressions.parquet")  # fmt: skip
-    return OfflineStore(root)
-
-
 def test_signed_labels_build_and_are_checked_finite(tmp_path: Path) -> None:
     features = FeatureSet.load(ROOT / "configs" / "features" / "synth.toml")
     n = 40
     values = [(-1) ** i * 500.0 * i for i in range(n)]
     kinds = {"click": "binary", "delta": "real"}
-    store = _store(tmp_path / "store", values)
+    store = small_store(tmp_path / "store", values)
     build_training_set(store=store, out=tmp_path / "ds", features=features, labels=kinds,
                        valid_days=2, test_days=3)  # fmt: skip
     stats = load_manifest(tmp_path / "ds")["labels"]["delta"]
@@ -106,7 +85,7 @@ def test_signed_labels_build_and_are_checked_finite(tmp_path: Path) -> None:
         .filter(pl.col("click") == 1)["delta"]
         .std()
     )
-    bad = _store(tmp_path / "bad", [*values[:-1], math.inf])
+    bad = small_store(tmp_path / "bad", [*values[:-1], math.inf])
     with pytest.raises(DataError, match=r"column 'delta' .*finite.*1 of 40 rows"):
         build_training_set(store=bad, out=tmp_path / "ds2", features=features, labels=kinds,
                            valid_days=2, test_days=3)  # fmt: skip
