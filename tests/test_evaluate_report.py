@@ -155,3 +155,41 @@ def test_frame_without_requests_or_segments_reports_what_it_skipped(tmp_path) ->
     assert {p.name for p in images} == {"click_curves.png", "by_category.png"}
     page = markdown(report, TASKS, title="t", images=images)
     assert "![click_curves](click_curves.png)" in page and "## By category" in page
+
+
+def test_vectorised_ranking_agrees_with_torchmetrics_per_request() -> None:
+    """The per-request loop of torchmetrics' retrieval functions is the reference."""
+    from torchmetrics.functional.retrieval import (
+        retrieval_normalized_dcg,
+        retrieval_recall,
+        retrieval_reciprocal_rank,
+    )
+
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(1, 12, 40)  # ragged requests, some shorter than k
+    ks = [1, 3, 8]
+    m = RequestRanking(ks, graded=True)
+    req = np.repeat(np.arange(40), sizes)
+    score = rng.random(len(req))
+    click = (rng.random(len(req)) < 0.3).astype(np.int64)
+    grade = click * rng.exponential(20.0, len(req))
+    order = rng.permutation(len(req))  # rows in any order
+    m.update(*(torch.tensor(x[order]) for x in (score, click, req, grade)))
+    ids, got = m.per_request()
+    assert ids.tolist() == list(range(40))
+    for r in range(40):
+        s, c, g = (torch.tensor(x[req == r]) for x in (score, click, grade))
+        if c.sum() == 0:
+            assert all(math.isnan(v[r]) for v in got.values())
+            continue
+        assert got["mrr"][r] == pytest.approx(float(retrieval_reciprocal_rank(s, c)))
+        for k in ks:
+            assert got[f"ndcg_at_{k}"][r] == pytest.approx(
+                float(retrieval_normalized_dcg(s, c, top_k=k)), rel=1e-6
+            )
+            assert got[f"recall_at_{k}"][r] == pytest.approx(
+                float(retrieval_recall(s, c, top_k=k)), rel=1e-6
+            )
+            assert got[f"ndcg_graded_at_{k}"][r] == pytest.approx(
+                float(retrieval_normalized_dcg(s, g, top_k=k)), rel=1e-6
+            )

@@ -170,6 +170,20 @@ def test_binary_metrics_equal_brute_force(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
+def test_auc_from_ranks_equals_brute_force_and_torchmetrics(seed: int) -> None:
+    pred, label = random_binary(seed)
+    for p in (pred, np.round(pred, 1)):  # with and without ties
+        m = TaskMetrics(CLICK, auc_from_ranks=True)
+        m.update(p, label)
+        got = m.compute()["click_auc"]
+        assert got == pytest.approx(ref_auc(p.tolist(), label.tolist()), rel=1e-12)
+        assert got == pytest.approx(auc(p, label), abs=1e-6)
+    m = TaskMetrics(CLICK, auc_from_ranks=True)
+    m.update(pred, np.zeros_like(label))
+    assert math.isnan(m.compute()["click_auc"])
+
+
+@pytest.mark.parametrize("seed", range(3))
 def test_auc_counts_tied_pairs_as_half(seed: int) -> None:
     pred, label = random_binary(seed)
     coarse = np.round(pred, 1)  # ~11 distinct values: many tied (positive, negative) pairs

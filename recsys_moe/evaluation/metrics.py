@@ -239,7 +239,10 @@ class TaskMetrics:
     ``train_mean`` and ``train_mean_log1p`` of the label (``task_label_stats``) for the
     constant-predictor baselines of a regression task. ``sync``: ``compute`` all-reduces (sums) and
     gathers (rows) the states of every rank of the process group first (every rank must call it);
-    off by default, for one process evaluating all rows."""
+    off by default, for one process evaluating all rows. ``auc_from_ranks``: AUC as the
+    Mann-Whitney statistic of average ranks (``GroupedAUC`` with one group: one sort) instead of
+    torchmetrics' ROC curve: the same number up to BinaryAUROC's float32 result, ~10x faster
+    (bootstrap replicates)."""
 
     def __init__(
         self,
@@ -249,13 +252,14 @@ class TaskMetrics:
         group_by: tuple[str, ...] = (),
         reliability_bins: int = 20,
         sync: bool = False,
+        auc_from_ranks: bool = False,
     ) -> None:
         self.task = task
         self.stats = label_stats or {}
         kw = {"sync_on_compute": sync}
         self.metrics: dict[str, Metric] = {}
         if task.kind == "binary":
-            self.metrics["auc"] = BinaryAUROC(**kw)
+            self.metrics["auc"] = GroupedAUC(**kw) if auc_from_ranks else BinaryAUROC(**kw)
             self.metrics["logloss"] = LogLoss(**kw)
             self.metrics["reliability"] = ReliabilityCurve(reliability_bins, **kw)
             for g in group_by:
@@ -296,7 +300,10 @@ class TaskMetrics:
         self.rows += p.numel()
         m = self.metrics
         if t.kind == "binary":
-            m["auc"].update(p, y.long())
+            if isinstance(m["auc"], GroupedAUC):
+                m["auc"].update(p, y, torch.zeros_like(y, dtype=torch.int64))
+            else:
+                m["auc"].update(p, y.long())
             m["logloss"].update(p, y)
             m["reliability"].update(p, y)
             for k, metric in m.items():
@@ -325,6 +332,9 @@ class TaskMetrics:
         out: dict[str, float] = {}
         for k, metric in self.metrics.items():
             if k == "reliability":
+                continue
+            if k == "auc" and isinstance(metric, GroupedAUC):
+                out[k] = metric.compute()["gauc"]  # NaN with one class
                 continue
             if k == "auc":
                 labels = cat_state(metric.target)

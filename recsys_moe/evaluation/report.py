@@ -87,9 +87,11 @@ def frame_metrics(
     manifest: dict,
     *,
     ranking: bool = True,
+    auc_from_ranks: bool = False,
 ) -> tuple[dict[str, float], dict[str, TaskMetrics], RequestRanking | None]:
     """Every task's metrics (and the ranking metrics, when ``ranking`` and the frame has the
-    request column) of a predictions frame, updated chunk by chunk."""
+    request column) of a predictions frame, updated chunk by chunk (``auc_from_ranks``:
+    ``TaskMetrics``'s)."""
     group_by = tuple(g for g in ev.gauc_by if g in frame.columns)
     groups = {g: _codes(frame, g) for g in group_by}
     evaluators = {
@@ -98,6 +100,7 @@ def frame_metrics(
             label_stats=task_label_stats(t, manifest),
             group_by=group_by if t.kind == "binary" else (),
             reliability_bins=ev.reliability_bins,
+            auc_from_ranks=auc_from_ranks,
         )  # fmt: skip
         for t in tasks
     }
@@ -200,7 +203,8 @@ def bootstrap_ci(
     for _ in range(ev.bootstrap):
         times = np.bincount(rng.integers(0, units, units), minlength=units)
         rows = np.repeat(np.arange(frame.height), times[unit])
-        m, _, _ = frame_metrics(frame[rows], tasks, ev, manifest, ranking=False)
+        m, _, _ = frame_metrics(frame[rows], tasks, ev, manifest, ranking=False,
+                                auc_from_ranks=True)  # fmt: skip
         for k, v in per_request.items():  # request ids are the dense codes in order
             ok = np.isfinite(v) & (times > 0)
             m[f"rank_{k}"] = float((v[ok] * times[ok]).sum() / times[ok].sum()) if ok.any() else 0
