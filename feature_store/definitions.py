@@ -32,6 +32,26 @@ Example (``configs/features/synth.toml``)::
     transform = "log1p"    # none | log1p: applied before standardization
     non_finite = "reject"  # numeric only: reject (default) | missing
 
+Feature groups: one ``[[features]]`` block may declare many features with the same kind, entity
+and settings: ``names = ["f1", "f2"]`` lists them; ``pattern = "x_*"`` (a glob: ``*``, ``?``,
+``[...]``) or ``regex = "x_\\d+"`` (a full match) takes every column of the source table that
+matches, in the table's column order, minus ``exclude`` (names or globs) and the table's key and
+time columns. A pattern is resolved against the table's schema when the definitions are loaded
+with a ``columns`` function (``FeatureSet.load(path, columns=...)``; the config passes its
+offline store), and the loaded set is then its expansion: one feature per member, the
+fingerprint of the expanded definitions (the same as writing each block out by hand), and
+``source`` the expanded TOML (what bundles and runs keep, so a model never resolves a pattern
+again). A group's members take their column from their name (``column`` is for one feature).
+
+    [[features]]
+    pattern = "x_*"        # x_0, x_1, ... of the source table
+    kind = "numeric"
+
+Tables without entities: ``[entities]`` may be left out and a feature's ``entity`` too: such a
+feature is a column of the events table itself (no join), as in a plain table of rows with one
+row per example. The events' ``time`` is then optional (it is what point-in-time joins match
+on, required when an entity is defined).
+
 ``non_finite`` says what a non-finite value of a numeric feature is: NaN, +inf or -inf, after the
 feature's transform (with ``log1p`` also a value <= -1). ``"reject"`` (the default): the build
 fails with a ``DataError`` naming the table, the column, how many rows and an example.
@@ -46,11 +66,13 @@ to what is built (a table size, a TTL, the order of the features) changes it.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -86,16 +108,17 @@ class Entity:
 @dataclass(frozen=True)
 class Events:
     table: str
-    time: str
+    time: str  # "" when the events have no time (no entity: nothing is joined as of a time)
     keys: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Feature:
-    """One model input. ``column`` is its column in the entity table and in the training set."""
+    """One model input. ``column`` is its column in the entity table (the events table when
+    ``entity`` is ``""``) and in the training set."""
 
     name: str
-    entity: str
+    entity: str  # "" = a column of the events table
     kind: FeatureKind
     column: str
     num_embeddings: int = 0  # categorical kinds: table rows, row 0 = unknown / missing
@@ -131,6 +154,14 @@ class FeatureSet:
 
     def for_entity(self, entity: str) -> tuple[Feature, ...]:
         return tuple(f for f in self.features if f.entity == entity)
+
+    @property
+    def event_features(self) -> tuple[Feature, ...]:
+        """Features read from the events rows themselves, not joined: those without an entity
+        and those whose column is their entity's key (e.g. ``user_id``)."""
+        return tuple(
+            f for f in self.features if not f.entity or f.column == self.entities[f.entity].key
+        )
 
     def joined_columns(self, entity: str) -> list[str]:
         """The columns a point-in-time join brings from ``entity``'s table: its features'
@@ -192,21 +223,68 @@ class FeatureSet:
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path) -> FeatureSet:
+    def load(cls, path: str | Path, *, columns: TableColumns | None = None) -> FeatureSet:
+        """The definitions in ``path``; ``columns(table)`` (the column names of a store table)
+        resolves pattern groups, and is only called when the file has one."""
         path = Path(path)
         try:
             text = path.read_text()
         except OSError as e:
             raise ValueError(f"feature definitions {path}: cannot read ({e.strerror})") from e
-        return cls.from_toml(text, where=str(path))
+        return cls.from_toml(text, where=str(path), columns=columns)
 
     @classmethod
-    def from_toml(cls, text: str, *, where: str = "<features>") -> FeatureSet:
+    def from_toml(
+        cls, text: str, *, where: str = "<features>", columns: TableColumns | None = None
+    ) -> FeatureSet:
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"feature definitions {where}: invalid TOML: {e}") from e
-        return _parse(raw, text, where)
+        return _parse(raw, text, where, columns)
+
+    def to_toml(self) -> str:
+        """The definitions as TOML, one block per feature with every setting spelled out:
+        parsed again, the same feature set (and fingerprint)."""
+        lines: list[str] = []
+        for e in self.entities.values():
+            lines += [f"[entities.{_toml(e.name)}]", f"key = {_toml(e.key)}",
+                      f"table = {_toml(e.table)}", f"time = {_toml(e.time)}"]  # fmt: skip
+            if e.ttl is not None:
+                seconds = e.ttl.total_seconds()
+                text = str(int(seconds)) if seconds == int(seconds) else repr(seconds)
+                lines.append(f"ttl = {_toml(text + 's')}")
+            lines.append("")
+        lines += ["[events]", f"table = {_toml(self.events.table)}"]
+        if self.events.time:
+            lines.append(f"time = {_toml(self.events.time)}")
+        lines += [f"keys = [{', '.join(_toml(k) for k in self.events.keys)}]", ""]
+        for f in self.features:
+            lines.append("[[features]]")
+            for key, value in asdict(f).items():
+                if key == "entity" and not value:
+                    continue  # a column of the events table
+                if key == "non_finite" and f.is_sparse:
+                    continue  # numeric only (and the parser says so)
+                lines.append(f"{key} = {_toml(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+TableColumns = Callable[[str], Sequence[str]]  # store table name -> its column names
+# keys of a [[features]] block that name its members: exactly one of them
+_MEMBER_KEYS = ("name", "names", "pattern", "regex")
+
+
+def _toml(value: Any) -> str:
+    """A scalar or list as a TOML value (JSON's string escapes are TOML's basic strings')."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def _req(d: dict[str, Any], key: str, where: str) -> Any:
@@ -215,9 +293,101 @@ def _req(d: dict[str, Any], key: str, where: str) -> Any:
     return d[key]
 
 
-def _parse(raw: dict[str, Any], text: str, where: str) -> FeatureSet:
+def _block_label(where: str, i: int, block: dict[str, Any]) -> str:
+    """How errors name a [[features]] block: its index and what names its members."""
+    for key in _MEMBER_KEYS:
+        if key in block:
+            shown = block[key] if key == "name" else f"{key} {block[key]!r}"
+            if key == "names" and isinstance(block[key], list) and len(block[key]) > 3:
+                shown = f"names [{', '.join(map(repr, block[key][:3]))}, ...]"
+            return f"{where} features[{i}] ({shown})"
+    return f"{where} features[{i}] (?)"
+
+
+def _members(
+    block: dict[str, Any],
+    w: str,
+    entities: dict[str, Entity],
+    events: Events,
+    columns: TableColumns | None,
+) -> list[tuple[str, str]]:
+    """``(name, column)`` of each feature a block declares, in order."""
+    given = [k for k in _MEMBER_KEYS if k in block]
+    if len(given) != 1:
+        raise ValueError(
+            f"{w}: a [[features]] block names its feature(s) with exactly one of "
+            f"name, names (a list), pattern (a glob) or regex; got {given or 'none'}"
+        )
+    key = given[0]
+    if key != "name" and "column" in block:
+        raise ValueError(f"{w}: column is for a single feature (name = ...); a group's members "
+                         "are read from the columns of their names")  # fmt: skip
+    if key not in ("pattern", "regex") and "exclude" in block:
+        raise ValueError(f"{w}: exclude applies to pattern and regex groups only; remove it")
+    if key == "name":
+        name = block["name"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{w}: name must be a non-empty string, got {name!r}")
+        return [(name, block.get("column", name))]
+    if key == "names":
+        names = block["names"]
+        if (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(n, str) and n for n in names)
+        ):
+            raise ValueError(f"{w}: names must be a non-empty list of strings, got {names!r}")
+        return [(n, n) for n in names]
+    # pattern / regex: the columns of the source table
+    spec = block[key]
+    exclude = block.get("exclude", [])
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"{w}: {key} must be a non-empty string, got {spec!r}")
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        raise ValueError(f"{w}: exclude must be a list of names or globs, got {exclude!r}")
+    if key == "regex":
+        try:
+            rx = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{w}: regex {spec!r} does not compile: {e}") from e
+        matches: Callable[[str], bool] = lambda c: rx.fullmatch(c) is not None  # noqa: E731
+    else:
+        matches = lambda c: fnmatch.fnmatchcase(c, spec)  # noqa: E731
+    entity = block.get("entity", "")
+    ent = entities.get(entity)
+    table = ent.table if ent else events.table
+    reserved = {ent.key, ent.time} if ent else {*events.keys, events.time}
+    reserved |= set() if ent else {e.key for e in entities.values()}
+    if columns is None:
+        raise ValueError(
+            f"{w}: a {key} is resolved against the columns of table {table!r} of the offline "
+            "store; load the definitions through a config (its [data] store), or with "
+            "FeatureSet.load(path, columns=...)"
+        )
+    try:
+        available = list(columns(table))
+    except ValueError as e:
+        raise ValueError(f"{w}: cannot resolve {key} {spec!r}: {e}") from e
+    found = [
+        c
+        for c in available
+        if matches(c) and c not in reserved and not any(fnmatch.fnmatchcase(c, x) for x in exclude)
+    ]
+    if not found:
+        shown = ", ".join(available[:10]) + (", ..." if len(available) > 10 else "")
+        raise ValueError(
+            f"{w}: {key} {spec!r} matches no column of table {table!r}"
+            f"{' (after exclude)' if exclude else ''} (key and time columns excluded); its "
+            f"columns: {shown}"
+        )
+    return [(c, c) for c in found]
+
+
+def _parse(
+    raw: dict[str, Any], text: str, where: str, columns: TableColumns | None = None
+) -> FeatureSet:
     entities: dict[str, Entity] = {}
-    for name, e in _req(raw, "entities", where).items():
+    for name, e in raw.get("entities", {}).items():
         w = f"{where} [entities.{name}]"
         ttl = e.get("ttl")
         entities[name] = Entity(
@@ -230,51 +400,71 @@ def _parse(raw: dict[str, Any], text: str, where: str) -> FeatureSet:
     ev = _req(raw, "events", where)
     events = Events(
         table=_req(ev, "table", f"{where} [events]"),
-        time=_req(ev, "time", f"{where} [events]"),
+        time=ev.get("time", ""),
         keys=tuple(ev.get("keys", ())),
     )
+    if entities and not events.time:
+        raise ValueError(
+            f"feature definitions {where} [events]: missing required key 'time': the entities "
+            f"{sorted(entities)} are joined as of each event's time (leave [entities] out for a "
+            "table whose rows hold their features)"
+        )
     features: list[Feature] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # feature name -> the block that declared it
+    grouped = False
     for i, f in enumerate(_req(raw, "features", where)):
-        w = f"{where} features[{i}] ({f.get('name', '?')})"
-        name = _req(f, "name", w)
-        if name in seen:
-            raise ValueError(f"{w}: duplicate feature name {name!r}; feature names must be unique")
-        seen.add(name)
-        entity = _req(f, "entity", w)
-        if entity not in entities:
+        w = _block_label(where, i, f)
+        grouped |= "pattern" in f or "regex" in f
+        entity = f.get("entity", "")
+        if entity and entity not in entities:
             raise ValueError(f"{w}: unknown entity {entity!r}; defined: {sorted(entities)}")
         kind = _req(f, "kind", w)
         if kind not in KINDS:
             raise ValueError(f"{w}: kind {kind!r} is not one of {KINDS}")
-        feat = Feature(
-            name=name,
-            entity=entity,
-            kind=kind,
-            column=f.get("column", name),
-            num_embeddings=int(f.get("num_embeddings", 0)),
-            embedding_dim=int(f.get("embedding_dim", 16)),
-            pooling=f.get("pooling", "mean" if kind == "multi_categorical" else "sum"),
-            mapping=f.get("mapping", "vocab"),
-            min_count=int(f.get("min_count", 1)),
-            transform=f.get("transform", "none"),
-            non_finite=f.get("non_finite", "reject"),
-        )
-        if feat.is_sparse and feat.num_embeddings < 2:
-            raise ValueError(f"{w}: num_embeddings must be >= 2 (row 0 is for unknown values)")
-        if feat.mapping not in MAPPINGS:
-            raise ValueError(f"{w}: mapping {feat.mapping!r} is not one of {MAPPINGS}")
-        if feat.pooling not in POOLINGS:
-            raise ValueError(f"{w}: pooling {feat.pooling!r} is not one of {POOLINGS}")
-        if feat.transform not in TRANSFORMS:
-            raise ValueError(f"{w}: transform {feat.transform!r} is not one of {TRANSFORMS}")
-        if feat.non_finite not in NON_FINITE:
-            raise ValueError(f"{w}: non_finite {feat.non_finite!r} is not one of {NON_FINITE}")
-        if "non_finite" in f and feat.is_sparse:
-            raise ValueError(
-                f"{w}: non_finite applies to numeric features only (this one is {kind}); remove it"
-            )
-        features.append(feat)
+        for name, column in _members(f, w, entities, events, columns):
+            if name in seen:
+                also = "" if seen[name] == w else f" (also declared by {seen[name]})"
+                raise ValueError(
+                    f"{w}: duplicate feature name {name!r}{also}; feature names must be unique"
+                )
+            seen[name] = w
+            features.append(_feature(f, w, name, column, entity, kind))
     if not features:
         raise ValueError(f"feature definitions {where}: no [[features]] defined")
-    return FeatureSet(entities=entities, events=events, features=tuple(features), source=text)
+    out = FeatureSet(entities=entities, events=events, features=tuple(features), source=text)
+    if grouped:  # keep the expansion: a bundle or run never resolves a pattern again
+        expanded = f"# {where}, its pattern groups resolved against the store's columns\n"
+        out = replace(out, source=expanded + out.to_toml())
+    return out
+
+
+def _feature(f: dict[str, Any], w: str, name: str, column: str, entity: str, kind: str) -> Feature:
+    """One feature of a block, its settings checked."""
+    feat = Feature(
+        name=name,
+        entity=entity,
+        kind=kind,  # type: ignore[arg-type]  # checked against KINDS by the caller
+        column=column,
+        num_embeddings=int(f.get("num_embeddings", 0)),
+        embedding_dim=int(f.get("embedding_dim", 16)),
+        pooling=f.get("pooling", "mean" if kind == "multi_categorical" else "sum"),
+        mapping=f.get("mapping", "vocab"),
+        min_count=int(f.get("min_count", 1)),
+        transform=f.get("transform", "none"),
+        non_finite=f.get("non_finite", "reject"),
+    )
+    if feat.is_sparse and feat.num_embeddings < 2:
+        raise ValueError(f"{w}: num_embeddings must be >= 2 (row 0 is for unknown values)")
+    if feat.mapping not in MAPPINGS:
+        raise ValueError(f"{w}: mapping {feat.mapping!r} is not one of {MAPPINGS}")
+    if feat.pooling not in POOLINGS:
+        raise ValueError(f"{w}: pooling {feat.pooling!r} is not one of {POOLINGS}")
+    if feat.transform not in TRANSFORMS:
+        raise ValueError(f"{w}: transform {feat.transform!r} is not one of {TRANSFORMS}")
+    if feat.non_finite not in NON_FINITE:
+        raise ValueError(f"{w}: non_finite {feat.non_finite!r} is not one of {NON_FINITE}")
+    if "non_finite" in f and feat.is_sparse:
+        raise ValueError(
+            f"{w}: non_finite applies to numeric features only (this one is {kind}); remove it"
+        )
+    return feat

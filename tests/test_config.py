@@ -102,7 +102,7 @@ def test_the_feature_set_is_parsed_once_per_config(monkeypatch: pytest.MonkeyPat
     cfg = load_config(DEMO_CONFIG)
     calls = []
     original = FeatureSet.load
-    monkeypatch.setattr(FeatureSet, "load", lambda p: calls.append(p) or original(p))
+    monkeypatch.setattr(FeatureSet, "load", lambda p, **kw: calls.append(p) or original(p, **kw))
     assert cfg.feature_set() is cfg.feature_set()
     assert len(calls) == 1
 

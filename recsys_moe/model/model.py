@@ -142,18 +142,17 @@ def build_model(
     """Build the model for ``features`` and ``tasks`` (names, in head order).
 
     ``device`` places only the embedding tables (``"meta"`` to build them unallocated for
-    sharding); the dense parts are created on the default device.
+    sharding); the dense parts are created on the default device. A feature set without
+    categorical features builds a tower without tables (``EmbeddingTower(ebc=None)``).
     """
     if not tasks:
         raise ValueError("build_model needs at least one task")
-    if not features.sparse:
-        raise ValueError(
-            "the feature set has no categorical features; the tower needs at least one"
+    ebc = None  # numeric-only feature sets: no tables (tower.py)
+    if features.sparse:
+        ebc = EmbeddingBagCollection(
+            tables=features.embedding_bag_configs(),
+            device=torch.device(device) if device is not None else None,
         )
-    ebc = EmbeddingBagCollection(
-        tables=features.embedding_bag_configs(),
-        device=torch.device(device) if device is not None else None,
-    )
     tower = EmbeddingTower(ebc=ebc, num_dense=len(features.dense))
     mixture = build_mixture(cfg, tower.out_dim, len(tasks))
     heads = {name: TaskHead(mixture.out_dim, cfg.tower_dims) for name in tasks}

@@ -7,6 +7,10 @@ Notation: B batch, Dn dense features, D_in = Σ embedding dims of the pooled fea
 
 The ``EmbeddingBagCollection`` is built elsewhere (``model.build_model``) and passed in, as in
 TorchRec's ``SparseArch``, so that sharding can replace it without touching this module.
+
+A numeric-only feature set has no tables: ``ebc=None``, the tower is the dense features
+(``D_in = Dn``) and the batch's KJT has no keys (it is not read). The model then holds no
+``EmbeddingBagCollection``, so sharding plans no table and the model trains as a dense module.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ class EmbeddingTower(nn.Module):
     """``forward(dense [B, Dn], sparse KJT) -> [B, D_in]``: pooled embeddings in the order of the
     table configs (the same sharded or not), then the dense features."""
 
-    def __init__(self, *, ebc: EmbeddingBagCollection, num_dense: int) -> None:
+    def __init__(self, *, ebc: EmbeddingBagCollection | None, num_dense: int) -> None:
         super().__init__()
+        if ebc is None and num_dense < 1:
+            raise ValueError("the tower needs at least one feature (categorical or numeric)")
         self.ebc = ebc
         self.num_dense = num_dense
-        configs = ebc.embedding_bag_configs()
+        configs = ebc.embedding_bag_configs() if ebc is not None else []
         # fixed here, before sharding: a sharded EBC groups its outputs by sharding type
         self._feature_names = [f for c in configs for f in c.feature_names]
         self._embedding_dim = sum(c.embedding_dim * len(c.feature_names) for c in configs)
@@ -34,5 +40,7 @@ class EmbeddingTower(nn.Module):
         return self._embedding_dim + self.num_dense
 
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
+        if self.ebc is None:  # numeric-only: no tables, the KJT has no keys
+            return dense
         pooled = self.ebc(sparse).to_dict()  # feature name -> [B, D_f]
         return torch.cat([pooled[f] for f in self._feature_names] + [dense], dim=1)

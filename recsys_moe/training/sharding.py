@@ -31,7 +31,7 @@ from torchrec.distributed.planner.types import (
     TrainerConfig,
 )
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.distributed.types import ShardedModule, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -183,8 +183,15 @@ def train_step(
 
     On CUDA, TorchRec's ``TrainPipelineSparseDist`` overlaps the next batches' copy and input
     distribution with this one's compute; elsewhere, a plain step. ``model(batch)`` returns
-    ``(loss, output)`` in both. ``pipeline``: auto (the pipeline on CUDA), sparse_dist, plain.
+    ``(loss, output)`` in both. ``pipeline``: auto (the pipeline on CUDA), sparse_dist, plain;
+    a model without embedding tables (numeric features only) always takes plain steps.
     """
+    if pipeline in ("sparse_dist", "auto") and not any(
+        isinstance(m, ShardedModule) for m in model.modules()
+    ):  # numeric-only: no tables, nothing to pipeline (and its fx trace needs a sharded module)
+        if pipeline == "sparse_dist":
+            log.info("train.pipeline sparse_dist: the model has no embedding tables; plain steps")
+        pipeline = "plain"
     if pipeline == "sparse_dist" or (pipeline == "auto" and device.type == "cuda"):
         pipeline = TrainPipelineSparseDist(model, optimizer, device)
         return pipeline.progress, pipeline.detach  # progress re-attaches
