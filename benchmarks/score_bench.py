@@ -209,8 +209,12 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work.resolve()
     if args.job:  # a child: one job, its result as the last stdout line
+        import resource
+
         job = job_ours if args.job == "ours" else job_peer
-        print(json.dumps(job(work, args.model, args.cands, args.out)))
+        res = job(work, args.model, args.cands, args.out)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res | {"peak_rss_mib": rss}))
         return
     if args.int8:
         change = int8_change(work, args.model)
@@ -239,7 +243,8 @@ def main() -> None:
         walls = [x["wall_s"] for x in rs]
         med = statistics.median(walls)
         rows[kind] = {"pairs": rs[0]["pairs"], "median_s": med, "min_s": min(walls),
-                      "max_s": max(walls), "pairs_per_s": rs[0]["pairs"] / med}  # fmt: skip
+                      "max_s": max(walls), "pairs_per_s": rs[0]["pairs"] / med,
+                      "peak_rss_mib": max(x["peak_rss_mib"] for x in rs)}  # fmt: skip
     ratio = rows["ours"]["pairs_per_s"] / rows["peer"]["pairs_per_s"]
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -249,12 +254,13 @@ def main() -> None:
     }  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
-    print("\n| job | pairs | median s | min s | max s | pairs/s | × peer |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| job | pairs | median s | min s | max s | pairs/s | × peer | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind, r in rows.items():
         x = r["pairs_per_s"] / rows["peer"]["pairs_per_s"]
         print(f"| {kind} | {r['pairs']:,} | {r['median_s']:.1f} | {r['min_s']:.1f} | "
-              f"{r['max_s']:.1f} | {r['pairs_per_s']:,.0f} | {x:.2f} |")  # fmt: skip
+              f"{r['max_s']:.1f} | {r['pairs_per_s']:,.0f} | {x:.2f} | "
+              f"{r['peak_rss_mib']:,.0f} |")  # fmt: skip
     print(f"\nsame top {TOP_K}: {check}; wrote {args.json}")
 
 

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from feature_store import DataError, OfflineStore
+from pipelines import progress
 from pipelines.atomic import check_output, write_text_atomic
 from recsys_moe.config import Config, TaskConfig
 from recsys_moe.model import MultiTaskModel
@@ -438,12 +438,11 @@ def score(
     done: list[dict] = []
     rows = sum(spilled_rows(output, s) for s in todo)
     desc = f"scoring (rank {rank}/{world})" if world > 1 else "scoring"
-    with tqdm(total=rows, unit="pair", unit_scale=True, disable=None, file=sys.stderr,
-              desc=desc) as bar:  # fmt: skip
+    with progress.bar(rows, desc=desc, unit="pair") as pairs:
         for s in todo:
             for tmp in output.glob(f".{part_name(s)}.tmp-*"):  # a killed attempt's leftover
                 tmp.unlink(missing_ok=True)
-            done.append(score_shard(job, s, rank, bar))
+            done.append(score_shard(job, s, rank, pairs))
     if rank != 0:
         return {"rank": rank, "shards": done}
     _wait(lambda: all((output / part_name(s)).is_file() for s in range(shards)),
@@ -465,11 +464,20 @@ def spilled_rows(output: Path, shard: int) -> int:
 def _partition(source: CandidateSource, shards: int, output: Path, rank: int, world: int) -> None:
     """Phase 1: this rank's row groups into the spill folder; then wait for every rank's."""
     units = [u for u in range(len(source.units)) if u % world == rank]
-    for u in tqdm(units, unit="row group", disable=None, file=sys.stderr, desc="partitioning"):
-        if not unit_done(output, u).is_file():
-            partition_unit(source, u, shards, output)
-    _wait(lambda: all(unit_done(output, u).is_file() for u in range(len(source.units))),
-          f"the other ranks' partitions in {output / SPILL}")  # fmt: skip
+    with progress.bar(len(units), desc="partitioning", unit="row group") as groups:
+        for u in units:
+            if not unit_done(output, u).is_file():
+                partition_unit(source, u, shards, output)
+            groups.update(1)
+    # every unit partitioned (or the job already finished: rank 0 removes the spill after the
+    # manifest, which a slow rank must not wait for)
+    n = len(source.units)
+    _wait(
+        lambda: (
+            all(unit_done(output, u).is_file() for u in range(n)) or (output / MANIFEST).is_file()
+        ),
+        f"the other ranks' partitions in {output / SPILL}",
+    )
 
 
 def _manifest(job: Job, ref: ModelRef, identity: dict, shards: int, as_of_given: bool) -> dict:
