@@ -113,3 +113,31 @@ def test_package_sources_name_no_outside_paths() -> None:
         if OUTSIDE.search(line)
     ]
     assert not bad, bad
+
+
+def _readme_steps() -> list[list[str]]:
+    """The README's step-by-step commands (the first bash block of "The jobs")."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## The jobs") :].split("```bash", 1)[1].split("```", 1)[0]
+    return [
+        line.split("#", 1)[0].split()[1:]
+        for line in block.splitlines()
+        if line.startswith("recsys-moe ")
+    ]
+
+
+def test_readme_steps_run_the_demos_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data, training set and training of the README's steps use exactly the demo's config
+    (``recsys-moe demo`` loads the embedded configs/demo.toml), so they give the demo's numbers
+    (checked by hand on 2026-12-01: all 37 test metrics equal)."""
+    monkeypatch.chdir(ROOT)  # the README's paths are relative to the repository
+    demo = cli._config(cli.build_parser().parse_args(["demo"]))
+    steps = {" ".join(a[:2]) if a[0] in ("data", "features") else a[0]: a for a in _readme_steps()}
+    assert {"data synth", "features build", "train", "evaluate"} <= set(steps), steps
+    for name in ("data synth", "features build", "train"):
+        argv = [x for x in steps[name] if not x.startswith("[")]
+        args = cli.build_parser().parse_args(argv)
+        cfg = cli._config(args)
+        assert cfg == demo, name
+        if name == "data synth":  # no flag overrides [synth]
+            assert all(getattr(args, k) is None for k in cli.SYNTH_FLAGS)
