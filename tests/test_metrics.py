@@ -248,6 +248,16 @@ def test_regression_metrics_equal_brute_force(seed: int) -> None:
     assert plain == {k: got[k] for k in plain}
 
 
+def test_a_plain_mse_task_has_no_log_scale_metrics() -> None:
+    """A label of any sign (objective mse): RMSE, MAE, XAUC and the mean predictor, no log1p."""
+    task = TaskConfig(name="d", kind="regression", label="d")
+    label = np.array([-300.0, 20.0, 150.0, -5.0])
+    got = task_metrics(task, label + 10.0, label, label_stats={"train_mean": 0.0})
+    assert sorted(got) == ["d_mae", "d_rmse", "d_rmse_mean_predictor", "d_xauc"]
+    assert got["d_rmse"] == pytest.approx(10.0) and got["d_xauc"] == 1.0
+    assert got["d_rmse_mean_predictor"] == pytest.approx(math.sqrt((label**2).mean()))
+
+
 def test_regression_metrics_of_hand_computed_case() -> None:
     got = regression_metrics(np.array([1.0, 3.0, -1.0]), np.array([0.0, 1.0, math.e - 1]))
     assert got["rmse"] == pytest.approx(math.sqrt((1 + 4 + math.e**2) / 3))

@@ -265,13 +265,17 @@ class TaskMetrics:
             for g in group_by:
                 self.metrics[f"gauc_{g}"] = GroupedAUC(**kw)
         else:
-            for name in ("rmse", "rmse_log"):
+            # log-scale metrics where the label is >= 0 (a time): not for a plain mse task,
+            # whose label may have any sign
+            self.log_scale = task.objective != "mse"
+            logs = ("rmse_log", "mae_log") if self.log_scale else ()
+            for name in ("rmse", *logs[:1]):
                 self.metrics[name] = MeanSquaredError(squared=False, **kw)
-            for name in ("mae", "mae_log"):
+            for name in ("mae", *logs[1:]):
                 self.metrics[name] = MeanAbsoluteError(**kw)
             if "train_mean" in self.stats:
                 self.metrics["rmse_mean_predictor"] = MeanSquaredError(squared=False, **kw)
-            if "train_mean_log1p" in self.stats:
+            if "train_mean_log1p" in self.stats and self.log_scale:
                 self.metrics["rmse_log_mean_predictor"] = MeanSquaredError(squared=False, **kw)
             self.metrics["xauc"] = XAUC(**kw)
         for m in self.metrics.values():
@@ -315,15 +319,17 @@ class TaskMetrics:
             return
         m["rmse"].update(p, y)
         m["mae"].update(p, y)
+        if "rmse_mean_predictor" in m:
+            m["rmse_mean_predictor"].update(torch.full_like(y, self.stats["train_mean"]), y)
+        m["xauc"].update(p, y)
+        if not self.log_scale:
+            return
         lp, ly = torch.log1p(p.clamp_min(0.0)), torch.log1p(y)
         m["rmse_log"].update(lp, ly)
         m["mae_log"].update(lp, ly)
-        if "rmse_mean_predictor" in m:
-            m["rmse_mean_predictor"].update(torch.full_like(y, self.stats["train_mean"]), y)
         if "rmse_log_mean_predictor" in m:
             const = torch.full_like(y, self.stats["train_mean_log1p"])
             m["rmse_log_mean_predictor"].update(const, ly)
-        m["xauc"].update(p, y)
 
     def compute(self) -> dict[str, float]:
         """The task's metrics, keyed ``<task>_<metric>`` (``{}`` when no row counted)."""
@@ -373,7 +379,7 @@ def regression_metrics(
     train_mean_log1p: float | None = None,
 ) -> dict[str, float]:
     stats = {"train_mean": train_mean, "train_mean_log1p": train_mean_log1p}
-    task = TaskConfig(name="x", kind="regression", label="y")
+    task = TaskConfig(name="x", kind="regression", label="y", transform="log1p")  # a time: logs
     m = TaskMetrics(task, label_stats={k: v for k, v in stats.items() if v is not None})
     m.update(pred, label)
     return {k.removeprefix("x_"): v for k, v in m.compute().items()}
