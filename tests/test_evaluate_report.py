@@ -193,3 +193,37 @@ def test_vectorised_ranking_agrees_with_torchmetrics_per_request() -> None:
             assert got[f"ndcg_graded_at_{k}"][r] == pytest.approx(
                 float(retrieval_normalized_dcg(s, g, top_k=k)), rel=1e-6
             )
+
+
+def test_seesaw_compares_each_task_with_the_sweeps_single_task_runs(tmp_path) -> None:
+    """A real SQLite store: a sweep parent, an MMoE child and single-task children (two seeds)."""
+    from mlflow import MlflowClient
+
+    from recsys_moe.evaluation.seesaw import seesaw
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp).info.run_id
+
+    def child(mixture: str, seed: int, auc: float, rmse: float) -> str:
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+        client.log_param(run, "model.mixture", mixture)
+        client.log_param(run, "train.seed", str(seed))
+        client.log_metric(run, "valid/click_auc", auc)
+        client.log_metric(run, "valid/watch_time_rmse", rmse)
+        client.set_terminated(run)
+        return run
+
+    mmoe = child("mmoe", 0, 0.760, 18.0)
+    child("single_task", 0, 0.750, 17.5)  # same seed: the baseline
+    child("single_task", 1, 0.100, 99.0)  # another seed: not compared
+    gains = seesaw(client, client.get_run(mmoe), TASKS)
+    assert gains["click_auc_gain"] == pytest.approx(0.010)  # higher AUC: positive
+    assert gains["watch_time_rmse_gain"] == pytest.approx(-0.5)  # higher RMSE: negative
+    assert gains["baselines"] == 1
+    page = markdown(build_report(make_frame(0), TASKS, EvalConfig(bootstrap=0), {}), TASKS,
+                    title="t", images=[], seesaw=gains)  # fmt: skip
+    assert "Seesaw: worse than single-task on watch_time_rmse" in page
+    lone = client.create_run(exp).info.run_id  # not in a sweep: no check
+    assert seesaw(client, client.get_run(lone), TASKS) == {}

@@ -8,7 +8,8 @@ well), predicts the split (and the gates of the same forward passes), builds the
 (keys, labels, every task's prediction, the combined ``score``, segment columns), and from that
 frame alone the report (``report.build_report``: metrics per task, GAUC, ranking metrics per
 request, metrics by segment, bootstrap intervals). Logged to the run: every number as a metric
-(``<split>/<metric>``, ``…_ci_low`` / ``…_ci_high``, ``<split>/by_<column>/<value>/<metric>``), and
+(``<split>/<metric>``, ``…_ci_low`` / ``…_ci_high``, ``<split>/by_<column>/<value>/<metric>``;
+for a sweep's run, ``seesaw/<task>_<gate>_gain`` over its single-task baselines), and
 ``eval/<split>/report.md`` with its plots (reliability, ROC, precision-recall, metrics by segment,
 expert usage). Written locally: the JSON report (``--output``), the report folder beside it, and
 with ``--predictions`` the frame as Parquet, from which every number can be recomputed. Where the
@@ -50,6 +51,7 @@ from recsys_moe.evaluation.report import (
     pred_column,
     write_plots,
 )
+from recsys_moe.evaluation.seesaw import seesaw
 from recsys_moe.model.objectives import output_name
 from recsys_moe.tracking import client_for, latest_train_run
 
@@ -134,6 +136,11 @@ def evaluate(
     prefix = "test" if split == "test" else f"eval_{split}"  # valid/... is training's own
     log_dataset(client, run_id, cfg, split)
     _log_metrics(client, run_id, prefix, report, oracle)
+    gains = seesaw(client, client.get_run(run_id), cfg.tasks)  # validation, vs single-task runs
+    if gains:
+        client.log_batch(run_id, metrics=[
+            Metric(f"seesaw/{k}", v, int(time.time() * 1000), 0) for k, v in gains.items()
+        ])  # fmt: skip
     data = eval_data_id(cfg, split, rows.height)
     client.set_tag(run_id, f"{EVAL_DATA_TAG}.{prefix}", data)
     with replacing_dir(report_dir) as tmp:
@@ -142,14 +149,14 @@ def evaluate(
         images += expert_heatmaps(gates, rows, cfg.train.heatmap_by, names, tmp, split=split)
         title = f"Evaluation of run {run_id} on the {split} split"
         (tmp / "report.md").write_text(markdown(report, cfg.tasks, title=title, images=images,
-                                                extra=oracle))  # fmt: skip
+                                                extra=oracle, seesaw=gains))  # fmt: skip
     client.log_artifacts(run_id, str(report_dir), artifact_path=f"eval/{split}")
     if predictions is not None:
         _write_parquet_atomic(frame, Path(predictions))
     result = {
         "run_id": run_id, "split": split, "rows": rows.height, "data": data, "metrics": metrics,
         "ci": {k: list(v) for k, v in report.ci.items()}, "segments": report.segments,
-        "notes": report.notes, "report": str(report_dir / "report.md"),
+        "notes": report.notes, "seesaw": gains, "report": str(report_dir / "report.md"),
         "predictions": str(predictions) if predictions is not None else None,
     }  # fmt: skip
     write_text_atomic(output, json.dumps(result, indent=2))

@@ -328,6 +328,7 @@ def markdown(
     title: str,
     images: list[Path],
     extra: dict[str, float] | None = None,
+    seesaw: dict[str, float] | None = None,
 ) -> str:
     """The report as Markdown (images linked by file name: they sit beside the page)."""
     m, ci = report.metrics, report.ci
@@ -345,6 +346,17 @@ def markdown(
     if extra:
         lines += ["", "| reference | value |", "| --- | ---: |"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in extra.items()]
+    if seesaw:
+        n = int(seesaw.get("baselines", 0))
+        lines += ["", "## Multi-task check (seesaw)", "",
+                  f"Gain of this model over the mean of {n} single-task run(s) of its sweep, "
+                  "validation split, positive = better:", "", "| task metric | gain |",
+                  "| --- | ---: |"]  # fmt: skip
+        gains = {k: v for k, v in seesaw.items() if k != "baselines"}
+        lines += [f"| {k.removesuffix('_gain')} | {v:+.4f} |" for k, v in gains.items()]
+        worse = [k.removesuffix("_gain") for k, v in gains.items() if v < 0]
+        if worse and len(worse) < len(gains):
+            lines += ["", f"Seesaw: worse than single-task on {', '.join(worse)}."]
     keys = headline_keys(tasks, m)
     for col, seg in report.segments.items():
         lines += ["", f"## By {col}", "", "| " + " | ".join([col, "rows", *keys]) + " |",
