@@ -240,6 +240,7 @@ def _build(
     required = {k: "event key" for k in ev.keys}
     required |= {e.key: f"join key of entity {e.name}" for e in features.entities.values()}
     required[ev.time] = "event time"
+    required |= {f.column: f"feature {f.name}" for f in features.event_features if not f.entity}
     required |= {c: f"{kind} label {c!r}" for c, kind in labels.items()}
     required |= {c: f"column {c!r} a loss reads" for c in carry if c not in required}
     validate_events(
@@ -257,8 +258,9 @@ def _build(
         unique_keys=ev.keys,
         not_after=datetime.now(UTC) + FUTURE_TOLERANCE,
         not_before=limits.min_event_time,
-        # numeric features read from the events themselves (a key column): the same policy
-        numeric=[f for f in features.dense if f.column == features.entities[f.entity].key],
+        # numeric features read from the events themselves (a key column, or a feature without
+        # an entity): the same policy
+        numeric=[f for f in features.event_features if not f.is_sparse],
     )
 
     rule = limits.split

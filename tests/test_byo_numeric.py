@@ -1,15 +1,16 @@
 """Numeric-only feature sets end to end: real TorchRec, a real SQLite MLflow store in tmp dirs.
 
-1. A table of rows with 24 numeric columns (declared by one pattern block) and two regression
-   targets of any sign: training set (random split) → train (no embedding tables; train.pipeline
-   sparse_dist falls back to plain steps) → evaluate → register → the registered pyfunc.
+1. A plain table of rows (no entity) with 24 numeric columns (declared by one pattern block)
+   and two regression targets of any sign: training set (random split) → train (no embedding
+   tables; train.pipeline sparse_dist falls back to plain steps) → evaluate → register → the
+   registered pyfunc.
 2. The synthetic demo data with its numeric item columns only (a names group): train → register
    → the candidate-scoring job.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,21 +38,17 @@ from serving.score import PART, score
 pytestmark = pytest.mark.slow  # two trainings, an evaluation, two registrations: ~1-2 min
 
 ROWS, DIMS = 8000, 24
+# one timestamp for all rows: the split is random (the builder still reads an event time)
 
 FEATURES = """
-# one row per example: person_id = event_id, the attributes valid from 1970
-[entities.person]
-key = "person_id"
-table = "persons"
-
+# a plain table of rows: no entity, the features are columns of the events table
 [events]
-table = "events"
+table = "rows"
 time = "ts"
-keys = ["event_id"]
+keys = ["row_id"]
 
 [[features]]
-pattern = "x_*"        # x_0 .. x_23, resolved against the persons table
-entity = "person"
+pattern = "x_*"        # x_0 .. x_23, resolved against the rows table
 kind = "numeric"
 """
 
@@ -96,15 +93,11 @@ def _write_table(store: Path) -> None:
     x = rng.normal(size=(ROWS, DIMS))
     a = 40.0 * x[:, 0] - 30.0 * np.tanh(2 * x[:, 1]) - 20.0 + 5.0 * rng.normal(size=ROWS)
     b = -0.01 * (np.abs(x[:, 3]) + x[:, 4]) + 0.002 * rng.normal(size=ROWS)
-    ids = np.arange(ROWS)
+    columns = {"row_id": np.arange(ROWS), "a": a, "b": b} | {f"x_{j}": x[:, j] for j in range(DIMS)}
     store.mkdir(parents=True)
-    persons = pl.DataFrame({"person_id": ids} | {f"x_{j}": x[:, j] for j in range(DIMS)})
-    persons.with_columns(valid_from=pl.lit(datetime(1970, 1, 1))).write_parquet(
-        store / "persons.parquet"
+    pl.DataFrame(columns).with_columns(ts=pl.lit(datetime(2026, 1, 1))).write_parquet(
+        store / "rows.parquet"
     )
-    ts = [datetime(2026, 1, 1) + timedelta(minutes=int(i)) for i in ids]
-    events = pl.DataFrame({"event_id": ids, "person_id": ids, "ts": ts, "a": a, "b": b})
-    events.write_parquet(store / "events.parquet")
 
 
 @pytest.fixture(scope="module")
