@@ -64,12 +64,19 @@ class Registered:
         return f"models:/{self.name}@{self.alias}"
 
 
+# what the pyfunc imports, with torchrec's runtime dependencies (the project installs torchrec
+# with --no-deps: its wheel asks for the CUDA fbgemm-gpu, which a pip requirements file cannot
+# leave out; the fbgemm package installed here is listed instead)
+RUNTIME = ("torch", "fbgemm-gpu-cpu", "fbgemm-gpu", "torchrec", "tensordict", "torchmetrics",
+           "tqdm", "pyre-extensions", "numpy", "polars", "pyarrow", "pandas", "mlflow")  # fmt: skip
+
+
 def _requirements() -> list[str]:
+    """Pins of the installed versions, without local labels (``2.13.0+cpu``: no index has it)."""
     out = []
-    for dist in ("torch", "fbgemm-gpu-cpu", "fbgemm-gpu", "torchrec", "tensordict", "numpy",
-                 "polars", "pyarrow", "pandas", "mlflow"):  # fmt: skip
+    for dist in RUNTIME:
         try:
-            out.append(f"{dist}=={md.version(dist)}")
+            out.append(f"{dist}=={md.version(dist).split('+')[0]}")
         except md.PackageNotFoundError:
             continue
     return out

@@ -158,6 +158,9 @@ def test_version_has_numeric_metrics_hashes_and_the_runs_datasets(
     assert version.tags["recsys_moe.data_sha256"] == hashlib.sha256(manifest).hexdigest()
     assert len(version.tags["recsys_moe.config_sha256"]) == 64
     assert "click_auc" in version.description and "config sha256" in version.description
+    deps = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{registered.name}/1")).read_text()
+    pins = dict(line.split("==") for line in deps.split() if "==" in line)
+    assert "+" not in deps and {"torch", "torchrec", "torchmetrics", "tqdm"} <= set(pins)
     inputs = client.get_run(run.run_id).inputs.dataset_inputs
     tested = [i for i in inputs if i.dataset.name == f"{run.cfg.dataset_dir.name}/test"]
     assert len(tested) == 1
