@@ -195,6 +195,7 @@ def test_vectorised_ranking_agrees_with_torchmetrics_per_request() -> None:
             )
 
 
+@pytest.mark.slow  # creating the MLflow store: seconds
 def test_seesaw_compares_each_task_with_the_sweeps_single_task_runs(tmp_path) -> None:
     """A real SQLite store: a sweep parent, an MMoE child and single-task children (two seeds)."""
     from mlflow import MlflowClient
