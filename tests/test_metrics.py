@@ -1,6 +1,6 @@
-"""Offline metrics (recsys_moe/evaluation/metrics.py): a masked task is judged on the rows its loss
-counts; every metric equals a brute-force reference computation, accumulated over batches and
-all-reduced over ranks as over all rows at once."""
+"""Offline metrics (recsys_moe/evaluation/metrics.py, pairwise.py): a masked task is judged on the
+rows its loss counts; every metric equals a brute-force reference computation, accumulated over
+batches and all-reduced over ranks as over all rows at once."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 from recsys_moe.config import TaskConfig
 from recsys_moe.evaluation.metrics import (
     EPS,
-    GroupedAUC,
     ReliabilityCurve,
     TaskMetrics,
     auc,
@@ -23,8 +22,8 @@ from recsys_moe.evaluation.metrics import (
     split_metrics,
     task_label_stats,
     task_metrics,
-    xauc,
 )
+from recsys_moe.evaluation.pairwise import GroupedAUC, xauc
 
 WATCH = TaskConfig(name="watch_time", kind="regression", label="watch_time_s", transform="log1p")
 WATCH_GIVEN_CLICK = TaskConfig(

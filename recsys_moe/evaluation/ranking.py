@@ -27,7 +27,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from recsys_moe.config import TaskConfig
-from recsys_moe.evaluation.metrics import cat_state
+from recsys_moe.evaluation.pairwise import cat_state
 from recsys_moe.model.objectives import output_name
 
 F64 = torch.float64
