@@ -86,6 +86,7 @@ class AsOfFeatures:
         self.mappings = mappings
         self.model = model
         self.batch_size = batch_size
+        self.device = next(model.parameters()).device  # the model's: a GPU's when it is on one
         self.entities: dict[str, EntityRows] = {}
         for name, ent in features.entities.items():
             own = [f for f in features.for_entity(name) if f.column != ent.key]
@@ -145,10 +146,11 @@ class AsOfFeatures:
             expired_any |= expired
             counts[f"unknown_{name}s"] = int(unknown.sum())
             counts[f"expired_{name}_features"] = int(expired.sum())
-            index[name] = torch.from_numpy(got[IDX].fill_null(0).to_numpy().astype(np.int64))
+            idx = got[IDX].fill_null(0).to_numpy().astype(np.int64)
+            index[name] = torch.from_numpy(idx).to(self.device)
         counts["expired_features"] = int(expired_any.sum())
         counts["missing_features"] = int((unknown_any | expired_any).sum())
-        x = torch.zeros(n, self.model.tower.out_dim)
+        x = torch.zeros(n, self.model.tower.out_dim, device=self.device)
         for name, et in self.entities.items():
             x += et.tower[index[name]]
         if self.key_features:  # mapped per distinct key of this chunk, then gathered
@@ -160,7 +162,7 @@ class AsOfFeatures:
             pos = cands.select(keys).join(
                 distinct.with_row_index(IDX), on=keys, how="left", maintain_order="left"
             )[IDX]
-            x += rows[torch.from_numpy(pos.to_numpy().astype(np.int64))]
+            x += rows[torch.from_numpy(pos.to_numpy().astype(np.int64)).to(self.device)]
         return x, counts
 
     @torch.no_grad()
@@ -178,7 +180,7 @@ class AsOfFeatures:
         for j, f in enumerate(self.features.dense):
             if f.name in names:
                 dense[:, j] = own.dense[:, names.index(f.name)]
-        data = TensorData(dense=dense, sparse=sparse, num_rows=n)
+        data = TensorData(dense=dense, sparse=sparse, num_rows=n).to(self.device)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -187,7 +189,9 @@ class AsOfFeatures:
             ]
         finally:
             self.model.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0, self.model.tower.out_dim)
+        return (
+            torch.cat(out) if out else torch.zeros(0, self.model.tower.out_dim, device=self.device)
+        )
 
 
 def check_as_of(as_of: datetime, ranges: dict[str, TimeRange], store: OfflineStore) -> None:

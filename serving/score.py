@@ -19,6 +19,9 @@ temporary name and renamed when complete, its counts in ``_shards/`` before it; 
 complete shards. ``_manifest.json`` is written last, by rank 0 once every shard exists: a reader
 takes the output as complete when the manifest is there. Parquet parts depend only on the inputs
 (not on the number of ranks or on interruptions): a rerun from scratch is byte-identical.
+
+Where CUDA is available each rank puts the model on its GPU (``LOCAL_RANK``) and the tower rows,
+gathers and forwards run there. Not yet run on a GPU: only the CPU path is tested.
 """
 
 from __future__ import annotations
@@ -314,7 +317,7 @@ def predict_from_tower(
     finally:
         model.train(was_training)
     return pl.DataFrame(
-        {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in cols.items()},
+        {k: torch.cat(v).cpu().numpy() if v else np.zeros(0) for k, v in cols.items()},
         schema={k: pl.Float64 for k in cols},
     )
 
@@ -420,6 +423,8 @@ def score(
         "quantize": quantize,
     }
     open_output(output, identity, rank=rank, overwrite=overwrite)
+    if torch.cuda.is_available():  # this rank's GPU: tower rows, gathers and forwards run there
+        bundle.model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     scoring_model = quantize_embeddings(bundle.model) if quantize == "int8" else bundle.model
     job = Job(
         source=source, output=output, model=model,
