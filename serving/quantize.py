@@ -27,6 +27,11 @@ QUANTIZE: tuple[str, ...] = ("none", "int8")
 
 def quantize_embeddings(model: MultiTaskModel) -> MultiTaskModel:
     """A copy of ``model`` whose embedding tables are int8 (the model itself is unchanged)."""
+    if model.tower.ebc is None:
+        raise ValueError(
+            "--quantize int8: the model has no embedding tables (its features are all numeric); "
+            "score it without --quantize"
+        )
     q = copy.deepcopy(model).eval()
     ebc = q.tower.ebc
     ebc.qconfig = QConfig(
