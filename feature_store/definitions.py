@@ -423,11 +423,11 @@ def _parse(
             raise ValueError(f"{w}: kind {kind!r} is not one of {KINDS}")
         for name, column in _members(f, w, entities, events, columns):
             if name in seen:
-                also = "" if seen[name] == w else f" (also declared by {seen[name]})"
+                also = "" if f"{where} {seen[name]}" == w else f" (also declared by {seen[name]})"
                 raise ValueError(
                     f"{w}: duplicate feature name {name!r}{also}; feature names must be unique"
                 )
-            seen[name] = w
+            seen[name] = w.removeprefix(f"{where} ")  # the block, without the file again
             features.append(_feature(f, w, name, column, entity, kind))
     if not features:
         raise ValueError(f"feature definitions {where}: no [[features]] defined")

@@ -142,7 +142,7 @@ def test_every_shipped_definition_round_trips_through_to_toml() -> None:
          r"features\[1\] \(regex 'x_\.\*'\): regex 'x_\.\*' matches no column .*\(after exclude\)"),
         ('pattern = "x_1*"\nentity = "person"',  # x_1 is also features[0]'s
          r"features\[1\] \(pattern 'x_1\*'\): duplicate feature name 'x_1' \(also declared by "
-         r".*features\[0\] \(x_1\)\)"),
+         r"features\[0\] \(x_1\)\); feature names must be unique"),
         ('names = ["z", "z"]\nentity = "person"',
          r"features\[1\] \(names \['z', 'z'\]\): duplicate feature name 'z'; feature names"),
         ('names = ["z"]\nname = "z"\nentity = "person"',
