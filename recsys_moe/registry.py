@@ -148,18 +148,22 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
     signature = model_signature(features, schema, [output_name(t) for t in cfg.tasks])
     root = Path(__file__).resolve().parents[1]
     name = cfg.mlflow.registered_model
-    # The pyfunc is saved locally and uploaded into the run's artifacts, then registered from
-    # there: the training run is never reopened (reopening set it RUNNING for a moment, and
-    # concurrent jobs looking for "the latest finished run" picked an older one meanwhile).
     headline = headline_metrics(evaluated)
     tags = {
         EVAL_DATA_TAG: run.data.tags.get(f"{EVAL_DATA_TAG}.test", ""),
         DATA_HASH_TAG: file_hash(cfg.dataset_dir / "manifest.json"),
         CONFIG_HASH_TAG: file_hash(Path(bundle_dir) / "config.json"),
     }
-    logged = client.create_logged_model(
-        run.info.experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="pyfunc"
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(headline.items()) if not is_count(k))
+    description = (
+        f"Trained by run {run_id} (experiment {cfg.mlflow.experiment}); training set "
+        f"{run.data.tags.get('recsys_moe.dataset', '?')} (manifest sha256 "
+        f"{tags[DATA_HASH_TAG][:12]}), config sha256 {tags[CONFIG_HASH_TAG][:12]}; tasks "
+        f"{', '.join(t.name for t in cfg.tasks)}; test metrics: {shown}"
     )
+    # The pyfunc is saved locally and uploaded as a logged model of the training run, then
+    # registered from it: the run is never reopened (reopening set it RUNNING for a moment, and
+    # concurrent jobs looking for "the latest finished run" picked an older one meanwhile).
     with tempfile.TemporaryDirectory(prefix="recsys-moe-pyfunc-") as tmp:
         local = Path(tmp) / "pyfunc"
         mlflow.pyfunc.save_model(
@@ -171,46 +175,66 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
             input_example=example.to_pandas(),
             pip_requirements=_requirements(),
         )
-        client.log_model_artifacts(logged.model_id, str(local))
-    # the test metrics as numbers on the logged model (MLflow 3): a version page shows them
+        with registry_lock(cfg):  # every store write of this job
+            model_id = _logged_model(client, run, name, tags, local, headline)
+            version, alias = _new_version(client, name, model_id, run_id, tags, description)
+            for k, v in headline.items():  # also as tags, for searching versions by a metric
+                client.set_model_version_tag(name, version, f"test/{k}", f"{v:.6g}")
+    return Registered(name=name, version=version, alias=alias, run_id=run_id)
+
+
+def _logged_model(
+    client: mlflow.MlflowClient,
+    run: Run,
+    name: str,
+    tags: dict[str, str],
+    local: Path,
+    metrics: dict[str, float],
+) -> str:
+    """An MLflow 3 logged model of ``run`` holding the pyfunc at ``local``, with ``metrics`` as
+    its metrics (numbers, with the evaluated dataset's name and digest): its id."""
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run.info.run_id, tags=tags,
+        model_type="pyfunc",
+    )  # fmt: skip
+    client.log_model_artifacts(logged.model_id, str(local))
     now = int(time.time() * 1000)
     data = evaluated_dataset(run)  # the rows they were taken on (evaluate's dataset input)
-    client.log_batch(run_id, metrics=[
+    client.log_batch(run.info.run_id, metrics=[
         Metric(f"test/{k}", v, now, 0, model_id=logged.model_id, dataset_name=data[0],
                dataset_digest=data[1])
-        for k, v in headline.items() if math.isfinite(v)
+        for k, v in metrics.items() if math.isfinite(v)
     ])  # fmt: skip
     client.finalize_logged_model(logged.model_id, "READY")
-    source = f"models:/{logged.model_id}"
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(headline.items()) if not is_count(k))
-    description = (
-        f"Trained by run {run_id} (experiment {cfg.mlflow.experiment}); training set "
-        f"{run.data.tags.get('recsys_moe.dataset', '?')} (manifest sha256 "
-        f"{tags[DATA_HASH_TAG][:12]}), config sha256 {tags[CONFIG_HASH_TAG][:12]}; tasks "
-        f"{', '.join(t.name for t in cfg.tasks)}; test metrics: {shown}"
-    )
-    with registry_lock(cfg):
-        try:
-            client.create_registered_model(
-                name, description="Multi-task ranking model (recsys-moe): MMoE over a TorchRec "
-                "embedding tower; input: the feature definitions' raw columns; output: one "
-                "column per task in natural units.",
-            )  # fmt: skip
-        except mlflow.exceptions.MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = str(
-            client.create_model_version(
-                name, source=source, run_id=run_id, tags=tags, description=description,
-                model_id=logged.model_id,
-            ).version
+    return logged.model_id
+
+
+def _new_version(
+    client: mlflow.MlflowClient,
+    name: str,
+    model_id: str,
+    run_id: str,
+    tags: dict[str, str],
+    description: str,
+) -> tuple[str, str]:
+    """A new version of registered model ``name`` (created if needed) from the logged model, and
+    its alias: ``champion`` for the first, else ``challenger``."""
+    try:
+        client.create_registered_model(
+            name, description="Multi-task ranking model (recsys-moe): MMoE over a TorchRec "
+            "embedding tower; input: the feature definitions' raw columns; output: one "
+            "column per task in natural units.",
         )  # fmt: skip
-        aliases = client.get_registered_model(name).aliases
-        alias = CHALLENGER if CHAMPION in aliases else CHAMPION
-        client.set_registered_model_alias(name, alias, version)
-        for k, v in headline.items():  # also as tags, for searching versions by a metric
-            client.set_model_version_tag(name, version, f"test/{k}", f"{v:.6g}")
-    return Registered(name=name, version=version, alias=alias, run_id=run_id)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name, source=f"models:/{model_id}", run_id=run_id, tags=tags, description=description,
+        model_id=model_id,
+    ).version  # fmt: skip
+    alias = CHALLENGER if CHAMPION in client.get_registered_model(name).aliases else CHAMPION
+    client.set_registered_model_alias(name, alias, str(version))
+    return str(version), alias
 
 
 @dataclass
