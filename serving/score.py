@@ -26,31 +26,23 @@ gathers and forwards run there. Not yet run on a GPU: only the CPU path is teste
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import polars as pl
 import torch
-from mlflow.exceptions import MlflowException
-from torch import Tensor
 from tqdm import tqdm
 
 from feature_store import DataError, OfflineStore
 from pipelines import progress
 from pipelines.atomic import check_output, write_text_atomic
 from recsys_moe.config import Config, TaskConfig
-from recsys_moe.model import MultiTaskModel
-from recsys_moe.tracking import client_for
 from serving.asof import AsOfFeatures, TimeRange, check_as_of, store_time_ranges
 from serving.candidates import (
     SPILL,
@@ -61,158 +53,29 @@ from serving.candidates import (
     shard_count,
     unit_done,
 )
+from serving.model import (
+    ModelRef,
+    check_finite,
+    combined_score,
+    predict_from_tower,
+    resolve_model,
+)
+from serving.output import open_output, sha256, wait_for
 from serving.quantize import QUANTIZE, Quantize, prediction_change, quantize_embeddings
 
 log = logging.getLogger(__name__)
 
 PART = "part-00000.parquet"  # the first shard's file (the only one of a small candidate set)
 MANIFEST = "_manifest.json"
-RUN = "_run.json"
 SHARDS = "_shards"
 CHUNK = 262_144  # candidates gathered and predicted at once (bounds tensor memory)
 # rows per forward of the mixture and heads: small blocks stay in cache (demo model, one thread
 # of the 2-core CPU: 362k rows/s at 2048, 154k at 65536)
 BATCH = 2048
-POLL_S = 0.2
-# how long a rank waits for the others' shards (torchrun stops every rank when one fails)
-WAIT_S = 24 * 3600.0
 
 
 def part_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
-
-
-# ---- the model -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelRef:
-    uri: str
-    name: str
-    version: str
-    run_id: str
-    alias: str | None
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/NAME@ALIAS`` → (NAME, ALIAS, None); ``models:/NAME/VERSION`` → (NAME, None,
-    VERSION)."""
-    rest = uri.removeprefix("models:/") if uri.startswith("models:/") else None
-    if rest and "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif rest and "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
-    raise ValueError(
-        f"--model {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION, e.g. "
-        "models:/recsys-moe-demo@champion or models:/recsys-moe-demo/3"
-    )
-
-
-def resolve_model(cfg: Config, uri: str) -> ModelRef:
-    """The registered version ``uri`` names (an alias resolved once, so every shard and rank
-    scores with the same version); an unknown name, alias or version is a ``ValueError``."""
-    name, alias, version = parse_model_uri(uri)
-    client = client_for(cfg)
-    try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias is not None
-            else client.get_model_version(name, str(version))
-        )
-    except MlflowException as e:
-        known = sorted(m.name for m in client.search_registered_models())
-        what = f"alias @{alias}" if alias is not None else f"version {version}"
-        raise ValueError(
-            f"--model {uri}: the registry ({cfg.tracking_uri()}) has no {what} of model "
-            f"{name!r} ({str(e).splitlines()[0]}); registered models: {known or 'none'}; "
-            "`recsys-moe register` creates versions"
-        ) from e
-    return ModelRef(uri=uri, name=name, version=str(mv.version), run_id=mv.run_id, alias=alias)
-
-
-def combined_score(tasks: list[TaskConfig], weights: dict[str, float]) -> pl.Expr:
-    """``prod_t p_t ** w_t`` (binary tasks) ``* (1 + y_t) ** w_t`` (regression tasks); tasks
-    without a weight (or weight 0) do not count."""
-    from recsys_moe.model.objectives import output_name
-
-    expr = pl.lit(1.0)
-    for t in tasks:
-        w = weights.get(t.name, 0.0)
-        if w == 0.0:
-            continue
-        col = pl.col(output_name(t))
-        expr = expr * (col.clip(lower_bound=0.0) if t.kind == "binary" else 1.0 + col).pow(w)
-    return expr
-
-
-def check_finite(frame: pl.DataFrame, columns: list[str], keys: list[str], path: Path) -> None:
-    """Every prediction and score finite, else a ``DataError`` naming how many rows and one."""
-    bad = pl.any_horizontal([~pl.col(c).is_finite() | pl.col(c).is_null() for c in columns])
-    rows = frame.filter(bad)
-    if rows.height:
-        example = rows.select(keys + columns).row(0, named=True)
-        raise DataError(
-            f"candidates {path}: {rows.height} of {frame.height} rows got a score that is not a "
-            f"finite number (e.g. {example}); nothing written. Check those rows' features in the "
-            "store for NaN or infinite values"
-        )
-
-
-# ---- the output folder ---------------------------------------------------------------------------
-def _differences(a: dict, b: dict) -> list[str]:
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def open_output(output: Path, identity: dict, *, rank: int, overwrite: bool) -> None:
-    """Make ``output`` this run's: new, or an earlier attempt of the same run (resumed), else a
-    ``ValueError`` (another model version, as-of, candidate set, ...). Rank 0 decides; the
-    others wait for its ``_run.json``."""
-    run_file = output / RUN
-    if rank != 0:
-        _wait(lambda: run_file.is_file() and json.loads(run_file.read_text()) == identity,
-              f"{run_file} of this run (written by rank 0)")  # fmt: skip
-        return
-    if output.exists():
-        previous = json.loads(run_file.read_text()) if run_file.is_file() else None
-        others = [p.name for p in output.iterdir() if p.name != RUN]
-        if previous == identity:
-            return
-        if previous is None and others and not overwrite:
-            raise ValueError(
-                f"--output {output} exists and is not a scoring output of this job (no {RUN}; "
-                f"holds {others[:5]}); choose another folder or pass --overwrite to replace it"
-            )
-        if previous is not None and not overwrite:
-            diff = ", ".join(f"{k}: {previous.get(k)!r} there, {identity.get(k)!r} now"
-                             for k in _differences(previous, identity))  # fmt: skip
-            raise ValueError(
-                f"--output {output} holds scores of another run ({diff}); refusing to mix them. "
-                "Write to a new folder, or pass --overwrite to replace it"
-            )
-        if overwrite:
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.rename(output, old)
-            shutil.rmtree(old)
-    output.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_file, json.dumps(identity, indent=2, sort_keys=True))
-
-
-def _wait(ready: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not ready():
-        if time.monotonic() > deadline:
-            raise DataError(f"gave up waiting for {what} after {WAIT_S:.0f} s")
-        time.sleep(POLL_S)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- one shard -----------------------------------------------------------------------------------
@@ -294,32 +157,6 @@ def score_shard(job: Job, shard: int, rank: int, bar: tqdm) -> dict:
     ranked.write_parquet(tmp)
     os.replace(tmp, final)  # the part appears whole, after its counts
     return stats
-
-
-@torch.no_grad()
-def predict_from_tower(
-    model: MultiTaskModel, x: Tensor, tasks: list[TaskConfig], batch_size: int
-) -> pl.DataFrame:
-    """Predictions in natural units from the tower's output ``x [N, D_in]``: the rest of
-    ``MultiTaskModel.forward`` (mixture, then one head per task) and ``to_natural``, as
-    ``predict_tensors`` gives them (``test_score_job`` checks the two agree)."""
-    from recsys_moe.model.objectives import output_name, to_natural
-
-    was_training = model.training
-    model.eval()
-    cols: dict[str, list[Tensor]] = {output_name(t): [] for t in tasks}
-    try:
-        for a in range(0, x.shape[0], batch_size):
-            mixed = model.mixture(x[a : a + batch_size])[0]
-            logits = {name: head(mixed[t]) for t, (name, head) in enumerate(model.heads.items())}
-            for t in tasks:
-                cols[output_name(t)].append(to_natural(t, logits[t.name]).double())
-    finally:
-        model.train(was_training)
-    return pl.DataFrame(
-        {k: torch.cat(v).cpu().numpy() if v else np.zeros(0) for k, v in cols.items()},
-        schema={k: pl.Float64 for k in cols},
-    )
 
 
 def _check_missing(job: Job, shard: int, counts: dict[str, int], seen: int) -> None:
@@ -408,6 +245,12 @@ def score(
         as_of = max(r.last for r in ranges.values())
     as_of = as_of.replace(tzinfo=None)
     check_as_of(as_of, ranges, store)
+    time_col = features.events.time
+    if time_col in pl.scan_parquet(source.files[0]).collect_schema():
+        log.warning(
+            "candidates %s: column %r is not used; every candidate is scored as of %s",
+            candidates, time_col, as_of.isoformat(),
+        )  # fmt: skip
     shards = shard_count(source.rows, cfg.score.shard_rows)
     identity = {
         "model_name": ref.name,
@@ -450,7 +293,7 @@ def score(
             done.append(score_shard(job, s, rank, pairs))
     if rank != 0:
         return {"rank": rank, "shards": done}
-    _wait(lambda: all((output / part_name(s)).is_file() for s in range(shards)),
+    wait_for(lambda: all((output / part_name(s)).is_file() for s in range(shards)),
           f"every shard in {output}")  # fmt: skip
     manifest = _manifest(job, ref, identity, shards, as_of_given)
     write_text_atomic(output / MANIFEST, json.dumps(manifest, indent=2))
@@ -477,7 +320,7 @@ def _partition(source: CandidateSource, shards: int, output: Path, rank: int, wo
     # every unit partitioned (or the job already finished: rank 0 removes the spill after the
     # manifest, which a slow rank must not wait for)
     n = len(source.units)
-    _wait(
+    wait_for(
         lambda: (
             all(unit_done(output, u).is_file() for u in range(n)) or (output / MANIFEST).is_file()
         ),
@@ -490,7 +333,7 @@ def _manifest(job: Job, ref: ModelRef, identity: dict, shards: int, as_of_given:
     per_shard = [json.loads((out / SHARDS / f"{part_name(s)}.json").read_text())
                  for s in range(shards)]  # fmt: skip
     for st in per_shard:
-        st["sha256"] = _sha256(out / st["file"])
+        st["sha256"] = sha256(out / st["file"])
     null_ids = 0
     units = sorted((out / SPILL / "units").glob("u-*.json"))
     if units:

@@ -20,7 +20,7 @@ from serving.candidates import (
     shard_of,
     unit_done,
 )
-from serving.score import check_finite, parse_model_uri
+from serving.model import check_finite, parse_model_uri
 
 
 def test_repeated_pairs_are_dropped_the_first_in_input_order_kept() -> None:

@@ -26,8 +26,9 @@ from recsys_moe.dataset import build_dataset
 from recsys_moe.evaluation.evaluate import evaluate
 from recsys_moe.registry import register
 from recsys_moe.training.train import train
+from serving.output import RUN
 from serving.pyfunc import CODE_PATH
-from serving.score import MANIFEST, RUN, part_name, score
+from serving.score import MANIFEST, part_name, score
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
