@@ -82,6 +82,13 @@ class AsOfFeatures:
         model: MultiTaskModel,
         batch_size: int = 4096,
     ) -> None:
+        rowwise = [f.name for f in features.features if not f.entity]
+        if rowwise:
+            raise ValueError(
+                f"scoring: feature(s) {rowwise} have no entity (they are read from each event "
+                "row); recsys-moe score joins every feature from the store's entity tables and "
+                "cannot score such a model yet"
+            )
         self.features = features
         self.mappings = mappings
         self.model = model
@@ -124,9 +131,7 @@ class AsOfFeatures:
                 .otherwise(pl.col("expired").not_().cum_sum()).cast(pl.Int64).alias(IDX),
             )  # fmt: skip
             self.entities[name] = EntityRows(keys=keys, tower=self._tower(mapped, sub))
-        self.key_features = [
-            f for f in features.features if f.column == features.entities[f.entity].key
-        ]
+        self.key_features = [f for f in features.event_features if f.entity]
 
     def gather(self, cands: pl.DataFrame) -> tuple[Tensor, dict[str, int]]:
         """The tower output ``[N, D_in]`` for ``cands`` (rows in order), and counts: per entity

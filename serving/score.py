@@ -265,14 +265,13 @@ def score(
         "shards": shards,
         "quantize": quantize,
     }
-    open_output(output, identity, rank=rank, overwrite=overwrite)
     if torch.cuda.is_available():  # this rank's GPU: tower rows, gathers and forwards run there
         bundle.model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     scoring_model = quantize_embeddings(bundle.model) if quantize == "int8" else bundle.model
+    feats = AsOfFeatures(store, features, bundle.mappings, as_of, scoring_model)
+    open_output(output, identity, rank=rank, overwrite=overwrite)  # the first write
     job = Job(
-        source=source, output=output, model=model,
-        feats=AsOfFeatures(store, features, bundle.mappings, as_of, scoring_model),
-        tasks=bundle.config.tasks,
+        source=source, output=output, model=model, feats=feats, tasks=bundle.config.tasks,
         weights=cfg.score.weights, top_k=top_k, as_of=as_of, time_column=features.events.time,
         max_missing_share=cfg.score.max_missing_share, ranges=ranges, store=store,
         batch_size=BATCH,

@@ -125,3 +125,33 @@ def test_a_score_that_is_not_finite_fails_naming_the_row(bad: float | None) -> N
     with pytest.raises(DataError, match=r"1 of 3 rows .*'item_id': 8"):
         check_finite(frame, ["p_click", "score"], ["user_id", "item_id"], Path("c.parquet"))
     check_finite(frame.head(1), ["p_click", "score"], ["user_id", "item_id"], Path("c.parquet"))
+
+
+def test_a_model_with_features_outside_the_entity_tables_is_refused() -> None:
+    from datetime import datetime
+
+    import torch
+
+    from feature_store import FeatureSet, OfflineStore
+    from serving.asof import AsOfFeatures
+
+    features = FeatureSet.from_toml(
+        """
+[entities.user]
+key = "user_id"
+table = "users"
+time = "valid_from"
+
+[events]
+table = "impressions"
+time = "ts"
+keys = ["user_id", "item_id"]
+
+[[features]]
+name = "hour"
+kind = "numeric"
+"""
+    )
+    with pytest.raises(ValueError, match=r"\['hour'\] have no entity"):
+        AsOfFeatures(OfflineStore("nowhere"), features, None, datetime(2026, 1, 1),  # type: ignore[arg-type]
+                     torch.nn.Linear(1, 1))  # type: ignore[arg-type]  # fmt: skip
