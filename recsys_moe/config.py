@@ -241,7 +241,10 @@ class CheckpointConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 512
-    epochs: int = 3
+    # at most this many epochs: early stopping (patience) and the best epoch's weights (select)
+    # decide; measured: census-income 0.9457 test AUC vs 0.9427 with 3 epochs, a numeric-only
+    # set 7.2 vs 16.0 test RMSE (README "Real data", "Your own data"); shipped configs set theirs
+    epochs: int = 20
     lr: float = 2e-3  # dense parameters: Adam
     weight_decay: float = 0.0
     embedding_lr: float = 0.05  # embedding tables: Adagrad (row-wise / fused under DMP)
@@ -266,7 +269,7 @@ class TrainConfig:
     # patience > 0 training stops after that many epochs without an improvement > min_delta
     select: Literal["best", "last"] = "best"
     selection_metric: str = ""
-    patience: int = 0
+    patience: int = 3
     min_delta: float = 0.0
     seed: int = 0
     # every step's losses are logged, sent to MLflow in one batch per log_every steps: each batch
@@ -340,8 +343,10 @@ class MlflowConfig:
 @dataclass
 class ScoreConfig:
     top_k: int = 10
-    # combined score = prod over tasks of p_task ** w (binary) or (1 + prediction) ** w (regression)
-    weights: dict[str, float] = field(default_factory=lambda: {"click": 1.0, "watch_time": 1.0})
+    # combined score = prod over tasks of p_task ** w (binary), (1 + prediction) ** w (regression)
+    # {} (the default) = 1 for every binary task and every regression of a time (>= 0), 0 for a
+    # plain mse task (a label of any sign has no (1 + prediction) ** w)
+    weights: dict[str, float] = field(default_factory=dict)
     # candidates per output shard (hash bucket of request/user): bounds a scoring rank's memory
     shard_rows: int = 2_000_000
     # share of candidates (per shard) whose user or item features are missing or expired above
@@ -418,6 +423,8 @@ class Config:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"config: task name(s) {dup} appear more than once in [[tasks]]")
+        if not self.score.weights:
+            self.score.weights = {t.name: 0.0 if t.objective == "mse" else 1.0 for t in self.tasks}
         unknown = sorted(set(self.score.weights) - set(names))
         if unknown:
             raise ValueError(f"score.weights: no task(s) {unknown}; tasks are {names}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -377,13 +378,18 @@ def test_scoring_counts_candidates_without_features_and_refuses_when_none_have_t
     path = tmp_path / "c.parquet"
     unknown.write_parquet(path)
     as_of = datetime.fromisoformat(run.meta["scoring_time"])  # the data's own scoring time
+    # a fifth unknown is above the default limit (score.max_missing_share, 1 %): refused
+    with pytest.raises(DataError, match=r"item"):
+        score(model_uri=run.reg.uri, candidates=path, output=tmp_path / "r", top_k=5,
+              cfg=run.cfg, as_of=as_of)  # fmt: skip
+    lenient = replace(run.cfg, score=replace(run.cfg.score, max_missing_share=0.25))
     manifest = score(model_uri=run.reg.uri, candidates=path, output=tmp_path / "s", top_k=5,
-                     cfg=run.cfg, as_of=as_of)  # fmt: skip
+                     cfg=lenient, as_of=as_of)  # fmt: skip
     assert manifest["coverage"]["item"] == pytest.approx(0.8, abs=0.01)
     assert manifest["coverage"]["user"] == 1.0
-    with pytest.raises(DataError, match="none of the .* candidates found features of entity"):
+    with pytest.raises(DataError, match="is before the first feature row"):
         score(model_uri=run.reg.uri, candidates=path, output=tmp_path / "t", top_k=5,
-              cfg=run.cfg, as_of=datetime(2000, 1, 1))  # fmt: skip
+              cfg=lenient, as_of=datetime(2000, 1, 1))  # fmt: skip
     assert not (tmp_path / "t").exists()
 
 
