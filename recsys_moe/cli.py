@@ -496,9 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         "against fp32 goes to the manifest",
     )  # fmt: skip
     p.add_argument("--top-k", type=int, help="rows kept per request/user (default: score.top_k)")
-    p.add_argument(
-        "--as-of", help="scoring time, ISO (default: the store's latest feature time)"
-    )
+    p.add_argument("--as-of", help="scoring time, ISO (default: the store's latest feature time)")
     p.add_argument("--store", type=Path, help="offline store root (default: the config's)")
     p.set_defaults(func=cmd_score)
     return _with_examples(parser)
