@@ -93,7 +93,8 @@ def test_early_stopping_keeps_the_best_epochs_weights(work: Path) -> None:
 @pytest.mark.slow
 def test_a_resumed_run_keeps_the_best_weights_of_before_the_resume(work: Path) -> None:
     """Checkpoints every epoch; resuming from epoch 2's checkpoint of a 3-epoch run, whose best
-    is epoch 1: the resumed run's model is epoch 1's weights, read back from best-weights.pt."""
+    is epoch 1: the resumed run's model is epoch 1's weights, read back from
+    best-weights-rank0.pt."""
     one = train(config(work, "train.epochs=1"))
     per_epoch = one.stopped_step
     sets = ["train.epochs=3", "train.min_delta=1.0", f"train.checkpoint.every={per_epoch}",
@@ -102,7 +103,7 @@ def test_a_resumed_run_keeps_the_best_weights_of_before_the_resume(work: Path) -
     assert straight.selected_step == per_epoch
     same_weights(straight.model, one.model)
     run_dir = config(work).path("checkpoints") / straight.run_id
-    assert (run_dir / "best-weights.pt").is_file()
+    assert (run_dir / "best-weights-rank0.pt").is_file()
     resumed = train(config(work, *sets, f"train.resume={run_dir}/ckpt-{2 * per_epoch}"))
     assert resumed.selected_step == per_epoch and resumed.stopped_step == 3 * per_epoch
     same_weights(resumed.model, one.model)

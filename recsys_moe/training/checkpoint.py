@@ -8,8 +8,8 @@ Layout, one folder per MLflow run::
             rank-<r>.pt            per rank: torch (and CUDA) RNG state, LR scheduler state
             .complete              JSON loop state: step, run id, the loader's position
         LATEST                     "ckpt-<step>": the newest complete checkpoint
-        best-weights.pt            train.select = "best": the best validation's full weights
-                                   (rank 0, tensors only; loaded with weights_only=True)
+        best-weights-rank<r>.pt    train.select = "best": rank r's part of the best
+                                   validation's weights (tensors only; weights_only=True)
 
 A save writes ``ckpt-<step>`` (every rank), then rank 0 writes ``.complete`` and replaces
 ``LATEST`` atomically (temporary file + rename). A process killed before that leaves the
@@ -35,7 +35,7 @@ from pipelines.atomic import write_text_atomic
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
-BEST_WEIGHTS = "best-weights.pt"
+BEST_WEIGHTS = "best-weights-rank{rank}.pt"
 COMPLETE = ".complete"
 # Test hook: "<step>" makes the process exit after writing ckpt-<step>, before committing it.
 FAULT_ENV = "RECSYS_MOE_CHECKPOINT_FAULT"
@@ -85,7 +85,7 @@ def save(
     return ckpt
 
 
-def write_weights_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+def write_weights_atomic(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` a dict of tensors under a temporary name, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

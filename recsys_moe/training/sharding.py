@@ -209,6 +209,37 @@ def train_step(
     return progress, lambda: None
 
 
+def local_snapshot(model: nn.Module) -> dict[str, Any]:
+    """This rank's own copy of the model's state, without a collective: a sharded table's
+    local shards (a list of tensors), a replicated tensor as it is. Gathering the tables
+    instead (``full_state_dict``) at every epoch's end slowed every later training step on the
+    CPU (demo: 55k -> 36k samples/s with ShardedTensor.gather; the cause is in TorchRec/gloo):
+    the best epoch is kept this way and gathered once, at the end."""
+    out: dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        if hasattr(value, "local_shards"):  # ShardedTensor
+            out[key] = [s.tensor.detach().clone() for s in value.local_shards()]
+        elif hasattr(value, "to_local"):  # DTensor
+            out[key] = [value.to_local().detach().clone()]
+        else:
+            out[key] = value.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def restore_snapshot(model: nn.Module, snapshot: dict[str, Any]) -> None:
+    """Write a ``local_snapshot`` back into the model's live weights (every rank its own)."""
+    for key, value in model.state_dict().items():
+        saved = snapshot[key]
+        if hasattr(value, "local_shards"):
+            for shard, tensor in zip(value.local_shards(), saved, strict=True):
+                shard.tensor.copy_(tensor)
+        elif hasattr(value, "to_local"):
+            value.to_local().copy_(saved[0])
+        else:
+            value.copy_(saved)
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The unsharded state dict on rank 0 (CPU tensors), ``None`` on the other ranks.
 

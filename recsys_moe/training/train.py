@@ -201,12 +201,12 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
 
         selection = Selection(t.patience, t.min_delta)
         selection.load_state_dict(start.selection)
-        best: dict[str, Any] = {}  # select = "best": the best validation's weights (rank 0), ..
-        best_file = run_dir / checkpoint.BEST_WEIGHTS
+        best: dict[str, Any] = {}  # select = "best": the best validation's weights (this rank's)
+        best_file = run_dir / checkpoint.BEST_WEIGHTS.format(rank=info.rank)
         if t.select == "best" and selection.best_step and best_file.is_file():  # resumed
             # the best validation was in an earlier attempt: its weights and metrics, no gates
-            best["state"] = torch.load(best_file, weights_only=True) if info.is_main else None
-            best.update(saved_step=selection.best_step, valid=start.selection.get("valid", {}),
+            best.update(state=torch.load(best_file, weights_only=True),
+                        saved_step=selection.best_step, valid=start.selection.get("valid", {}),
                         gate_stats={}, gates=torch.zeros(0))  # fmt: skip
 
         def select(step: int, gates: Tensor) -> bool:
@@ -214,9 +214,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
             score = broadcast_object(selection_score(result.valid, cfg.tasks, t.selection_metric))
             logger.log_metrics({"valid/selection_score": score}, step=step)
             if selection.update(step, score) and t.select == "best":
-                full = sharding.full_state_dict(dmp)  # on a CPU: the live tensors themselves
-                full = None if full is None else {k: v.clone() for k, v in full.items()}
-                best.update(state=full, gates=gates,
+                best.update(state=sharding.local_snapshot(dmp), gates=gates,
                             valid=dict(result.valid), gate_stats=dict(result.gates))  # fmt: skip
             return selection.stop
 
@@ -235,7 +233,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
 
         def save(step: int) -> None:
             if best.get("state") is not None and best.get("saved_step") != selection.best_step:
-                checkpoint.write_weights_atomic(best["state"], best_file)  # rank 0: the best so far
+                checkpoint.write_weights_atomic(best["state"], best_file)  # this rank's best
                 best["saved_step"] = selection.best_step
             checkpoint.save(
                 run_dir,
@@ -252,11 +250,11 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
         # ---- the selected model on rank 0: bundle and heatmaps -------------------------------
         result.selected_step = result.stopped_step
         if "valid" in best and selection.best_step != result.stopped_step:
-            full, gates = best["state"], best["gates"]
+            sharding.restore_snapshot(dmp, best["state"])  # every rank its own part
+            gates = best["gates"]
             result.valid, result.gates = best["valid"], best["gate_stats"]
             result.selected_step = selection.best_step
-        else:
-            full = sharding.full_state_dict(dmp)
+        full = sharding.full_state_dict(dmp)
         per_epoch = len(loader)
         logger.log_metrics({"train/selected_epoch": result.selected_step / per_epoch,
                             "train/stopped_epoch": result.stopped_step / per_epoch})  # fmt: skip
