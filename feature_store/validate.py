@@ -8,7 +8,7 @@ about it. Numeric features follow their ``non_finite`` policy (``feature_store.d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -172,6 +172,7 @@ def validate_events(
     numeric: Sequence[Feature] = (),
     positive_values: Sequence[str] = (),
     finite_labels: Sequence[str] = (),
+    value_sets: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Raise ``DataError`` unless the events frame can be used.
 
@@ -179,7 +180,8 @@ def validate_events(
     ``int_ids`` are integer and never null; ``time_column`` is Datetime and never null; binary
     labels are 0 or 1; ``nonneg_labels`` are finite and >= 0; ``finite_labels`` finite (any
     sign); ``positive_values`` (e.g. a
-    duration the loss divides by) are finite and > 0 (nulls count as bad in all three); the
+    duration the loss divides by) are finite and > 0 (nulls count as bad in all three);
+    ``value_sets`` columns hold one of their allowed values as text (e.g. a split column); the
     frame has rows; no two rows share the same ``unique_keys`` (an event's identity); no event
     time is after ``not_after`` (the builder passes its clock plus a day: a future time would
     become the test split) or before ``not_before`` (a configured start); the columns of the
@@ -227,6 +229,11 @@ def validate_events(
         bad = x.is_null() | ~x.is_finite()
         checks.append(_Check(f"finite:{column}", f"column {column!r}", "finite"))
         aggs += [bad.sum().alias(f"finite:{column}"), _example(column, bad, f"finite:{column}")]
+    for column, allowed in (value_sets or {}).items():
+        text = pl.col(column).cast(pl.String)
+        bad = text.is_null() | ~text.is_in(list(allowed))
+        checks.append(_Check(f"in:{column}", f"column {column!r}", f"one of {list(allowed)}"))
+        aggs += [bad.sum().alias(f"in:{column}"), _example(column, bad, f"in:{column}")]
     for column in positive_values:
         x = pl.col(column).cast(pl.Float64)
         bad = x.is_null() | ~x.is_finite() | (x <= 0.0)

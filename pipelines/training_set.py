@@ -243,6 +243,9 @@ def _build(
     required |= {f.column: f"feature {f.name}" for f in features.event_features if not f.entity}
     required |= {c: f"{kind} label {c!r}" for c, kind in labels.items()}
     required |= {c: f"column {c!r} a loss reads" for c in carry if c not in required}
+    rule = limits.split
+    split_columns = [rule.column] if rule.kind == "column" else []
+    required |= {c: "the split column (data.split_column)" for c in split_columns}
     validate_events(
         events,
         path=str(events_path),
@@ -254,6 +257,7 @@ def _build(
         nonneg_labels=[c for c, k in labels.items() if k == "regression"],
         finite_labels=[c for c, k in labels.items() if k == "real"],
         positive_values=[c for c, k in limits.carry_checks.items() if k == "positive"],
+        value_sets={c: SPLITS for c in split_columns},
         time_column=ev.time,
         unique_keys=ev.keys,
         not_after=datetime.now(UTC) + FUTURE_TOLERANCE,
@@ -263,14 +267,10 @@ def _build(
         numeric=[f for f in features.event_features if not f.is_sparse],
     )
 
-    rule = limits.split
     if rule.kind == "time":
         days = _split_days(events, ev.time, str(events_path), valid_days, test_days)
     else:
         days = _split_range(events, ev.time)
-    split_columns = [rule.column] if rule.kind == "column" else []
-    if rule.kind == "column":
-        _check_split_column(events, rule.column, str(events_path))
     keep = list(dict.fromkeys([*labels, *carry]))  # what the mapped splits hold besides features
     columns = list(dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *keep,
                                   *split_columns]))  # fmt: skip
@@ -526,24 +526,6 @@ def unit_hash(keys: Sequence[pl.Expr], seed: int) -> pl.Expr:
     for k in keys:
         h = hash_index(h * 1_000_003 + k.cast(pl.Int64), UNIT + 1)  # 1..UNIT
     return (h - 1).cast(pl.Float64) / UNIT
-
-
-def _check_split_column(events: pl.LazyFrame, column: str, path: str) -> None:
-    schema = events.collect_schema()
-    if column not in schema:
-        raise DataError(
-            f"events file {path}: no split column {column!r} (data.split_column); columns: "
-            f"{list(schema.names())}"
-        )
-    value = pl.col(column).cast(pl.String)
-    bad = value.is_null() | ~value.is_in(list(SPLITS))
-    counts = [bad.sum().alias("n"), pl.len().alias("rows"), value.filter(bad).first()]
-    n, rows, example = events.select(counts).collect(engine=_ENGINE).row(0)
-    if n:
-        raise DataError(
-            f"events file {path}: column {column!r} (data.split_column) must be one of "
-            f"{list(SPLITS)} in every row; {n:,} of {rows:,} rows are not (e.g. {example!r})"
-        )
 
 
 def _split_range(events: pl.LazyFrame, time: str) -> dict[str, tuple[date, date]]:

@@ -71,7 +71,8 @@ def test_column_split_and_its_values_checked(tmp_path: Path) -> None:
                        r"1 of 40 rows .*'holdout'"):  # fmt: skip
         build(tmp_path / "b", tmp_path / "bd", n, SplitRule("column", column="fold"), fold=bad)
     assert not (tmp_path / "bd").exists()
-    with pytest.raises(DataError, match=r"no split column 'nope'"):
+    with pytest.raises(DataError, match=r"missing required column 'nope' \(needed as: the split "
+                       r"column \(data.split_column\)\)"):  # fmt: skip
         build(tmp_path / "c", tmp_path / "cd", n, SplitRule("column", column="nope"), fold=names)
 
 
