@@ -197,3 +197,28 @@ def small_store(root: Path, delta: list[float], **columns: list) -> OfflineStore
         **columns,
     }).write_parquet(root / "impressions.parquet")  # fmt: skip
     return OfflineStore(root)
+
+
+# ---- small demo training sets, weight comparisons (test_recipe, test_selection, test_checkpoint)
+def small_demo_work(prefix: str, sets: list[str]) -> Path:
+    """A fresh workdir holding the demo config's training set for ``sets`` (150 users, 60
+    items, 4 days of synthetic data)."""
+    import tempfile
+
+    from pipelines.synth import synthesize
+    from recsys_moe.config import DEMO_CONFIG, load_config
+    from recsys_moe.dataset import build_dataset
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    cfg = load_config(DEMO_CONFIG, sets, workdir=root)
+    synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
+    build_dataset(cfg)
+    return root
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Bit-identical state dicts."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import assert_same_weights
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
 from pipelines.synth import synthesize
@@ -58,13 +59,6 @@ def straight(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> tuple[C
     return cfg, train(cfg)
 
 
-def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
-
-
 @pytest.mark.slow
 def test_resume_continues_exactly(straight: tuple[Config, TrainResult]) -> None:
     cfg, full = straight
@@ -78,7 +72,7 @@ def test_resume_continues_exactly(straight: tuple[Config, TrainResult]) -> None:
     )
     assert resumed.run_id == full.run_id  # the same MLflow run continues
     assert resumed.losses == full.losses[3:]
-    assert_same_model(resumed.model, full.model)
+    assert_same_weights(resumed.model, full.model)
 
 
 @pytest.mark.slow
@@ -104,7 +98,7 @@ def test_killed_save_keeps_the_previous_checkpoint(
     assert resumed.run_id == run_dir.name
     _, full = straight
     assert resumed.losses == full.losses[3:]
-    assert_same_model(resumed.model, full.model)
+    assert_same_weights(resumed.model, full.model)
     steps = len(full.losses)
     assert (run_dir / checkpoint.LATEST).read_text() == f"ckpt-{steps - steps % 3}"
     assert (run_dir / "ckpt-6" / checkpoint.COMPLETE).is_file()
@@ -142,7 +136,7 @@ def test_resume_with_the_streaming_loader_and_not_across_loaders(
         config(tmp_path, dataset, "train.loader=stream", f"train.resume={run_dir}/ckpt-3")
     )
     assert resumed.losses == full.losses[3:]
-    assert_same_model(resumed.model, full.model)
+    assert_same_weights(resumed.model, full.model)
     # the in-memory loader orders rows differently: resuming this run with it would not be exact
     with pytest.raises(ValueError, match="order"):
         train(config(tmp_path, dataset, "train.loader=memory", f"train.resume={run_dir}/ckpt-3"))

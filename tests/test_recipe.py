@@ -7,15 +7,13 @@ warm-up that reaches both optimizers (Adam on the dense part, the fused Adagrad 
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from fixtures import small_demo_work
 
-from pipelines.synth import synthesize
 from recsys_moe.config import DEMO_CONFIG, Config, TrainConfig, load_config
-from recsys_moe.dataset import build_dataset
 from recsys_moe.training.recipe import build_scheduler, scaled_rates, schedule_factor
 from recsys_moe.training.train import train
 
@@ -78,11 +76,7 @@ def test_bad_recipe_settings_are_refused() -> None:
 
 @pytest.fixture(scope="module")
 def work() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="recipe-"))
-    cfg = load_config(DEMO_CONFIG, SMALL, workdir=root)
-    synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
-    build_dataset(cfg)
-    return root
+    return small_demo_work("recipe-", SMALL)
 
 
 def config(work: Path, *extra: str) -> Config:

@@ -8,15 +8,12 @@ epoch is the best one deterministically (a score cannot rise by 1: AUC-based sco
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+from fixtures import assert_same_weights, small_demo_work
 
-from pipelines.synth import synthesize
 from recsys_moe.config import DEMO_CONFIG, Config, TaskConfig, load_config
-from recsys_moe.dataset import build_dataset
 from recsys_moe.training.selection import Selection, selection_score, task_score
 from recsys_moe.training.train import train
 
@@ -58,22 +55,11 @@ def test_selection_tracks_the_best_and_the_patience() -> None:
 
 @pytest.fixture(scope="module")
 def work() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="select-"))
-    cfg = load_config(DEMO_CONFIG, SMALL, workdir=root)
-    synthesize(cfg.store_dir, users=150, items=60, days=4, seed=0)
-    build_dataset(cfg)
-    return root
+    return small_demo_work("select-", SMALL)
 
 
 def config(work: Path, *extra: str) -> Config:
     return load_config(DEMO_CONFIG, [*SMALL, *extra], workdir=work)
-
-
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.slow
@@ -83,7 +69,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(work: Path) -> None:
     per_epoch = one.stopped_step
     assert stopped.stopped_step == 2 * per_epoch  # epoch 2 did not improve: stopped there
     assert stopped.selected_step == per_epoch
-    same_weights(stopped.model, one.model)
+    assert_same_weights(stopped.model, one.model)
     assert stopped.valid == one.valid  # the report is the selected epoch's
     last = train(config(work, "train.epochs=2", "train.select=last", "train.min_delta=1.0"))
     assert last.selected_step == last.stopped_step == 2 * per_epoch
@@ -101,10 +87,10 @@ def test_a_resumed_run_keeps_the_best_weights_of_before_the_resume(work: Path) -
             "train.checkpoint.keep=0"]  # fmt: skip
     straight = train(config(work, *sets))
     assert straight.selected_step == per_epoch
-    same_weights(straight.model, one.model)
+    assert_same_weights(straight.model, one.model)
     run_dir = config(work).path("checkpoints") / straight.run_id
     assert (run_dir / "best-weights-rank0.pt").is_file()
     resumed = train(config(work, *sets, f"train.resume={run_dir}/ckpt-{2 * per_epoch}"))
     assert resumed.selected_step == per_epoch and resumed.stopped_step == 3 * per_epoch
-    same_weights(resumed.model, one.model)
+    assert_same_weights(resumed.model, one.model)
     assert resumed.valid == pytest.approx(one.valid)
