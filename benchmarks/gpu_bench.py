@@ -11,9 +11,11 @@
 ``recsys-moe train`` does (Parquet → loader → KJT → DistributedModelParallel → MMoE → losses →
 fused optimizers, an MLflow run, validation each epoch) with ``train.profile_steps``, and reports:
 
-- ``samples_per_s``: training samples per second over all ranks, validation excluded;
-- ``step_ms_p50`` / ``p90``: host time per step (at steady state the device holds the host back,
-  so this is the step's time);
+- ``samples_per_s``: training samples per second over all ranks, every step but validation
+  and the profiled window (``TrainResult.samples_per_s``); ``samples_per_s_steady``: the same
+  after the first tenth of the first epoch (warm-up, compilation);
+- ``step_ms_p50`` / ``p90``: wall time per step's iteration (at steady state the device holds
+  the host back, so this is the step's time);
 - ``peak_gpu_gib``: ``torch.cuda.max_memory_allocated`` on rank 0;
 - ``gpu_busy_share``: the profiled window's kernel time over its wall time;
 - ``loader_rows_per_s``: the same loader alone, one epoch, synchronised at the end;
@@ -140,6 +142,7 @@ def train_run(args: argparse.Namespace) -> None:
         "batch_size_per_gpu": cfg.train.batch_size,
         "settings": sets,
         "samples_per_s": result.samples_per_s,
+        "samples_per_s_steady": result.samples_per_s_steady,
         "step_ms_p50": 1e3 * steps[len(steps) // 2],
         "step_ms_p90": 1e3 * steps[int(len(steps) * 0.9)],
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -152,6 +155,10 @@ def train_run(args: argparse.Namespace) -> None:
     if args.peer and world == 1:
         report["peer_samples_per_s"] = peer(cfg, args.peer_steps)
         report["ours_over_peer"] = report["samples_per_s"] / report["peer_samples_per_s"]
+        # the peer's rate is its steady state (after 10 warm-up steps): against ours steady
+        report["ours_steady_over_peer"] = (
+            report["samples_per_s_steady"] / report["peer_samples_per_s"]
+        )
     if rank == 0:
         text = json.dumps(report, indent=2)
         print(text)
@@ -159,7 +166,8 @@ def train_run(args: argparse.Namespace) -> None:
         if args.out:
             Path(args.out).write_text(text)
             Path(args.out).with_suffix(".profile.txt").write_text(result.profile)
-        print(f"{world} GPU(s): {report['samples_per_s']:,.0f} samples/s, step p50 "
+        print(f"{world} GPU(s): {report['samples_per_s']:,.0f} samples/s "
+              f"(steady {report['samples_per_s_steady']:,.0f}), step p50 "
               f"{report['step_ms_p50']:.2f} ms, busy {report['gpu_busy_share']:.2f}, "
               f"valid click AUC {result.valid.get('click_auc', float('nan')):.4f}")  # fmt: skip
         print(f"median step {statistics.median(steps) * 1e3:.2f} ms over {len(steps)} steps")

@@ -43,6 +43,7 @@ LrSchedule = Literal["constant", "linear"]
 LrScaling = Literal["none", "sqrt", "linear"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
 LoaderKind = Literal["auto", "memory", "device", "stream"]
+CompileMode = Literal["kernels", "cudagraphs"]
 # TorchRec ``ShardingType`` values (tests/test_config.py checks them against TorchRec's enum)
 ShardingName = Literal[
     "data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise",
@@ -291,10 +292,13 @@ class TrainConfig:
     # threads halved throughput: batch 512, 26k -> 51k samples/s with 4), on CPU torch's
     # default (all cores; torchrun sets OMP_NUM_THREADS=1 per process)
     cpu_threads: int = 0
-    # torch.compile the dense part (the mixture, each head, the losses) of the training step:
-    # fewer, fused kernels where the step is bound by launching them (a GPU); costs a compile
-    # of each graph at the start (tens of seconds)
-    compile: bool = False
+    # torch.compile the dense part of the training step (the mixture, the heads and the losses,
+    # one graph; the tables stay fbgemm's): true / "kernels" = fused kernels, "cudagraphs" =
+    # those replayed as CUDA graphs forward and backward (mode reduce-overhead: a few launches
+    # a step instead of hundreds, where the host's launching holds a GPU back; no effect on a
+    # CPU). Costs a compile at the start (tens of seconds) and once more for a last, smaller
+    # batch; measured in benchmarks/README.md
+    compile: bool | CompileMode = False
     bf16: bool = True  # autocast the model's forward to bfloat16 on CUDA (losses stay float32)
     # > 0: torch.profiler over that many steps after 22 warm-up steps; the top ops go to the
     # run's artifacts (profile/top_ops.txt), the device's busy share to train/gpu_busy_share

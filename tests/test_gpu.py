@@ -147,3 +147,43 @@ def test_device_loader_cuts_the_same_batches_on_the_gpu(dataset: Path) -> None:
             torch.testing.assert_close(a.labels[k], b.labels[k].cpu(), equal_nan=True)
         n += 1
     assert n == len(cpu) > 1
+
+
+@pytest.mark.parametrize("mode", ["true", "cudagraphs"])
+def test_compiled_step_on_cuda_learns_like_the_eager_one(
+    trained: SimpleNamespace, mode: str
+) -> None:
+    """``train.compile``: the dense part as fused kernels, or replayed as CUDA graphs (forward
+    and backward), under TorchRec's pipeline on the GPU: the same losses as the eager run
+    within bf16's noise, and the logged losses are the step's own (copied out of the graphs'
+    pool, not overwritten by later replays: their series is not constant)."""
+    cfg = _config(trained.cfg.workdir, [f"train.compile={mode}"])
+    result = train(cfg)
+    eager = trained.result
+    assert len(result.losses) == len(eager.losses)
+    assert len(set(result.losses[-20:])) > 10
+    np.testing.assert_allclose(result.losses[:5], eager.losses[:5], rtol=2e-2)
+    assert result.valid["click_auc"] == pytest.approx(eager.valid["click_auc"], abs=0.01)
+    print(f"\ncompile={mode}: {result.samples_per_s_steady:,.0f} samples/s steady "
+          f"(eager {eager.samples_per_s_steady:,.0f})")  # fmt: skip
+
+
+def test_experts_pad_their_first_gemm_on_cuda_to_the_same_result() -> None:
+    """The experts' first GEMM pads an unaligned input width (mixture.ALIGN) on CUDA: the
+    same output and gradients as the unpadded product on the CPU."""
+    from recsys_moe.model.mixture import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(4, 45, [32, 16])  # 45: not a multiple of 8
+    x = torch.randn(64, 45, requires_grad=True)
+    out = experts(x)
+    out.square().sum().backward()
+    cpu_grads = [x.grad.clone(), experts.weights[0].grad.clone()]
+    x_gpu = x.detach().cuda().requires_grad_()
+    gpu = experts.cuda()
+    gpu.zero_grad()
+    out_gpu = gpu(x_gpu)
+    out_gpu.square().sum().backward()
+    torch.testing.assert_close(out_gpu.cpu(), out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x_gpu.grad.cpu(), cpu_grads[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.weights[0].grad.cpu(), cpu_grads[1], rtol=1e-4, atol=1e-4)

@@ -107,11 +107,14 @@ def test_warmup_reaches_the_tables_fused_optimizer_and_is_logged(work: Path) -> 
 
 
 @pytest.mark.slow
-def test_compiled_dense_part_trains_the_same_steps(work: Path) -> None:
-    """train.compile under TorchRec's TrainPipelineSparseDist (its fx trace keeps the compiled
-    mixture, heads and losses as leaf calls): the same losses as the eager plain step."""
+@pytest.mark.parametrize("mode", ["true", "cudagraphs"])
+def test_compiled_dense_part_trains_the_same_steps(work: Path, mode: str) -> None:
+    """train.compile under TorchRec's TrainPipelineSparseDist (its fx trace runs through the
+    compiled dense step): the same losses as the eager plain step. "cudagraphs" on a CPU
+    compiles without graphs but takes the graphed path (a step marker per replay, the logged
+    losses copied out of the graphs' outputs)."""
     eager = train(config(work))
-    compiled = train(config(work, "train.compile=true", "train.pipeline=sparse_dist"))
+    compiled = train(config(work, f"train.compile={mode}", "train.pipeline=sparse_dist"))
     assert len(compiled.losses) == len(eager.losses) > 4
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     assert compiled.valid == pytest.approx(eager.valid, rel=1e-3)

@@ -40,11 +40,18 @@ class MixtureOutput(NamedTuple):
     drop_rate: Tensor | None = None  # topk_mmoe: share of routed (row, expert) pairs dropped
 
 
+# The experts' first GEMM pads its inner dimension (the tower's width, e.g. 26 x 64 + 13 = 1677)
+# to a multiple of this on CUDA: cuBLAS runs bf16 GEMMs whose leading dimensions are not multiples
+# of 8 on old, alignment-2 tensor-core kernels (seen on the H200: an sm75 ``s1688gemm`` kernel at
+# ~84 TFLOP/s for the bench model's experts). Zero columns change no product.
+ALIGN = 8
+
+
 class Experts(nn.Module):
     """E MLPs with identical shapes, run together: weights ``[E, in, out]``, ReLU after each layer.
 
     ``forward(x [B, D_in] | [E, B, D_in]) -> [E, B, H]``: x shared by all experts, or one input per
-    expert (PLE's upper levels). The first layer is one einsum/baddbmm against all experts, the
+    expert (PLE's upper levels). The first layer is one GEMM (or baddbmm) against all experts, the
     others ``torch.baddbmm`` over the expert dimension: no loop over experts. ``expert(e, x)`` runs
     a single expert (top-k dispatch).
     """
@@ -85,8 +92,14 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w0, b0 = self.weights[0], self.biases[0]
-        if x.dim() == 2:
-            h = torch.relu(torch.einsum("bi,eio->ebo", x, w0) + b0)
+        if x.dim() == 2:  # one GEMM against all experts: [B, D_in] @ [D_in, E·H1]
+            e, d_in, h1 = w0.shape
+            w = w0.transpose(0, 1).reshape(d_in, e * h1)
+            pad = -d_in % ALIGN
+            if pad and x.is_cuda:  # see ALIGN
+                x, w = F.pad(x, (0, pad)), F.pad(w, (0, 0, 0, pad))
+            h = torch.addmm(b0.reshape(e * h1), x, w).view(-1, e, h1).transpose(0, 1)
+            h = torch.relu(h)
         else:
             h = torch.relu(torch.baddbmm(b0, x, w0))
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):

@@ -87,9 +87,13 @@ class MultiTaskModel(nn.Module):
         return self.mixture.gate_support()
 
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> ModelOutput:
+        return self.top(self.tower(dense, sparse))
+
+    def top(self, x: Tensor) -> ModelOutput:
+        """The dense part over the tower's output ``x [B, D_in]``: mixture and heads."""
         # indexed, not unpacked: TorchRec's train pipeline traces this forward with torch.fx,
         # where the mixture (a leaf) returns one Proxy, which cannot be iterated
-        res = self.mixture(self.tower(dense, sparse))
+        res = self.mixture(x)
         mixed, gates, balance, drop_rate = res[0], res[1], res[2], res[3]
         logits = {name: head(mixed[t]) for t, (name, head) in enumerate(self.heads.items())}
         return ModelOutput(logits=logits, gates=gates, aux_loss=balance, drop_rate=drop_rate)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor, KeyedTensor
 
 
 class EmbeddingTower(nn.Module):
@@ -42,5 +42,11 @@ class EmbeddingTower(nn.Module):
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
         if self.ebc is None:  # numeric-only: no tables, the KJT has no keys
             return dense
-        pooled = self.ebc(sparse).to_dict()  # feature name -> [B, D_f]
-        return torch.cat([pooled[f] for f in self._feature_names] + [dense], dim=1)
+        pooled = self.ebc(sparse)  # KeyedTensor: [B, Σ D_f] in its keys' order
+        if isinstance(pooled, KeyedTensor) and pooled.keys() == self._feature_names:
+            # already in the configs' order (unsharded, or one sharding type; not the fx Proxy
+            # of TorchRec's pipeline trace): one concat instead of a split into F tensors and
+            # their concat (2F + 2 fewer autograd nodes per step)
+            return torch.cat([pooled.values(), dense], dim=1)
+        by_name = pooled.to_dict()  # feature name -> [B, D_f]
+        return torch.cat([by_name[f] for f in self._feature_names] + [dense], dim=1)

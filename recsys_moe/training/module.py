@@ -75,11 +75,25 @@ class TrainModule(nn.Module):
         self.model = model
         self.loss = loss
         self.autocast = autocast
+        self.dense_step = self._dense_step  # compile_dense replaces it with its compiled form
+        self.graphed = False  # the dense step replays CUDA graphs (compile = "cudagraphs")
+
+    def _dense_step(self, x: Tensor, labels: dict[str, Tensor]) -> LossOutput:
+        """Everything after the tables: mixture, heads (bf16 autocast) and losses (float32)."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model.top(x)
+        return self.loss(out, labels)
 
     def forward(self, batch: Batch) -> LossOutput:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(batch.dense, batch.sparse)
-        return self.loss(out, batch.labels)
+            x = self.model.tower(batch.dense, batch.sparse)
+        if not self.graphed or isinstance(x, torch.fx.Proxy):  # (TorchRec's pipeline traces)
+            return self.dense_step(x, batch.labels)
+        torch.compiler.cudagraph_mark_step_begin()  # one training step per replay
+        loss, (total, per_task) = self.dense_step(x, batch.labels)
+        # the graphs' outputs live in their memory pool and the next replay overwrites them:
+        # what outlives the step (the logged losses) is copied out
+        return loss, (total.clone(), {k: v.clone() for k, v in per_task.items()})
 
 
 class OnDevice(nn.Module):
@@ -96,18 +110,21 @@ class OnDevice(nn.Module):
         return out._replace(logits={k: v.float().cpu() for k, v in out.logits.items()})
 
 
-def compile_dense(module: TrainModule) -> None:
-    """``torch.compile`` the dense part of the step in place: the mixture, each head and the
-    losses (``train.compile``). Each is a module without a sharded child, so TorchRec's train
-    pipelines keep it as one leaf call of their fx trace and run it compiled; the embedding
-    tower stays eager (fbgemm's kernels). In place (``nn.Module.compile``): state-dict keys,
-    checkpoints and the saved bundle are those of the eager modules."""
-    # TorchRec 1.6's pipeline fx-traces through these modules (1.8 keeps them as leaves): let
-    # the trace, which only finds the sharded modules' inputs, run their eager code
+def compile_dense(module: TrainModule, mode: bool | str = True) -> None:
+    """``torch.compile`` the dense part of the step in place (``train.compile``): the mixture,
+    the heads and the losses as one graph (``TrainModule.dense_step``); the embedding tower
+    stays eager (fbgemm's kernels). ``mode``: true / "kernels" (fused kernels) or "cudagraphs"
+    (those replayed as CUDA graphs, forward and backward: ``mode="reduce-overhead"``). The
+    modules are unchanged: state-dict keys, checkpoints and the saved bundle are the eager
+    ones, and validation's plain forward runs eager."""
+    # TorchRec 1.6's pipeline fx-traces through the step (1.8 too, into a compiled function):
+    # let the trace, which only finds the sharded modules' inputs, run the eager code
     torch._dynamo.config.error_on_nested_fx_trace = False
-    model = module.model
-    for part in (model.mixture, *model.heads.values(), module.loss):
-        part.compile(dynamic=False)
+    graphs = mode == "cudagraphs"
+    module.dense_step = torch.compile(
+        module._dense_step, dynamic=False, mode="reduce-overhead" if graphs else None
+    )
+    module.graphed = graphs
 
 
 def label_scales(tasks: list[TaskConfig], label_stats: dict) -> dict[str, float]:

@@ -46,7 +46,9 @@ class StepProfiler:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """After each training step: whether that step's time is the profiler's (the step that
+        starts the tracer, the traced ones, and the last, which makes the report)."""
         self.taken += 1
         if self.taken == self.first:
             self._sync()
@@ -55,6 +57,7 @@ class StepProfiler:
             self._sync()
             self.window_s = time.perf_counter() - self._t0
         self._prof.step()
+        return WAIT <= self.taken <= self.last
 
     def stop(self) -> None:
         self._prof.stop()

@@ -67,12 +67,19 @@ class TrainResult:
     model_dir: Path = Path()
     losses: list[float] = field(default_factory=list)  # this rank's total loss per step
     valid: dict[str, float] = field(default_factory=dict)  # last epoch's validation metrics
+    # training samples per second over all ranks: every step but validation and the profiled
+    # window (train.profile_steps: traced steps and the report's making are no training time)
     samples_per_s: float = 0.0
+    # the same after the first epoch's first tenth of steps (allocator, kernels' autotuning,
+    # compilation, the pipeline filling): the rate a long run settles at
+    samples_per_s_steady: float = 0.0
     model: nn.Module | None = None  # the trained model, plain, on the CPU (rank 0)
     gates: dict[str, float] = field(default_factory=dict)  # last validation's gate statistics
     plots: list[Path] = field(default_factory=list)
     cost: dict[str, int] = field(default_factory=dict)  # model_cost: parameters, flops_per_example
-    step_s: list[float] = field(default_factory=list)  # host time of each step (validation apart)
+    # wall time of each step's iteration (validation and profiled steps apart; at steady state
+    # the device holds the host back, so this is the step's time)
+    step_s: list[float] = field(default_factory=list)
     profile: str = ""  # train.profile_steps: the top ops
     gpu_busy_share: float = float("nan")  # train.profile_steps on CUDA: kernels' time / wall
     selected_step: int = 0  # the step whose weights are the model (train.select)
@@ -149,7 +156,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
                "train.embedding_lr_effective": rates.embedding_lr,
                "train.warmup_steps_effective": rates.warmup_steps}  # fmt: skip
     if t.compile:
-        compile_dense(module)
+        compile_dense(module, t.compile)
     dmp, plan = sharding.shard(
         module,
         t.sharding,
@@ -305,21 +312,26 @@ def _loop(
     )  # fmt: skip  (and the progress bar on rank 0)
     profiler = StepProfiler(t.profile_steps, device) if t.profile_steps else None
     gates = torch.zeros(0)
-    seen, t0, eval_s = 0, time.perf_counter(), 0.0  # throughput excludes validation
+    warm = start_step + max(1, per_epoch // 10)  # steps before the steady-state rate counts
+    seen = seen_warm = 0
+    timed_s = timed_warm_s = 0.0  # training time: validation and profiled steps excluded
     dmp.train()
     for step in range(start_step + 1, total + 1):
         t_step = time.perf_counter()
         loss, per_task = progress(batches)
-        result.step_s.append(time.perf_counter() - t_step)
-        if profiler is not None:
-            profiler.step()
         window.add(Step(step, int(time.time() * 1000), loss, per_task))
         state.scheduler.step()
-        seen += loader.rows_in_batch((step - 1) % per_epoch)
+        rows = loader.rows_in_batch((step - 1) % per_epoch)
         if step % t.log_every == 0 or step == total:
             result.losses += window.flush()
+        profiled = profiler is not None and profiler.step()  # this step was traced
+        if not profiled:
+            took = time.perf_counter() - t_step
+            result.step_s.append(took)
+            seen, timed_s = seen + rows, timed_s + took
+            if step <= warm:
+                seen_warm, timed_warm_s = seen_warm + rows, timed_warm_s + took
         if step % per_epoch == 0:
-            t_eval = time.perf_counter()
             pause()
             gates = validate(dmp.module.model)
             dmp.train()
@@ -328,22 +340,25 @@ def _loop(
             log.info("epoch %d step %d valid %s", step // per_epoch - 1, step,
                      " ".join(f"{k}={v:.4f}" for k, v in result.valid.items()))  # fmt: skip
             stop = select(step, gates)
-            eval_s += time.perf_counter() - t_eval
         else:
             stop = False
         if save is not None and step % t.checkpoint.every == 0:
+            t_save = time.perf_counter()  # checkpoints are training time
             result.losses += window.flush()
             save(step)
+            timed_s += time.perf_counter() - t_save
         result.stopped_step = step
         if stop:
             result.losses += window.flush()
             log.info("early stop after epoch %d: no improvement of the selection score for %d "
                      "epoch(s)", step // per_epoch - 1, t.patience)  # fmt: skip
             break
-    elapsed = time.perf_counter() - t0 - eval_s
     world = torch.distributed.get_world_size()
-    result.samples_per_s = seen * world / elapsed if elapsed > 0 else 0.0
-    logger.log_metrics({"train/samples_per_s": result.samples_per_s})
+    result.samples_per_s = seen * world / timed_s if timed_s > 0 else 0.0
+    steady_s = timed_s - timed_warm_s
+    result.samples_per_s_steady = (seen - seen_warm) * world / steady_s if steady_s > 0 else 0.0
+    logger.log_metrics({"train/samples_per_s": result.samples_per_s,
+                        "train/samples_per_s_steady": result.samples_per_s_steady})  # fmt: skip
     if profiler is not None:
         profiler.stop()
         result.profile, result.gpu_busy_share = profiler.report, profiler.busy_share
