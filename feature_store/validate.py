@@ -177,7 +177,8 @@ def validate_events(
     """Raise ``DataError`` unless the events frame can be used.
 
     ``required`` maps each required column to why it is needed. Checks: required columns exist;
-    ``int_ids`` are integer and never null; ``time_column`` is Datetime and never null; binary
+    ``int_ids`` are integer and never null; ``time_column`` is Datetime and never null (``""``:
+    events without a time, then neither ``not_after`` nor ``not_before`` apply); binary
     labels are 0 or 1; ``nonneg_labels`` are finite and >= 0; ``finite_labels`` finite (any
     sign); ``positive_values`` (e.g. a
     duration the loss divides by) are finite and > 0 (nulls count as bad in all three);
@@ -192,7 +193,8 @@ def validate_events(
     schema = lf.collect_schema()
     _check_columns(schema, required, path=path, what="events")
     values = [*binary_labels, *nonneg_labels, *finite_labels, *positive_values]
-    for column in [*int_ids, *values, time_column]:
+    times = [time_column] if time_column else []
+    for column in [*int_ids, *values, *times]:
         if column not in schema:
             raise DataError(
                 f"events file {path}: missing column {column!r}; "
@@ -203,7 +205,8 @@ def validate_events(
     )
     for column in int_ids:
         _check_int(schema, column, path=path, what="events")
-    _check_time(schema, time_column, path=path, what="events")
+    for column in times:
+        _check_time(schema, column, path=path, what="events")
     for column in values:
         _check_label_dtype(schema, column, path=path)
 
@@ -211,7 +214,7 @@ def validate_events(
     # One pass: per check, the number of bad rows and one example of a bad (non-null) value.
     aggs: list[pl.Expr] = []
     checks: list[_Check] = []
-    for column in dict.fromkeys([*int_ids, time_column]):
+    for column in dict.fromkeys([*int_ids, *times]):
         checks.append(_Check(f"null:{column}", f"column {column!r}", "not null"))
         aggs.append(pl.col(column).is_null().sum().alias(f"null:{column}"))
     for column in binary_labels:
@@ -244,8 +247,8 @@ def validate_events(
         dup = pl.struct(keys).is_duplicated()
         checks.append(_Check("dup", f"the key ({', '.join(keys)})", "unique per event"))
         aggs += [dup.sum().alias("dup"), pl.struct(keys).filter(dup).first().alias("dup:example")]
-    t = _utc_naive(schema, time_column)
-    if not_after is not None:
+    t = _utc_naive(schema, time_column) if time_column else pl.lit(None, dtype=pl.Datetime("us"))
+    if not_after is not None and time_column:
         limit = as_utc_naive(not_after)
         late = t > pl.lit(limit, dtype=pl.Datetime("us"))
         checks.append(
@@ -261,7 +264,7 @@ def validate_events(
             )
         )
         aggs += [late.sum().alias("late"), t.max().dt.to_string("%F %T").alias("late:example")]
-    if not_before is not None:
+    if not_before is not None and time_column:
         start = as_utc_naive(not_before)
         early = t < pl.lit(start, dtype=pl.Datetime("us"))
         checks.append(

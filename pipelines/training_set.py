@@ -105,6 +105,8 @@ def build_training_set(
     ISO time, e.g. "2026-01-01"; naive = UTC).
     ``min_coverage``: the least share of event rows that must find each entity's features.
     ``split``: how rows go to train/valid/test (``SplitRule``; default: by time, the days below).
+    Events without a time column (``features.events.time`` empty: no entity, nothing joined as
+    of a time) take a random or column split; the manifest's ``splits`` (days) is then empty.
     ``labels`` maps label column → "binary" (must be 0/1), "regression" (finite, >= 0: a watch
     time, fitted on a log scale) or "real" (finite, any sign: fitted standardised). The
     last ``test_days`` calendar days present in the events are the test split, the ``valid_days``
@@ -239,7 +241,16 @@ def _build(
     entity_keys = [e.key for e in features.entities.values()]
     required = {k: "event key" for k in ev.keys}
     required |= {e.key: f"join key of entity {e.name}" for e in features.entities.values()}
-    required[ev.time] = "event time"
+    if ev.time:  # optional without entities (definitions.py): no as-of join, no time split
+        required[ev.time] = "event time"
+    elif limits.split.kind == "time" or limits.min_event_time is not None:
+        setting = "data.split = 'time'" if limits.split.kind == "time" else "min_event_time"
+        raise DataError(
+            f"events file {events_path}: {setting} needs an event time, and the feature "
+            'definitions\' [events] have no time column; name one there (time = "<column>"), or '
+            "split the rows by a seeded hash of their keys (data.split = 'random') or by a "
+            "column of yours (data.split = 'column')"
+        )
     required |= {f.column: f"feature {f.name}" for f in features.event_features if not f.entity}
     required |= {c: f"{kind} label {c!r}" for c, kind in labels.items()}
     required |= {c: f"column {c!r} a loss reads" for c in carry if c not in required}
@@ -270,10 +281,10 @@ def _build(
     if rule.kind == "time":
         days = _split_days(events, ev.time, str(events_path), valid_days, test_days)
     else:
-        days = _split_range(events, ev.time)
+        days = _split_range(events, ev.time) if ev.time else {}
     keep = list(dict.fromkeys([*labels, *carry]))  # what the mapped splits hold besides features
-    columns = list(dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *keep,
-                                  *split_columns]))  # fmt: skip
+    columns = [c for c in dict.fromkeys([*ev.keys, ev.time, *features.input_columns, *keep,
+                                         *split_columns]) if c]  # fmt: skip
     # entity keys join the features even when they are not part of the output (census: person_id)
     wanted = {*columns, *split_columns, *(e.key for e in features.entities.values())}
     event_columns = [c for c in events.collect_schema().names() if c in wanted]

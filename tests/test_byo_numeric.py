@@ -38,13 +38,12 @@ from serving.score import PART, score
 pytestmark = pytest.mark.slow  # two trainings, an evaluation, two registrations: ~1-2 min
 
 ROWS, DIMS = 8000, 24
-# one timestamp for all rows: the split is random (the builder still reads an event time)
 
 FEATURES = """
-# a plain table of rows: no entity, the features are columns of the events table
+# a plain table of rows: no entity, the features are columns of the events table, no time
+# column (the split is random)
 [events]
 table = "rows"
-time = "ts"
 keys = ["row_id"]
 
 [[features]]
@@ -95,9 +94,7 @@ def _write_table(store: Path) -> None:
     b = -0.01 * (np.abs(x[:, 3]) + x[:, 4]) + 0.002 * rng.normal(size=ROWS)
     columns = {"row_id": np.arange(ROWS), "a": a, "b": b} | {f"x_{j}": x[:, j] for j in range(DIMS)}
     store.mkdir(parents=True)
-    pl.DataFrame(columns).with_columns(ts=pl.lit(datetime(2026, 1, 1))).write_parquet(
-        store / "rows.parquet"
-    )
+    pl.DataFrame(columns).write_parquet(store / "rows.parquet")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from fixtures import small_store
 
-from feature_store import DataError, FeatureSet
+from feature_store import DataError, FeatureSet, OfflineStore
 from pipelines.mappings import hash_index_py
 from pipelines.training_set import UNIT, SplitRule, build_training_set, load_manifest, unit_hash
 from recsys_moe.config import DataConfig
@@ -84,3 +84,70 @@ def test_split_settings_checked_at_load() -> None:
         DataConfig(split="column")
     with pytest.raises(ValueError, match=r"data.split: expected one of 'time', 'random'"):
         DataConfig(split="shuffle")  # type: ignore[arg-type]
+
+
+NO_TIME = """
+[events]                  # a plain table of rows: no time column, no entity
+table = "rows"
+keys = ["row_id"]
+
+[[features]]
+pattern = "x_*"
+kind = "numeric"
+
+[[features]]
+name = "colour"
+kind = "categorical"
+num_embeddings = 8
+embedding_dim = 4
+"""
+
+
+def test_events_without_a_time_column_take_a_random_or_column_split(tmp_path: Path) -> None:
+    n = 300
+    rows = pl.DataFrame({
+        "row_id": range(n), "x_0": [i / n for i in range(n)],
+        "x_1": [(-1.0) ** i for i in range(n)],
+        "colour": [i % 5 for i in range(n)], "y": [float(i % 7) - 3.0 for i in range(n)],
+        "fold": ["train"] * 200 + ["valid"] * 50 + ["test"] * 50,
+    })  # fmt: skip
+    (tmp_path / "store").mkdir()
+    rows.write_parquet(tmp_path / "store" / "rows.parquet")
+    store = OfflineStore(tmp_path / "store")
+    (tmp_path / "f.toml").write_text(NO_TIME)
+    features = FeatureSet.load(
+        tmp_path / "f.toml", columns=lambda t: store.scan(t).collect_schema().names()
+    )
+    assert features.events.time == ""
+
+    def build_with(rule: SplitRule, out: str) -> dict:
+        return build_training_set(store=store, out=tmp_path / out, features=features,
+                                  labels={"y": "real"}, valid_days=1, test_days=1,
+                                  split=rule)  # fmt: skip
+
+    manifest = build_with(SplitRule("random", 0.2, 0.2, seed=3), "random")
+    assert manifest["event_time"] == "" and manifest["splits"] == {}
+    assert sum(manifest["rows"].values()) == n and min(manifest["rows"].values()) > 30
+    written = pl.read_parquet(tmp_path / "random" / "train.parquet")
+    assert set(written.columns) == {"row_id", "x_0", "x_1", "colour", "y"}  # no time column
+    assert build_with(SplitRule("column", column="fold"), "column")["rows"] == {
+        "train": 200, "valid": 50, "test": 50
+    }  # fmt: skip
+    # the time split (and a lower bound on the time) need a time: said before anything is written
+    with pytest.raises(DataError, match=r"rows.parquet: data.split = 'time' needs an event time.*"
+                       r"\[events\] have no time column.*data.split = 'random'"):  # fmt: skip
+        build_with(SplitRule("time"), "timed")
+    with pytest.raises(DataError, match=r"min_event_time needs an event time"):
+        build_training_set(store=store, out=tmp_path / "early", features=features,
+                           labels={"y": "real"}, valid_days=1, test_days=1,
+                           split=SplitRule("random"), min_event_time="2026-01-01")  # fmt: skip
+    assert not (tmp_path / "timed").exists() and not (tmp_path / "early").exists()
+
+
+def test_features_of_an_entity_still_need_the_event_time(tmp_path: Path) -> None:
+    text = NO_TIME.replace("[events]", '[entities.user]\nkey = "user_id"\ntable = "users"\n\n'
+                           "[events]")  # fmt: skip
+    (tmp_path / "f.toml").write_text(text)
+    with pytest.raises(ValueError, match=r"\[events\]: missing required key 'time': the entities "
+                       r"\['user'\] are joined as of each event's time"):  # fmt: skip
+        FeatureSet.load(tmp_path / "f.toml", columns=lambda t: ["x_0", "x_1", "colour"])
