@@ -3,20 +3,22 @@
     recsys-moe register --config configs/demo.toml [--run-id ID]
     recsys-moe promote --config configs/demo.toml --model NAME --version V [--alias champion]
 
-``register`` refuses a run that has not been evaluated (``recsys-moe evaluate``: its test
-metrics are what promotion compares). It saves an MLflow pyfunc (models from code: the pyfunc's
-source file, the model bundle as artifact, this project's packages as code paths) with a
-signature generated from the feature definitions, uploads it as an MLflow 3 logged model of the
-training run (the run is not reopened) with the run's test metrics as its metrics (numbers: the
-version page shows them), and creates a version of ``mlflow.registered_model`` from it. The
-version gets the alias ``champion`` when the model has none yet, else ``challenger``; tags with
-the sha256 of the training set's manifest and of the model's config, the identity of the
-evaluated data, the test metrics (also as tags, to search by), and a description of all these.
+``register`` refuses a run that has not been evaluated (``recsys-moe evaluate``, whose
+evaluation run, a child of the training run, holds the test metrics promotion compares). It
+saves an MLflow pyfunc (models from code: the pyfunc's source file, the model bundle as
+artifact, this project's packages as code paths) with a signature generated from the feature
+definitions, uploads it as an MLflow 3 logged model of the training run (the run is not
+reopened) with the evaluation run's test metrics as its metrics (numbers, logged on the
+evaluation run with the evaluated dataset: the version page shows them), and creates a version
+of ``mlflow.registered_model`` from it. The version gets the alias ``champion`` when the model
+has none yet, else ``challenger``; tags with the sha256 of the training set's manifest and of
+the model's config, the identity of the evaluated data and the evaluation run's id, the test
+metrics (also as tags, to search by), and a description of all these.
 
 ``promote`` moves an alias (``champion``) to a version only when every task's gate metric
 (``tasks.<name>.gate``, ``gate_tolerance``) is no worse than the current holder's, measured on
-the same evaluation data; otherwise it names each failing task with both numbers and leaves the
-alias where it is.
+the same evaluation data (each version's evaluation run, as recorded at registration);
+otherwise it names each failing task with both numbers and leaves the alias where it is.
 
 On a local SQLite store, registry writes hold a file lock (``<store>.registry.lock``): concurrent
 ``register`` processes get unique, gapless versions instead of "database is locked" errors.
@@ -37,11 +39,12 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric, Run
+from mlflow.entities.model_registry import ModelVersion
 
 from feature_store.signature import model_signature
 from pipelines.training_set import load_split
 from recsys_moe.config import HIGHER_IS_BETTER, Config
-from recsys_moe.evaluation.evaluate import EVAL_DATA_TAG
+from recsys_moe.evaluation.evaluate import EVAL_DATA_TAG, evaluation_run
 from recsys_moe.evaluation.report import is_count
 from recsys_moe.model.objectives import output_name
 from recsys_moe.tracking import client_for, latest_train_run
@@ -49,6 +52,7 @@ from recsys_moe.tracking import client_for, latest_train_run
 PACKAGES = ("recsys_moe", "pipelines", "feature_store", "serving")
 DATA_HASH_TAG = "recsys_moe.data_sha256"  # of the training set's manifest.json
 CONFIG_HASH_TAG = "recsys_moe.config_sha256"  # of the model bundle's config.json
+EVAL_RUN_TAG = "recsys_moe.eval_run"  # on a version: the evaluation run of its metrics
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
@@ -101,7 +105,7 @@ def registry_lock(cfg: Config) -> Iterator[None]:
 
 
 def evaluated_metrics(run: Run) -> dict[str, float]:
-    """The run's ``test/...`` metrics (from ``recsys-moe evaluate``), without the prefix."""
+    """An evaluation run's ``test/...`` metrics (``recsys-moe evaluate``), without the prefix."""
     metrics = run.data.metrics
     return {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
 
@@ -116,8 +120,8 @@ def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def evaluated_dataset(run: Run) -> tuple[str | None, str | None]:
-    """Name and digest of the run's dataset input of context ``evaluation`` on the test split
-    (``evaluation.evaluate.log_dataset``), else ``(None, None)``."""
+    """Name and digest of an evaluation run's dataset input of context ``evaluation`` on the test
+    split (``evaluation.evaluate.log_dataset``), else ``(None, None)``."""
     for i in reversed(run.inputs.dataset_inputs if run.inputs else []):
         tags = {t.key: t.value for t in i.tags}
         if tags.get("mlflow.data.context") == "evaluation" and tags.get("split") == "test":
@@ -135,11 +139,12 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
     client = client_for(cfg)
     run_id = run_id or latest_train_run(cfg)
     run = client.get_run(run_id)
-    evaluated = evaluated_metrics(run)
+    evaluation = evaluation_run(client, run_id)
+    evaluated = evaluated_metrics(evaluation) if evaluation is not None else {}
     if not evaluated:
         raise ValueError(
-            f"run {run_id} has not been evaluated (no test/... metrics): promotion compares "
-            f"them; run `recsys-moe evaluate --run-id {run_id}` first"
+            f"run {run_id} has not been evaluated (no evaluation run with test/... metrics): "
+            f"promotion compares them; run `recsys-moe evaluate --run-id {run_id}` first"
         )
     bundle_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")
     features = cfg.feature_set()
@@ -150,7 +155,8 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
     name = cfg.mlflow.registered_model
     headline = headline_metrics(evaluated)
     tags = {
-        EVAL_DATA_TAG: run.data.tags.get(f"{EVAL_DATA_TAG}.test", ""),
+        EVAL_DATA_TAG: evaluation.data.tags.get(EVAL_DATA_TAG, ""),
+        EVAL_RUN_TAG: evaluation.info.run_id,
         DATA_HASH_TAG: file_hash(cfg.dataset_dir / "manifest.json"),
         CONFIG_HASH_TAG: file_hash(Path(bundle_dir) / "config.json"),
     }
@@ -159,7 +165,8 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
         f"Trained by run {run_id} (experiment {cfg.mlflow.experiment}); training set "
         f"{run.data.tags.get('recsys_moe.dataset', '?')} (manifest sha256 "
         f"{tags[DATA_HASH_TAG][:12]}), config sha256 {tags[CONFIG_HASH_TAG][:12]}; tasks "
-        f"{', '.join(t.name for t in cfg.tasks)}; test metrics: {shown}"
+        f"{', '.join(t.name for t in cfg.tasks)}; test metrics (evaluation run "
+        f"{evaluation.info.run_id}): {shown}"
     )
     # The pyfunc is saved locally and uploaded as a logged model of the training run, then
     # registered from it: the run is never reopened (reopening set it RUNNING for a moment, and
@@ -176,7 +183,7 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
             pip_requirements=_requirements(),
         )
         with registry_lock(cfg):  # every store write of this job
-            model_id = _logged_model(client, run, name, tags, local, headline)
+            model_id = _logged_model(client, run, evaluation, name, tags, local, headline)
             version, alias = _new_version(client, name, model_id, run_id, tags, description)
             for k, v in headline.items():  # also as tags, for searching versions by a metric
                 client.set_model_version_tag(name, version, f"test/{k}", f"{v:.6g}")
@@ -186,21 +193,24 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
 def _logged_model(
     client: mlflow.MlflowClient,
     run: Run,
+    evaluation: Run,
     name: str,
     tags: dict[str, str],
     local: Path,
     metrics: dict[str, float],
 ) -> str:
     """An MLflow 3 logged model of ``run`` holding the pyfunc at ``local``, with ``metrics`` as
-    its metrics (numbers, with the evaluated dataset's name and digest): its id."""
+    its metrics (numbers, logged on the ``evaluation`` run that measured them, with the
+    evaluated dataset's name and digest; on the training run they would come first on its
+    page): its id."""
     logged = client.create_logged_model(
         run.info.experiment_id, name=name, source_run_id=run.info.run_id, tags=tags,
         model_type="pyfunc",
     )  # fmt: skip
     client.log_model_artifacts(logged.model_id, str(local))
     now = int(time.time() * 1000)
-    data = evaluated_dataset(run)  # the rows they were taken on (evaluate's dataset input)
-    client.log_batch(run.info.run_id, metrics=[
+    data = evaluated_dataset(evaluation)  # the rows they were taken on (its dataset input)
+    client.log_batch(evaluation.info.run_id, metrics=[
         Metric(f"test/{k}", v, now, 0, model_id=logged.model_id, dataset_name=data[0],
                dataset_digest=data[1])
         for k, v in metrics.items() if math.isfinite(v)
@@ -237,6 +247,15 @@ def _new_version(
     return str(version), alias
 
 
+def _version_evaluation(client: mlflow.MlflowClient, version: ModelVersion) -> Run | None:
+    """The evaluation run a version was registered with (its tag), else its training run's
+    newest evaluation on the test split."""
+    recorded = version.tags.get(EVAL_RUN_TAG)
+    if recorded:
+        return client.get_run(recorded)
+    return evaluation_run(client, version.run_id) if version.run_id else None
+
+
 @dataclass
 class Promotion:
     name: str
@@ -260,9 +279,9 @@ def promote(cfg: Config, *, name: str, version: str, alias: str = CHAMPION) -> P
         holder = None
     compared: dict[str, tuple[float, float]] = {}
     if holder is not None and holder.version != candidate.version:
-        runs = [client.get_run(v.run_id) for v in (candidate, holder)]
-        mine, theirs = (evaluated_metrics(r) for r in runs)
-        data = [r.data.tags.get(f"{EVAL_DATA_TAG}.test", "") for r in runs]
+        runs = [_version_evaluation(client, v) for v in (candidate, holder)]
+        mine, theirs = (evaluated_metrics(r) if r else {} for r in runs)
+        data = [r.data.tags.get(EVAL_DATA_TAG, "") if r else "" for r in runs]
         if not data[0] or data[0] != data[1]:
             raise ValueError(
                 f"version {version} and @{alias} (version {holder.version}) were not evaluated "

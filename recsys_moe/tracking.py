@@ -125,7 +125,10 @@ embedding tower, one head per task.
 - **training runs** (`recsys-moe train`, tag `recsys_moe.job = train`), named \
 `mixture-widths-epochs-seed`: per-step losses `train/loss_<task>`, per-epoch validation metrics \
 `valid/<task>_<metric>`, the model bundle (`model/`), gate statistics (`gates/`), expert-usage \
-heatmaps (`plots/`); `recsys-moe evaluate` adds `test/...` metrics and the report under `eval/`.
+heatmaps (`plots/`).
+- **evaluation runs** (`recsys-moe evaluate`, tag `recsys_moe.job = evaluate`), nested under \
+their training run, named `eval-<split>-<training run>`: `test/...` metrics of all rows, the \
+table `metrics_table.json` (every number by segment, with bootstrap intervals), `report.md`.
 - **sweeps** (`recsys-moe sweep`, tag `recsys_moe.job = sweep`): a parent run with the results \
 table (`sweep.md`) and one child training run per setting.
 """

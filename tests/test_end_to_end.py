@@ -24,7 +24,7 @@ from pipelines.synth import synthesize
 from pipelines.training_set import load_split
 from recsys_moe.config import DEMO_CONFIG, load_config
 from recsys_moe.dataset import build_dataset
-from recsys_moe.evaluation.evaluate import evaluate
+from recsys_moe.evaluation.evaluate import evaluate, evaluation_run
 from recsys_moe.evaluation.predict import predict_frame
 from recsys_moe.registry import promote, register
 from recsys_moe.tracking import client_for
@@ -72,7 +72,8 @@ def test_run_is_tracked_in_mlflow(run: SimpleNamespace) -> None:
     history = client.get_metric_history(run.result.run_id, "train/loss_watch_time")
     steps = len(run.result.losses)
     assert sorted(m.step for m in history) == list(range(1, steps + 1))  # every step's value
-    assert "test/click_auc" in r.data.metrics
+    assert not [k for k in r.data.metrics if k.startswith("test/")]  # the evaluation run's
+    assert "test/click_auc" in evaluation_run(client, run.result.run_id).data.metrics
     assert r.info.artifact_uri.startswith(Path(run.cfg.workdir).resolve().as_uri())
 
 
@@ -293,17 +294,21 @@ def test_the_training_set_may_not_replace_the_store_or_the_workdir(
 
 
 def _copy_run(run: SimpleNamespace, shift: dict[str, float]) -> str:
-    """Another finished run holding the same model bundle and the same evaluation data, whose
-    test metrics are the real run's shifted by ``shift`` (metric -> added value): the gate's
-    input, so that its decisions can be checked case by case."""
+    """Another finished run holding the same model bundle, with an evaluation run on the same
+    evaluation data whose test metrics are the real run's shifted by ``shift`` (metric -> added
+    value): the gate's input, so that its decisions can be checked case by case."""
     client = client_for(run.cfg)
     src = client.get_run(run.result.run_id)
     new = client.create_run(src.info.experiment_id, tags=src.data.tags)
     client.log_artifacts(new.info.run_id, str(run.result.model_dir), artifact_path="model")
-    for k, v in src.data.metrics.items():
-        if k.startswith("test/"):
-            client.log_metric(new.info.run_id, k, v + shift.get(k.removeprefix("test/"), 0.0))
     client.set_terminated(new.info.run_id, "FINISHED")
+    ev = evaluation_run(client, src.info.run_id)
+    tags = {**ev.data.tags, "mlflow.parentRunId": new.info.run_id}
+    child = client.create_run(src.info.experiment_id, tags=tags)
+    for k, v in ev.data.metrics.items():
+        if k.startswith("test/"):
+            client.log_metric(child.info.run_id, k, v + shift.get(k.removeprefix("test/"), 0.0))
+    client.set_terminated(child.info.run_id, "FINISHED")
     return new.info.run_id
 
 

@@ -22,8 +22,9 @@ from pipelines.synth import synthesize
 from pipelines.training_set import load_split
 from recsys_moe.config import DEMO_CONFIG, load_config
 from recsys_moe.dataset import build_dataset
+from recsys_moe.evaluation.evaluate import EVAL_RUN_TAG, TABLE, evaluation_run
 from recsys_moe.registry import register
-from recsys_moe.tracking import client_for
+from recsys_moe.tracking import chart_sections, client_for
 from recsys_moe.training.train import train
 from serving.pyfunc import CODE_PATH
 
@@ -109,21 +110,39 @@ def test_report_numbers_are_recomputed_from_the_predictions_file(run: SimpleName
     assert "click_auc" in run.stdout and "[" in run.stdout
 
 
-def test_metrics_report_and_plots_are_on_the_run(run: SimpleNamespace) -> None:
+def test_metrics_report_and_plots_are_on_the_evaluation_run(run: SimpleNamespace) -> None:
     client = client_for(run.cfg)
-    metrics = client.get_run(run.run_id).data.metrics
+    ev = evaluation_run(client, run.run_id)
+    assert ev.info.run_id == run.report["evaluation_run_id"]
+    assert ev.data.tags["mlflow.parentRunId"] == run.run_id  # nested under the training run
+    assert ev.info.run_name == f"eval-test-{client.get_run(run.run_id).info.run_name}"
+    metrics = ev.data.metrics
     m = run.report["metrics"]
     assert metrics["test/click_auc"] == pytest.approx(m["click_auc"])
     assert metrics["test/rank_ndcg_at_3"] == pytest.approx(m["rank_ndcg_at_3"])
-    assert "test/click_auc_ci_low" in metrics and "test/watch_time_xauc_ci_high" in metrics
-    seg = run.report["segments"]["segment"]
+    # the headline numbers only: segments and intervals are the table's
+    assert {k.removeprefix("test/") for k in metrics} == {k for k, v in m.items() if
+                                                         np.isfinite(v)}  # fmt: skip
+    table = client.load_table(ev.info.experiment_id, TABLE, [ev.info.run_id])
+    seg, ci = run.report["segments"]["segment"], run.report["segment_ci"]["segment"]
     value = next(iter(seg))
-    assert metrics[f"test/by_segment/{value}/click_auc"] == pytest.approx(seg[value]["click_auc"])
-    names = {a.path for a in client.list_artifacts(run.run_id, "eval/test")}
-    for f in ("report.md", "click_curves.png", "by_segment.png", "experts_by_segment.png"):
-        assert f"eval/test/{f}" in names
+    row = table[(table["column"] == "segment") & (table["value"] == value)
+                & (table["metric"] == "click_auc")].iloc[0]  # fmt: skip
+    assert row["estimate"] == pytest.approx(seg[value]["click_auc"])
+    assert [row["ci_low"], row["ci_high"]] == pytest.approx(ci[value]["click_auc"])
+    whole = table[table["column"].isna() & (table["metric"] == "watch_time_xauc")].iloc[0]
+    assert [whole["ci_low"], whole["ci_high"]] == pytest.approx(run.report["ci"]["watch_time_xauc"])
+    names = {a.path for a in client.list_artifacts(ev.info.run_id)}
+    for f in ("report.md", "click_curves.png", "by_segment.png", "experts_by_segment.png", TABLE,
+              f"{run.run_id}-test.json"):  # fmt: skip
+        assert f in names
     page = Path(run.report["report"]).read_text()
     assert "## By segment" in page and "![click_curves](click_curves.png)" in page
+    # the training run keeps its own page: no test/ series, its sections start train, valid
+    train_run = client.get_run(run.run_id)
+    assert not [k for k in train_run.data.metrics if k.startswith("test/")]
+    assert [s for s, _ in chart_sections(list(train_run.data.metrics))][:2] == ["train", "valid"]
+    assert train_run.data.tags[f"{EVAL_RUN_TAG}.test"] == ev.info.run_id
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +180,9 @@ def test_version_has_numeric_metrics_hashes_and_the_runs_datasets(
     deps = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{registered.name}/1")).read_text()
     pins = dict(line.split("==") for line in deps.split() if "==" in line)
     assert "+" not in deps and {"torch", "torchrec", "torchmetrics", "tqdm"} <= set(pins)
-    inputs = client.get_run(run.run_id).inputs.dataset_inputs
+    evaluation = client.get_run(run.report["evaluation_run_id"])
+    assert version.tags["recsys_moe.eval_run"] == evaluation.info.run_id
+    inputs = evaluation.inputs.dataset_inputs
     tested = [i for i in inputs if i.dataset.name == f"{run.cfg.dataset_dir.name}/test"]
     assert len(tested) == 1
     tags = {t.key: t.value for t in tested[0].tags}

@@ -14,7 +14,13 @@ from test_metrics import ref_auc, ref_gauc
 
 from recsys_moe.config import EvalConfig, TaskConfig
 from recsys_moe.evaluation.ranking import RequestRanking, combined_score
-from recsys_moe.evaluation.report import build_report, frame_metrics, markdown, write_plots
+from recsys_moe.evaluation.report import (
+    build_report,
+    frame_metrics,
+    markdown,
+    metrics_table,
+    write_plots,
+)
 from serving.score import combined_score as serving_score
 
 CLICK = TaskConfig(name="click", kind="binary", label="click")
@@ -139,6 +145,57 @@ def test_bootstrap_intervals_resample_requests_as_brute_force() -> None:
         assert report.ci[key] == pytest.approx(want, abs=1e-6), key
     assert report.ci == build_report(frame, TASKS, ev, {}).ci  # seeded
     assert not any(k.endswith("requests_skipped") for k in report.ci)  # counts get no interval
+
+
+def test_segment_intervals_resample_requests_within_each_value_as_brute_force() -> None:
+    frame = make_frame(4, requests=40)
+    ev = EvalConfig(ks=[3], bootstrap=7, seed=3, ci=0.8)
+    report = build_report(frame, TASKS, ev, {})
+    assert set(report.segment_ci) == {"segment", "category"}
+    for col in ("segment", "category"):
+        assert set(report.segment_ci[col]) == set(report.segments[col])
+        for value, ci in report.segment_ci[col].items():
+            rows = frame.filter(pl.col(col) == value)
+            ids = sorted(set(rows["request_id"].to_list()))
+            by_request = {r: rows.filter(pl.col("request_id") == r) for r in ids}
+            rng = np.random.default_rng(3)  # each value's resampling from the seed alone
+            draws: dict[str, list[float]] = {"click_auc": [], "watch_time_rmse": [],
+                                             "rank_mrr": []}  # fmt: skip
+            for _ in range(7):
+                times = np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids))
+                sample = pl.concat([by_request[r] for r, t in zip(ids, times, strict=True)
+                                    for _ in range(t)])  # fmt: skip
+                draws["click_auc"].append(
+                    ref_auc(sample["pred_click"].to_list(), sample["click"].to_list())
+                )
+                clicked = sample.filter(pl.col("click") == 1)
+                err = (clicked["pred_watch_time"] - clicked["watch_time_s"]).to_numpy()
+                draws["watch_time_rmse"].append(float(np.sqrt(np.mean(err**2))))
+                rr = [ref_ranking(by_request[r]["score"].to_list(),
+                                  by_request[r]["click"].to_list(), 3)["mrr"]
+                      for r, t in zip(ids, times, strict=True) for _ in range(t)
+                      if by_request[r]["click"].sum() > 0]  # fmt: skip
+                draws["rank_mrr"].append(float(np.mean(rr)))
+            for key, d in draws.items():
+                if key == "rank_mrr" and col == "category":  # varies within requests: no ranking
+                    assert key not in ci
+                    continue
+                want = (np.quantile(d, 0.1), np.quantile(d, 0.9))
+                assert ci[key] == pytest.approx(want, abs=1e-6), (col, value, key)
+                assert ci[key][0] <= report.segments[col][value][key] + 0.2
+    table = metrics_table(report)
+    one = table.filter((pl.col("column") == "segment") & (pl.col("metric") == "click_auc"))
+    assert one.height == len(report.segments["segment"])
+    row = one.row(0, named=True)
+    assert row["estimate"] == report.segments["segment"][row["value"]]["click_auc"]
+    assert (row["ci_low"], row["ci_high"]) == report.segment_ci["segment"][row["value"]][
+        "click_auc"
+    ]
+    overall = table.filter(pl.col("column").is_null())
+    assert dict(zip(overall["metric"], overall["estimate"], strict=True)) == report.metrics
+    page = markdown(report, TASKS, title="t", images=[])
+    lo, hi = report.segment_ci["segment"]["s0"]["click_auc"]
+    assert f"[{lo:.4f}, {hi:.4f}]" in page
 
 
 def test_frame_without_requests_or_segments_reports_what_it_skipped(tmp_path) -> None:

@@ -7,12 +7,21 @@ Loads the model bundle from the run's artifacts (so it works against a remote tr
 well), predicts the split (and the gates of the same forward passes), builds the predictions frame
 (keys, labels, every task's prediction, the combined ``score``, segment columns), and from that
 frame alone the report (``report.build_report``: metrics per task, GAUC, ranking metrics per
-request, metrics by segment, bootstrap intervals). Logged to the run: every number as a metric
-(``<split>/<metric>``, ``…_ci_low`` / ``…_ci_high``, ``<split>/by_<column>/<value>/<metric>``;
-for a sweep's run, ``seesaw/<task>_<gate>_gain`` over its single-task baselines), and
-``eval/<split>/report.md`` with its plots (reliability, ROC, precision-recall, metrics by segment,
-expert usage). Written locally: the JSON report (``--output``), the report folder beside it, and
-with ``--predictions`` the frame as Parquet, from which every number can be recomputed. Where the
+request, metrics by segment, bootstrap intervals, also per segment).
+
+Logged as an **evaluation run**: a child run of the training run (``mlflow.parentRunId``; tag
+``recsys_moe.job = evaluate``, named ``eval-<split>-<training run name>``), so the training
+run's page keeps its own charts first (``train/``, ``valid/``; MLflow sorts chart sections by
+name, and ``test/`` would come first). The evaluation run holds the headline metrics of all
+rows (``<split>/<metric>``, ``test/...`` for the test split: what ``register`` and ``promote``
+read; for a sweep's run also ``seesaw/<task>_<gate>_gain`` over its single-task baselines), the
+evaluated split as its dataset input, the tag naming the evaluated data, and as artifacts every
+number per segment and every interval (``metrics_table.json``, an MLflow table: column, value,
+metric, estimate, ci_low, ci_high, rows), ``report.md`` with its plots (reliability, ROC,
+precision-recall, metrics by segment, expert usage) and the JSON report. The training run gets
+the tag ``recsys_moe.evaluation.<split key>`` = the evaluation run's id. Written locally: the
+JSON report (``--output``), the report folder beside it, and with ``--predictions`` the frame as
+Parquet, from which every number can be recomputed. Where the
 data set carries an oracle (the synthetic data's true click probabilities and expected watch
 times, ``oracle.parquet`` in the store), the same metrics of the oracle on the same rows are
 reported beside them as ``bayes_optimal_...``.
@@ -23,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import time
 import warnings
@@ -32,7 +40,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import polars as pl
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 
 from pipelines.atomic import check_output, replacing_dir, write_text_atomic
 from pipelines.training_set import load_manifest, load_split
@@ -45,18 +53,48 @@ from recsys_moe.evaluation.predict import predict_with_gates
 from recsys_moe.evaluation.ranking import combined_score
 from recsys_moe.evaluation.report import (
     SCORE,
-    EvalReport,
     build_report,
     markdown,
+    metrics_table,
     pred_column,
     write_plots,
 )
 from recsys_moe.evaluation.seesaw import seesaw
 from recsys_moe.model.objectives import output_name
-from recsys_moe.tracking import client_for, latest_train_run
+from recsys_moe.tracking import (
+    NOTE_TAG,
+    TRAIN_JOB_TAG,
+    client_for,
+    latest_train_run,
+    run_owner_tags,
+)
 
 ORACLE = "oracle.parquet"
-EVAL_DATA_TAG = "recsys_moe.eval_data"  # + ".test": which rows the test metrics were taken on
+EVAL_DATA_TAG = "recsys_moe.eval_data"  # on an evaluation run: which rows its metrics are of
+EVAL_JOB = "evaluate"  # TRAIN_JOB_TAG's value on an evaluation run
+SPLIT_TAG = "recsys_moe.split"  # the evaluated split's metric prefix (``test``, ``eval_valid``)
+EVAL_RUN_TAG = "recsys_moe.evaluation"  # + ".<prefix>" on the training run: its evaluation run
+TABLE = "metrics_table.json"  # the evaluation run's table of every number
+
+
+def metric_prefix(split: str) -> str:
+    """The key prefix of a split's metrics: ``test/...``, else ``eval_<split>/...`` (``valid/``
+    is the training's own validation)."""
+    return "test" if split == "test" else f"eval_{split}"
+
+
+def evaluation_run(client: mlflow.MlflowClient, run_id: str, split: str = "test") -> Run | None:
+    """The newest finished evaluation run of training run ``run_id`` on ``split``, else None."""
+    exp = client.get_run(run_id).info.experiment_id
+    runs = client.search_runs(
+        [exp],
+        filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`{TRAIN_JOB_TAG}` = "
+        f"'{EVAL_JOB}' and tags.`{SPLIT_TAG}` = '{metric_prefix(split)}' and "
+        "attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )  # fmt: skip
+    return runs[0] if runs else None
 
 
 def eval_data_id(cfg: Config, split: str, rows: int) -> str:
@@ -133,16 +171,10 @@ def evaluate(
     metrics = report.metrics | oracle
 
     client = client_for(cfg)
-    prefix = "test" if split == "test" else f"eval_{split}"  # valid/... is training's own
-    log_dataset(client, run_id, cfg, split)
-    _log_metrics(client, run_id, prefix, report, oracle)
-    gains = seesaw(client, client.get_run(run_id), cfg.tasks)  # validation, vs single-task runs
-    if gains:
-        client.log_batch(run_id, metrics=[
-            Metric(f"seesaw/{k}", v, int(time.time() * 1000), 0) for k, v in gains.items()
-        ])  # fmt: skip
+    train_run = client.get_run(run_id)
+    gains = seesaw(client, train_run, cfg.tasks)  # validation, vs single-task runs
     data = eval_data_id(cfg, split, rows.height)
-    client.set_tag(run_id, f"{EVAL_DATA_TAG}.{prefix}", data)
+    prefix = metric_prefix(split)
     with replacing_dir(report_dir) as tmp:
         images = write_plots(frame, cfg.tasks, report, tmp)
         names = [t.name for t in cfg.tasks]
@@ -150,24 +182,47 @@ def evaluate(
         title = f"Evaluation of run {run_id} on the {split} split"
         (tmp / "report.md").write_text(markdown(report, cfg.tasks, title=title, images=images,
                                                 extra=oracle, seesaw=gains))  # fmt: skip
-    client.log_artifacts(run_id, str(report_dir), artifact_path=f"eval/{split}")
     if predictions is not None:
         _write_parquet_atomic(frame, Path(predictions))
     result = {
         "run_id": run_id, "split": split, "rows": rows.height, "data": data, "metrics": metrics,
         "ci": {k: list(v) for k, v in report.ci.items()}, "segments": report.segments,
+        "segment_ci": {c: {v: {k: list(iv) for k, iv in ci.items()} for v, ci in seg.items()}
+                       for c, seg in report.segment_ci.items()},
         "notes": report.notes, "seesaw": gains, "report": str(report_dir / "report.md"),
         "predictions": str(predictions) if predictions is not None else None,
     }  # fmt: skip
-    write_text_atomic(output, json.dumps(result, indent=2))
-    client.log_artifact(run_id, str(output), artifact_path="eval")
+    name = f"eval-{split}-{train_run.info.run_name or run_id}"
+    note = (
+        f"`recsys-moe evaluate` of training run `{train_run.info.run_name}` ({run_id}) on the "
+        f"{split} split, {rows.height:,} rows ({data}).\n\nMetrics: `{prefix}/<metric>` of all "
+        f"rows; by segment and with {cfg.eval.ci:.0%} bootstrap intervals in the table `{TABLE}`; "
+        "the report with its plots is `report.md`."
+    )
+    tags = {"mlflow.parentRunId": run_id, TRAIN_JOB_TAG: EVAL_JOB, SPLIT_TAG: prefix,
+            EVAL_DATA_TAG: data, NOTE_TAG: note, **run_owner_tags()}  # fmt: skip
+    child = client.create_run(train_run.info.experiment_id, run_name=name, tags=tags)
+    eval_id = child.info.run_id
+    try:
+        log_dataset(client, eval_id, cfg, split)
+        now = int(time.time() * 1000)
+        values = {f"{prefix}/{k}": v for k, v in metrics.items()}
+        values |= {f"seesaw/{k}": v for k, v in gains.items()}
+        batch = [Metric(k, float(v), now, 0) for k, v in values.items() if np.isfinite(v)]
+        for lo in range(0, len(batch), 1000):  # MLflow's limit per call
+            client.log_batch(eval_id, metrics=batch[lo : lo + 1000])
+        client.log_table(eval_id, metrics_table(report).to_pandas(), TABLE)
+        client.log_artifacts(eval_id, str(report_dir))
+        result["evaluation_run_id"] = eval_id
+        write_text_atomic(output, json.dumps(result, indent=2))
+        client.log_artifact(eval_id, str(output))
+        client.set_tag(run_id, f"{EVAL_RUN_TAG}.{prefix}", eval_id)
+    except BaseException:
+        client.set_terminated(eval_id, "FAILED")
+        raise
+    client.set_terminated(eval_id, "FINISHED")
     result["output"] = str(output)
     return result
-
-
-def _metric_key(text: str) -> str:
-    """A segment value as part of an MLflow metric key: letters, digits, `_`, `-`, `.`, spaces."""
-    return re.sub(r"[^\w.\- ]", "_", text) or "_"
 
 
 def log_dataset(client: mlflow.MlflowClient, run_id: str, cfg: Config, split: str) -> None:
@@ -191,25 +246,6 @@ def log_dataset(client: mlflow.MlflowClient, run_id: str, cfg: Config, split: st
     tags = [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation"), InputTag("split", split),
             InputTag("rows", str(manifest.get("rows", {}).get(split, "")))]  # fmt: skip
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
-
-
-def _log_metrics(
-    client: mlflow.MlflowClient,
-    run_id: str,
-    prefix: str,
-    report: EvalReport,
-    oracle: dict,
-) -> None:
-    now = int(time.time() * 1000)
-    values = {f"{prefix}/{k}": v for k, v in (report.metrics | oracle).items()}
-    for k, (lo, hi) in report.ci.items():
-        values |= {f"{prefix}/{k}_ci_low": lo, f"{prefix}/{k}_ci_high": hi}
-    for col, seg in report.segments.items():
-        for value, m in seg.items():
-            values |= {f"{prefix}/by_{col}/{_metric_key(value)}/{k}": v for k, v in m.items()}
-    batch = [Metric(k, float(v), now, 0) for k, v in values.items() if np.isfinite(v)]
-    for lo in range(0, len(batch), 1000):  # MLflow's limit per call
-        client.log_batch(run_id, metrics=batch[lo : lo + 1000])
 
 
 def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:

@@ -13,8 +13,14 @@ from that frame alone, so anyone holding the Parquet can recompute every number.
 - ``segments``: the same per value of each ``eval.segments`` column (ranking metrics only for a
   column constant within each request, e.g. the user's segment, not the item's category).
 - ``ci``: percentile intervals at ``eval.ci`` over ``eval.bootstrap`` resamples of requests with
-  replacement (seeded by ``eval.seed``): a request drawn m times counts its rows m times; the
-  ranking metrics are means over requests, so they are resampled as per-request values.
+  replacement (seeded by ``eval.seed``; rows when the frame has no ``eval.request``): a request
+  drawn m times counts its rows m times; the ranking metrics are means over requests, so they
+  are resampled as per-request values.
+- ``segment_ci``: the same per segment value, resampling the requests within that value's rows
+  (each value's resampling seeded by ``eval.seed`` alone, so a value's interval is reproducible
+  from its rows).
+- ``metrics_table``: every number above as one long table (column, value, metric, estimate,
+  interval, rows), the machine-readable form of the report.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class EvalReport:
     metrics: dict[str, float]
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     segments: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    segment_ci: dict[str, dict[str, dict[str, tuple[float, float]]]] = field(default_factory=dict)
     reliability: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     rows: int = 0
@@ -171,13 +178,13 @@ def _build_report(
             f"no ranking metrics: the rows lack the request column {ev.request!r} "
             f"or the relevance {ev.relevance!r} (eval.request, eval.relevance)"
         )
-    report.segments = segment_metrics(frame, tasks, ev, manifest, report.notes)
+    report.segments, report.segment_ci = segment_metrics(frame, tasks, ev, manifest, report.notes)
     if ev.bootstrap:
         report.ci = bootstrap_ci(frame, tasks, ev, manifest, rank)
-        how = f"requests ({ev.request})" if _has_ranking(frame, ev) else "rows"
+        how = f"requests ({ev.request})" if _by_request(frame, ev) else "rows"
         report.notes.append(
             f"intervals: {ev.ci:.0%} percentile bootstrap over {ev.bootstrap} resamples of "
-            f"{how}, seed {ev.seed}"
+            f"{how}, seed {ev.seed}; by segment: resampling within each segment value"
         )
     return report
 
@@ -188,9 +195,12 @@ def segment_metrics(
     ev: EvalConfig,
     manifest: dict,
     notes: list[str],
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Column → value → metrics (and ``rows``) of the rows with that value."""
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, dict[str, tuple]]]]:
+    """Column → value → metrics (and ``rows``) of the rows with that value, and column → value
+    → bootstrap intervals of those metrics (resampling the requests within the value's rows;
+    none when ``eval.bootstrap`` is 0)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
+    ci: dict[str, dict[str, dict[str, tuple[float, float]]]] = {}
     for col in (c for c in ev.segments if c in frame.columns):
         values = frame[col].cast(pl.String).fill_null("(missing)")
         distinct = values.n_unique()
@@ -203,11 +213,18 @@ def segment_metrics(
         if _has_ranking(frame, ev) and not per_request:
             notes.append(f"segment {col!r} varies within requests: no ranking metrics by it")
         tagged = frame.with_columns(values.alias("__segment"))
-        out[col] = {}
+        out[col], ci[col] = {}, {}
         for (value,), part in sorted(tagged.group_by("__segment"), key=lambda kv: str(kv[0])):
-            m, _, _ = frame_metrics(part, tasks, ev, manifest, ranking=per_request)
+            part = part.drop("__segment")
+            m, _, rank = frame_metrics(part, tasks, ev, manifest, ranking=per_request)
             out[col][str(value)] = {"rows": float(part.height)} | m
-    return out
+            if ev.bootstrap:
+                ci[col][str(value)] = bootstrap_ci(part, tasks, ev, manifest, rank)
+    return out, ci
+
+
+def _by_request(frame: pl.DataFrame, ev: EvalConfig) -> bool:
+    return bool(ev.request) and ev.request in frame.columns
 
 
 def bootstrap_ci(
@@ -219,8 +236,7 @@ def bootstrap_ci(
 ) -> dict[str, tuple[float, float]]:
     """Percentile intervals of every non-count metric over resamples of requests (module doc)."""
     rng = np.random.default_rng(ev.seed)
-    ranked = rank is not None
-    unit = _codes(frame, ev.request) - 1 if ranked else np.arange(frame.height)
+    unit = _codes(frame, ev.request) - 1 if _by_request(frame, ev) else np.arange(frame.height)
     units = int(unit.max()) + 1 if frame.height else 0
     per_request = rank.per_request()[1] if rank is not None else {}
     draws: dict[str, list[float]] = {}
@@ -321,6 +337,31 @@ def _fmt(v: float) -> str:
     return "–" if not math.isfinite(v) else f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
+def _cell(v: float, ci: tuple[float, float] | None) -> str:
+    return _fmt(v) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
+def metrics_table(report: EvalReport) -> pl.DataFrame:
+    """Every number of the report as one long table: ``column`` and ``value`` (null for all
+    rows, else the segment column and its value), ``metric``, ``estimate``, ``ci_low`` and
+    ``ci_high`` (null without an interval: counts, or no bootstrap) and ``rows``."""
+    parts = [(None, None, report.metrics, report.ci, report.rows)]
+    for col, seg in report.segments.items():
+        for value, m in seg.items():
+            ci = report.segment_ci.get(col, {}).get(value, {})
+            parts.append((col, value, {k: v for k, v in m.items() if k != "rows"}, ci, m["rows"]))
+    records = [
+        {"column": col, "value": value, "metric": k, "estimate": float(v),
+         "ci_low": ci[k][0] if k in ci else None, "ci_high": ci[k][1] if k in ci else None,
+         "rows": int(rows)}
+        for col, value, m, ci, rows in parts for k, v in m.items()
+    ]  # fmt: skip
+    schema = {"column": pl.String, "value": pl.String, "metric": pl.String,
+              "estimate": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
+              "rows": pl.Int64}  # fmt: skip
+    return pl.DataFrame(records, schema=schema)
+
+
 def markdown(
     report: EvalReport,
     tasks: list[TaskConfig],
@@ -362,8 +403,11 @@ def markdown(
         lines += ["", f"## By {col}", "", "| " + " | ".join([col, "rows", *keys]) + " |",
                   "| --- | ---: |" + " ---: |" * len(keys)]  # fmt: skip
         for value, sm in seg.items():
-            cells = [value, f"{int(sm['rows']):,}", *(_fmt(sm.get(k, math.nan)) for k in keys)]
-            lines.append("| " + " | ".join(cells) + " |")
+            ci = report.segment_ci.get(col, {}).get(value, {})
+            cells = [_cell(sm.get(k, math.nan), ci.get(k)) for k in keys]
+            lines.append("| " + " | ".join([value, f"{int(sm['rows']):,}", *cells]) + " |")
+        if report.segment_ci.get(col):
+            lines += ["", f"Intervals: requests resampled within each {col} value."]
     if images:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images]
     if report.notes:
