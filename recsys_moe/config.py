@@ -299,6 +299,9 @@ class TrainConfig:
     # CPU). Costs a compile at the start (tens of seconds) and once more for a last, smaller
     # batch; measured in benchmarks/README.md
     compile: bool | CompileMode = False
+    # leave each epoch's short last batch out (fewer than batch_size rows; the shuffle differs
+    # every epoch, so other rows each time); auto = true with train.compile, else false
+    drop_last: bool | Literal["auto"] = "auto"
     bf16: bool = True  # autocast the model's forward to bfloat16 on CUDA (losses stay float32)
     # > 0: torch.profiler over that many steps after 22 warm-up steps; the top ops go to the
     # run's artifacts (profile/top_ops.txt), the device's busy share to train/gpu_busy_share
@@ -339,9 +342,18 @@ class MlflowConfig:
     tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
     experiment: str = "recsys-moe"
     registered_model: str = "recsys-moe"
+    # a training run's system/... charts (CPU, memory, disk, network; GPU with nvidia-ml-py):
+    # MLflow's monitor thread (psutil) samples every system_metrics_interval_s seconds
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         check_fields(self, "mlflow")
+        every = self.system_metrics_interval_s
+        if not (math.isfinite(every) and every >= 0.5):
+            raise ValueError(
+                f"mlflow.system_metrics_interval_s must be a number of seconds >= 0.5, got {every}"
+            )
 
 
 @dataclass

@@ -19,7 +19,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import mlflow
 import torch
@@ -36,6 +36,9 @@ from recsys_moe.tracking import (
     use_tracking_uri,
 )
 from recsys_moe.training.dist import mean_across_ranks
+
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +70,24 @@ class MlflowLogger:
         tags: dict[str, str],
         name: str | None = None,
         description: str | None = None,
+        system_metrics_s: float | None = None,
     ) -> None:
         use_tracking_uri(tracking_uri)
         self.resumed = run_id is not None
-        # CPU, memory (and GPU with pynvml) as system/... metrics, when psutil is installed
-        system = importlib.util.find_spec("psutil") is not None
-        if not system:
-            log.debug("psutil is not installed: no system metrics for this run")
         run = mlflow.start_run(
             run_id=run_id,
             experiment_id=experiment_id,
             tags=tags,
             run_name=None if self.resumed else name,
             description=None if self.resumed else description,
-            log_system_metrics=system,
+            log_system_metrics=False,  # our own monitor (its interval), not the environment's
         )
         self.run_id = run.info.run_id
+        self.system = (
+            start_system_metrics(self.run_id, tracking_uri, system_metrics_s, resume=self.resumed)
+            if system_metrics_s
+            else None
+        )
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         self.gate_rows: list[dict[str, Any]] = []
         # On resume, the steps the earlier attempt already logged (a prefix: windows are sent
@@ -132,10 +137,45 @@ class MlflowLogger:
 
     def close(self, ok: bool) -> None:
         try:
+            if self.system is not None:
+                stop_system_metrics(self.system)
             if self.gate_rows:
                 write_gate_artifacts(self.gate_rows)
         finally:
             mlflow.end_run("FINISHED" if ok else "FAILED")
+
+
+def start_system_metrics(
+    run_id: str, tracking_uri: str, interval_s: float, *, resume: bool
+) -> SystemMetricsMonitor | None:
+    """MLflow's system-metrics monitor for ``run_id``: a daemon thread that samples CPU, memory,
+    disk and network (GPU with ``nvidia-ml-py``) every ``interval_s`` seconds and logs their
+    means as ``system/...`` metrics at steps 0, 1, ... (continued on resume). Started here, not
+    by ``start_run(log_system_metrics=True)``, which reads its interval from a process-wide
+    environment variable. None, with a warning, without psutil."""
+    if importlib.util.find_spec("psutil") is None:
+        log.warning("psutil is not installed (make setup installs it): no system metrics")
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=tracking_uri
+    )
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor: SystemMetricsMonitor) -> None:
+    """Stop the thread (waits for it) and log what it sampled since its last point: MLflow's
+    ``finish`` drops those samples, so a run shorter than one interval had no system metrics."""
+    monitor.finish()
+    pending = monitor.aggregate_metrics()
+    if pending:
+        try:
+            monitor.publish_metrics(pending)
+            monitor.mlflow_logger.flush()
+        except Exception as e:  # the charts lose a point; the run's own results are unharmed
+            log.warning("could not log the last system metrics: %s", e)
 
 
 def write_gate_artifacts(rows: list[dict[str, Any]]) -> None:
@@ -204,6 +244,7 @@ def metric_logger(
     """MLflow on the main rank (a new run, or ``run_id``'s on resume), nothing elsewhere."""
     if not is_main:
         return NullLogger()
+    m = cfg.mlflow
     logger = MlflowLogger(
         cfg.tracking_uri(),
         ensure_experiment(cfg),
@@ -211,6 +252,7 @@ def metric_logger(
         tags=tags,
         name=run_name(cfg),
         description=run_description(cfg),
+        system_metrics_s=m.system_metrics_interval_s if m.system_metrics else None,
     )
     if not logger.resumed:
         log_datasets(cfg)
