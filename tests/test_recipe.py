@@ -13,6 +13,7 @@ import pytest
 import torch
 from fixtures import small_demo_work
 
+from pipelines.training_set import load_manifest
 from recsys_moe.config import DEMO_CONFIG, Config, TrainConfig, load_config
 from recsys_moe.training.recipe import build_scheduler, scaled_rates, schedule_factor
 from recsys_moe.training.train import train
@@ -112,9 +113,15 @@ def test_compiled_dense_part_trains_the_same_steps(work: Path, mode: str) -> Non
     """train.compile under TorchRec's TrainPipelineSparseDist (its fx trace runs through the
     compiled dense step): the same losses as the eager plain step. "cudagraphs" on a CPU
     compiles without graphs but takes the graphed path (a step marker per replay, the logged
-    losses copied out of the graphs' outputs)."""
-    eager = train(config(work))
+    losses copied out of the graphs' outputs). A compiled run leaves each epoch's short last
+    batch out (train.drop_last = auto), as the eager run here is told to."""
+    eager = train(config(work, "train.drop_last=true"))
     compiled = train(config(work, f"train.compile={mode}", "train.pipeline=sparse_dist"))
+    cfg = config(work)
+    rows = load_manifest(cfg.dataset_dir)["rows"]["train"]
+    assert rows % cfg.train.batch_size  # there is a short batch to leave out
+    epochs = compiled.stopped_step // (rows // cfg.train.batch_size)
+    assert compiled.stopped_step == epochs * (rows // cfg.train.batch_size)
     assert len(compiled.losses) == len(eager.losses) > 4
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     assert compiled.valid == pytest.approx(eager.valid, rel=1e-3)

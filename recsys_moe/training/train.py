@@ -410,6 +410,7 @@ def train_loader(
         "world_size": info.world_size,
         "shuffle": True,
         "seed": t.seed,
+        "drop_last": drop_last(t),
     }
     if kind == "stream":
         loader: Loader = ParquetLoader.from_split(dataset_dir, "train", **common)
@@ -421,7 +422,23 @@ def train_loader(
             f"training split of {dataset_dir} has {loader.num_rows} rows, fewer than "
             f"the {info.world_size} ranks"
         )
+    if len(loader) == 0:
+        raise ValueError(
+            f"train.drop_last: the training split of {dataset_dir} has {loader.rows_per_rank} "
+            f"rows per rank, less than one batch of {t.batch_size}; lower train.batch_size or "
+            "set train.drop_last=false"
+        )
+    dropped = loader.rows_per_rank - sum(loader.rows_in_batch(i) for i in range(len(loader)))
+    if dropped:
+        log.info("train.drop_last: %d rows per rank and epoch are left out (a new shuffle each "
+                 "epoch), of %d", dropped, loader.rows_per_rank)  # fmt: skip
     return loader
+
+
+def drop_last(t: TrainConfig) -> bool:
+    """``train.drop_last``; auto: with a compiled step (``train.compile``), whose short last
+    batch would be compiled again (tens of seconds, and new CUDA graphs)."""
+    return bool(t.compile) if t.drop_last == "auto" else t.drop_last
 
 
 def heatmaps(
