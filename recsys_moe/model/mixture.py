@@ -102,7 +102,9 @@ class Experts(nn.Module):
             h = torch.relu(h)
         else:
             h = torch.relu(torch.baddbmm(b0, x, w0))
-        for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
+        # indexed, not sliced: torch 2.11's dynamo breaks the graph at a ParameterList slice
+        for i in range(1, len(self.weights)):
+            w, b = self.weights[i], self.biases[i]
             h = torch.relu(torch.baddbmm(b, h, w))  # [E, B, in] @ [E, in, out] + [E, 1, out]
         return h
 
