@@ -38,7 +38,6 @@ from recsys_moe.bundle import save_bundle
 from recsys_moe.config import Config, TrainConfig, label_columns
 from recsys_moe.evaluation.gates import expert_heatmaps, gate_stats, polarization_warning
 from recsys_moe.evaluation.metrics import split_metrics, task_label_stats
-from recsys_moe.evaluation.predict import predict_with_gates
 from recsys_moe.model import build_model, count_parameters, model_cost
 from recsys_moe.tracking import TRAIN_JOB_TAG, run_owner_tags
 from recsys_moe.training import checkpoint, sharding
@@ -55,6 +54,7 @@ from recsys_moe.training.module import (
 from recsys_moe.training.profile import StepProfiler
 from recsys_moe.training.recipe import build_scheduler, scaled_rates
 from recsys_moe.training.selection import Selection, selection_score
+from recsys_moe.training.validation import predict_sharded
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,10 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
 
         def validate(model: nn.Module) -> Tensor:
             """Metrics and gate statistics of the validation split, logged; its gates."""
-            preds, gates = predict_with_gates(
-                OnDevice(model, info.device), valid, cfg.tasks, batch_size=t.eval_batch_size
-            )  # one pass for the metrics and the gate statistics
+            preds, gates = predict_sharded(
+                OnDevice(model, info.device), valid, cfg.tasks, batch_size=t.eval_batch_size,
+                rank=info.rank, world_size=info.world_size,
+            )  # fmt: skip  (one pass for the metrics and the gate statistics, each rank a block)
             result.valid = split_metrics(cfg.tasks, preds, _numpy(valid.labels), manifest)
             support = model.gate_support()
             result.gates = gate_stats(gates, names, support)
