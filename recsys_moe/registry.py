@@ -68,21 +68,46 @@ class Registered:
         return f"models:/{self.name}@{self.alias}"
 
 
-# what the pyfunc imports, with torchrec's runtime dependencies (the project installs torchrec
-# with --no-deps: its wheel asks for the CUDA fbgemm-gpu, which a pip requirements file cannot
-# leave out; the fbgemm package installed here is listed instead)
-RUNTIME = ("torch", "fbgemm-gpu-cpu", "fbgemm-gpu", "torchrec", "tensordict", "torchmetrics",
-           "tqdm", "pyre-extensions", "numpy", "polars", "pyarrow", "pandas", "mlflow")  # fmt: skip
+# What the pyfunc's environment installs (its requirements.txt) for a CPU machine. torchrec is
+# not among them: its wheel requires the CUDA ``fbgemm-gpu`` (Requires-Dist: fbgemm-gpu), which
+# pip would install over ``fbgemm-gpu-cpu`` (one import name, fbgemm_gpu) and which a
+# requirements file cannot leave out (no per-line --no-deps). torchrec is pure Python
+# (py311-none-any), so the model carries it as code (``torchrec_code``) and the file lists its
+# runtime dependencies and the CPU fbgemm instead. torch comes from PyTorch's CPU index (PyPI's
+# Linux torch is the CUDA build, GBs of nvidia-* wheels); ``2.13.0+cpu`` satisfies ``==2.13.0``.
+RUNTIME = ("torch", "fbgemm-gpu-cpu", "tensordict", "torchmetrics", "tqdm", "pyre-extensions",
+           "numpy", "polars", "pyarrow", "pandas", "mlflow")  # fmt: skip
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 def _requirements() -> list[str]:
-    """Pins of the installed versions, without local labels (``2.13.0+cpu``: no index has it)."""
-    out = []
+    """Pins of the installed versions, without local labels (``2.13.0+cpu`` is no public
+    version), after the CPU index of torch."""
+    out = [f"--extra-index-url {TORCH_CPU_INDEX}"]
     for dist in RUNTIME:
         try:
             out.append(f"{dist}=={md.version(dist).split('+')[0]}")
         except md.PackageNotFoundError:
             continue
+    return out
+
+
+def torchrec_code(into: Path) -> list[str]:
+    """Copies of the installed torchrec package and its metadata (version, licence) under
+    ``into``, as the pyfunc's code paths: the model imports this torchrec, whatever is installed
+    where it loads (module comment above ``RUNTIME``)."""
+    import shutil
+
+    import torchrec
+
+    package = Path(torchrec.__file__).parent
+    dist = md.distribution("torchrec")
+    info = Path(str(dist.locate_file(""))) / f"torchrec-{dist.version}.dist-info"
+    out = []
+    for src in (package, info):
+        dst = into / src.name
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        out.append(str(dst))
     return out
 
 
@@ -177,7 +202,7 @@ def register(cfg: Config, *, python_model: str, run_id: str | None = None) -> Re
             path=str(local),
             python_model=python_model,
             artifacts={"bundle": bundle_dir},
-            code_paths=[str(root / p) for p in PACKAGES],
+            code_paths=[str(root / p) for p in PACKAGES] + torchrec_code(Path(tmp) / "vendor"),
             signature=signature,
             input_example=example.to_pandas(),
             pip_requirements=_requirements(),

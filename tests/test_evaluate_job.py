@@ -5,6 +5,7 @@ on the run, the registered pyfunc predicting the same rows identically, the outp
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import mlflow
 import numpy as np
 import polars as pl
 import pytest
+from packaging.requirements import Requirement
 from scipy.stats import rankdata
 
 from pipelines.synth import synthesize
@@ -23,7 +25,7 @@ from pipelines.training_set import load_split
 from recsys_moe.config import DEMO_CONFIG, load_config
 from recsys_moe.dataset import build_dataset
 from recsys_moe.evaluation.evaluate import EVAL_RUN_TAG, TABLE, evaluation_run
-from recsys_moe.registry import register
+from recsys_moe.registry import TORCH_CPU_INDEX, register
 from recsys_moe.tracking import chart_sections, client_for
 from recsys_moe.training.train import train
 from serving.pyfunc import CODE_PATH
@@ -177,9 +179,7 @@ def test_version_has_numeric_metrics_hashes_and_the_runs_datasets(
     assert version.tags["recsys_moe.data_sha256"] == hashlib.sha256(manifest).hexdigest()
     assert len(version.tags["recsys_moe.config_sha256"]) == 64
     assert "click_auc" in version.description and "config sha256" in version.description
-    deps = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{registered.name}/1")).read_text()
-    pins = dict(line.split("==") for line in deps.split() if "==" in line)
-    assert "+" not in deps and {"torch", "torchrec", "torchmetrics", "tqdm"} <= set(pins)
+    _requirements_install_on_a_cpu_machine(f"models:/{registered.name}/1")
     evaluation = client.get_run(run.report["evaluation_run_id"])
     assert version.tags["recsys_moe.eval_run"] == evaluation.info.run_id
     inputs = evaluation.inputs.dataset_inputs
@@ -192,6 +192,29 @@ def test_version_has_numeric_metrics_hashes_and_the_runs_datasets(
         tested[0].dataset.name,
         tested[0].dataset.digest,
     )
+
+
+def _requirements_install_on_a_cpu_machine(uri: str) -> None:
+    """The model's requirements.txt, as pip reads it on a clean CPU machine: versions without
+    local labels, torch from PyTorch's CPU index, the CPU fbgemm and never the CUDA one (which
+    torchrec's wheel would pull: torchrec travels as the model's code instead), torchrec's
+    runtime dependencies as its installed metadata names them. (A fresh venv installed from this
+    file and predicted identically: README, "The registered model on another machine".)"""
+    path = Path(mlflow.pyfunc.get_model_dependencies(uri))
+    lines = [x.strip() for x in path.read_text().splitlines() if x.strip()]
+    pins = dict(x.split("==") for x in lines if "==" in x)
+    assert [x for x in lines if "==" not in x] == [f"--extra-index-url {TORCH_CPU_INDEX}"]
+    assert not [v for v in pins.values() if "+" in v], pins
+    assert "fbgemm-gpu" not in pins and "torchrec" not in pins
+    assert pins["fbgemm-gpu-cpu"] == md.version("fbgemm-gpu-cpu")
+    assert pins["torch"] == md.version("torch").split("+")[0]
+    needed = {Requirement(r).name for r in md.requires("torchrec") or [] if "extra ==" not in r}
+    assert needed - {"fbgemm-gpu"} <= set(pins), needed
+    code = path.parent / "code"
+    assert (code / "torchrec" / "__init__.py").is_file()
+    meta = (code / f"torchrec-{md.version('torchrec')}.dist-info" / "METADATA").read_text()
+    assert f"Version: {md.version('torchrec')}" in meta
+    assert not list((code / "torchrec").rglob("*.pyc"))
 
 
 @pytest.mark.parametrize("ref", ["@champion", "/1"])
