@@ -67,13 +67,14 @@ def write_candidates(work: Path, pairs: int, seed: int = 0) -> Path:
     return out
 
 
-def job_ours(work: Path, model: str, cands: Path, out: Path) -> dict:
+def job_ours(work: Path, model: str, cands: Path, out: Path, sets: list[str] | None = None) -> dict:
     from recsys_moe.config import DEMO_CONFIG, load_config
     from serving.score import score
 
-    cfg = load_config(DEMO_CONFIG, [], workdir=work)
+    cfg = load_config(DEMO_CONFIG, sets or [], workdir=work)
     m = score(model_uri=model, candidates=cands, output=out, top_k=TOP_K, cfg=cfg)
-    return {"pairs": m["candidate_rows"], "as_of": m["as_of"], "version": m["model_version"]}
+    return {"pairs": m["candidate_rows"], "as_of": m["as_of"], "version": m["model_version"],
+            "shards": len(m["shards"])}  # fmt: skip
 
 
 def job_peer(work: Path, model: str, cands: Path, out: Path) -> dict:
@@ -181,12 +182,14 @@ def same_top_k(ours: Path, peer: Path) -> dict:
     return {"same_rows": bool(same_rows), "rows": a.height, "max_relative_score_diff": diff}
 
 
-def run_child(kind: str, work: Path, model: str, cands: Path, out: Path) -> dict:
+def run_child(
+    kind: str, work: Path, model: str, cands: Path, out: Path, sets: tuple[str, ...] = ()
+) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     t = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--job", kind, "--work", str(work), "--model", model,
-         "--cands", str(cands), "--out", str(out)],
+         "--cands", str(cands), "--out", str(out), *[f"--set={x}" for x in sets]],
         capture_output=True, text=True, env=env, cwd=ROOT,
     )  # fmt: skip
     wall = time.perf_counter() - t
@@ -203,6 +206,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/score_bench.json")
     ap.add_argument("--int8", action="store_true", help="only the int8-vs-fp32 accuracy check")
+    ap.add_argument(
+        "--memory", action="store_true",
+        help="only ours' peak RSS at --pairs and 4x --pairs, score.shard_rows = --shard-rows",
+    )  # fmt: skip
+    ap.add_argument("--shard-rows", type=int, default=250_000)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--cands", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -211,8 +220,10 @@ def main() -> None:
     if args.job:  # a child: one job, its result as the last stdout line
         import resource
 
-        job = job_ours if args.job == "ours" else job_peer
-        res = job(work, args.model, args.cands, args.out)
+        if args.job == "ours":
+            res = job_ours(work, args.model, args.cands, args.out, args.set)
+        else:
+            res = job_peer(work, args.model, args.cands, args.out)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res | {"peak_rss_mib": rss}))
         return
@@ -221,6 +232,9 @@ def main() -> None:
         path = args.json.with_name("score_int8.json")
         path.write_text(json.dumps(change, indent=2))
         print(json.dumps(change, indent=2), f"\nwrote {path}")
+        return
+    if args.memory:
+        memory(work, args)
         return
     cands = write_candidates(work, args.pairs)
     runs: dict[str, list[dict]] = {"ours": [], "peer": []}
@@ -262,6 +276,46 @@ def main() -> None:
               f"{r['max_s']:.1f} | {r['pairs_per_s']:,.0f} | {x:.2f} | "
               f"{r['peak_rss_mib']:,.0f} |")  # fmt: skip
     print(f"\nsame top {TOP_K}: {check}; wrote {args.json}")
+
+
+def memory(work: Path, args: argparse.Namespace) -> None:
+    """Peak RSS of the scoring job at 1x and 4x the candidates, the same shard size: candidates
+    are streamed (one row group, then one shard at a time), so the peak should not grow with
+    them; what stays in memory is the model and the users' and items' tower rows."""
+    sets = (f"score.shard_rows={args.shard_rows}",)
+    rows = {}
+    for scale in (1, 4):
+        cands = write_candidates(work, args.pairs * scale)
+        res = []
+        for r in range(args.runs):
+            out = work / "bench-score" / f"out-memory-{scale}x"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            res.append(run_child("ours", work, args.model, cands, out, sets))
+            print(f"{scale}x run {r}: {res[-1]['pairs']:,} pairs, {res[-1]['shards']} shards, "
+                  f"{res[-1]['wall_s']:.1f} s, peak RSS {res[-1]['peak_rss_mib']:,.0f} MiB",
+                  flush=True)  # fmt: skip
+        walls = [x["wall_s"] for x in res]
+        rows[f"{scale}x"] = {
+            "pairs": res[0]["pairs"], "shards": res[0]["shards"],
+            "median_s": statistics.median(walls),
+            "peak_rss_mib": statistics.median(x["peak_rss_mib"] for x in res),
+            "peak_rss_mib_runs": [x["peak_rss_mib"] for x in res],
+        }  # fmt: skip
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}",
+        "work": str(work), "model": args.model, "shard_rows": args.shard_rows, "runs": args.runs,
+        "jobs": rows,
+        "rss_4x_over_1x": rows["4x"]["peak_rss_mib"] / rows["1x"]["peak_rss_mib"],
+    }  # fmt: skip
+    path = args.json.with_name("score_memory.json")
+    path.write_text(json.dumps(result, indent=2))
+    print("\n| candidates | pairs | shards | median s | pairs/s | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for k, r in rows.items():
+        print(f"| {k} | {r['pairs']:,} | {r['shards']} | {r['median_s']:.1f} | "
+              f"{r['pairs'] / r['median_s']:,.0f} | {r['peak_rss_mib']:,.0f} |")  # fmt: skip
+    print(f"\n4x / 1x peak RSS: {result['rss_4x_over_1x']:.3f}; wrote {path}")
 
 
 if __name__ == "__main__":

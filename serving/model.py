@@ -9,6 +9,7 @@ part of ``MultiTaskModel.forward`` after the embedding tower on rows the scoring
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,23 @@ def resolve_model(cfg: Config, uri: str) -> ModelRef:
             "`recsys-moe register` creates versions"
         ) from e
     return ModelRef(uri=uri, name=name, version=str(mv.version), run_id=mv.run_id, alias=alias)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def scoring_device(device: str) -> torch.device:
+    """``auto``: this rank's GPU (``LOCAL_RANK``) where CUDA is available, else the CPU."""
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r}: expected one of {DEVICES}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda: this machine's torch finds no CUDA device "
+            f"(torch {torch.__version__}); use --device cpu, or auto (the GPU where there is one)"
+        )
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def combined_score(tasks: list[TaskConfig], weights: dict[str, float]) -> pl.Expr:

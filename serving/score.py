@@ -20,8 +20,10 @@ complete shards. ``_manifest.json`` is written last, by rank 0 once every shard 
 takes the output as complete when the manifest is there. Parquet parts depend only on the inputs
 (not on the number of ranks or on interruptions): a rerun from scratch is byte-identical.
 
-Where CUDA is available each rank puts the model on its GPU (``LOCAL_RANK``) and the tower rows,
-gathers and forwards run there. Not yet run on a GPU: only the CPU path is tested.
+``--device`` (``auto`` by default: this rank's GPU, ``LOCAL_RANK``, where CUDA is available, else
+the CPU; or ``cpu``, ``cuda``) is where the model, the tower rows, gathers and forwards run; it is
+part of the run's identity (a GPU's floats differ from the CPU's in the last bits).
+``scripts/gpu_score_job.sh`` checks a GPU's scores against the CPU's.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from pathlib import Path
 
 import mlflow
 import polars as pl
-import torch
 from tqdm import tqdm
 
 from feature_store import DataError, OfflineStore
@@ -59,6 +60,7 @@ from serving.model import (
     combined_score,
     predict_from_tower,
     resolve_model,
+    scoring_device,
 )
 from serving.output import open_output, sha256, wait_for
 from serving.quantize import QUANTIZE, Quantize, prediction_change, quantize_embeddings
@@ -208,6 +210,7 @@ def score(
     store_dir: str | Path | None = None,
     overwrite: bool = False,
     quantize: Quantize = "none",
+    device: str = "auto",
 ) -> dict:
     """Score ``candidates`` with the registry model ``model_uri``; write the top ``top_k`` per
     request (or user) into ``output``. Under torchrun each rank does its share; rank 0 writes the
@@ -221,6 +224,7 @@ def score(
     if quantize not in QUANTIZE:
         raise ValueError(f"--quantize {quantize!r}: expected one of {QUANTIZE}")
     rank, world = rank_and_world()
+    dev = scoring_device(device)
     store_path = Path(store_dir or cfg.store_dir)
     candidates, output = Path(candidates), Path(output)
     check_output(
@@ -264,9 +268,9 @@ def score(
         "weights": dict(sorted(cfg.score.weights.items())),
         "shards": shards,
         "quantize": quantize,
+        "device": dev.type,
     }
-    if torch.cuda.is_available():  # this rank's GPU: tower rows, gathers and forwards run there
-        bundle.model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    bundle.model.to(dev)  # tower rows, gathers and forwards run there
     scoring_model = quantize_embeddings(bundle.model) if quantize == "int8" else bundle.model
     feats = AsOfFeatures(store, features, bundle.mappings, as_of, scoring_model)
     open_output(output, identity, rank=rank, overwrite=overwrite)  # the first write

@@ -7,6 +7,7 @@ need them to; each says what it is for. They are built from the same entity and 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import polars as pl
 import torch
@@ -222,3 +223,25 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+# ---- a trained, evaluated and registered model (test_score_job, test_spark_score) -------------
+def registered_model(work: Path, sets: list[str]) -> SimpleNamespace:
+    """The demo config with ``sets`` in ``work``: synthetic store, training set, one model trained,
+    evaluated and registered with the pyfunc (``cfg``, ``meta`` of the synthetic data, ``reg``)."""
+    from pipelines.synth import synthesize
+    from recsys_moe.config import DEMO_CONFIG, load_config
+    from recsys_moe.dataset import build_dataset
+    from recsys_moe.evaluation.evaluate import evaluate
+    from recsys_moe.registry import register
+    from recsys_moe.training.train import train
+    from serving.pyfunc import CODE_PATH
+
+    cfg = load_config(DEMO_CONFIG, sets, workdir=work)
+    s = cfg.synth
+    meta = synthesize(cfg.store_dir, users=s.users, items=s.items, days=s.days, seed=s.seed)
+    build_dataset(cfg)
+    result = train(cfg)
+    evaluate(cfg, run_id=result.run_id)
+    reg = register(cfg, python_model=CODE_PATH, run_id=result.run_id)
+    return SimpleNamespace(cfg=cfg, meta=meta, reg=reg)

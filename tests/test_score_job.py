@@ -18,16 +18,11 @@ from types import SimpleNamespace
 import numpy as np
 import polars as pl
 import pytest
+from fixtures import registered_model
 
 from feature_store import DataError, OfflineStore, join_features
-from pipelines.synth import synthesize
 from recsys_moe.config import DEMO_CONFIG, load_config
-from recsys_moe.dataset import build_dataset
-from recsys_moe.evaluation.evaluate import evaluate
-from recsys_moe.registry import register
-from recsys_moe.training.train import train
 from serving.output import RUN
-from serving.pyfunc import CODE_PATH
 from serving.score import MANIFEST, part_name, score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +36,7 @@ TINY = [
     "train.log_every=50",
     "mlflow.experiment=score",
     "mlflow.registered_model=score-model",
+    "eval.bootstrap=0",  # register needs the test metrics, not their intervals (saves ~60 s)
 ]
 pytestmark = pytest.mark.slow  # the fixture trains and registers a model (~20-40 s)
 
@@ -48,15 +44,9 @@ pytestmark = pytest.mark.slow  # the fixture trains and registers a model (~20-4
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     work = tmp_path_factory.mktemp("score")
-    cfg = load_config(DEMO_CONFIG, TINY, workdir=work)
-    s = cfg.synth
-    meta = synthesize(cfg.store_dir, users=s.users, items=s.items, days=s.days, seed=s.seed)
-    build_dataset(cfg)
-    result = train(cfg)
-    evaluate(cfg, run_id=result.run_id)
-    reg = register(cfg, python_model=CODE_PATH, run_id=result.run_id)
-    cands = pl.read_parquet(cfg.store_dir / "candidates.parquet")
-    return SimpleNamespace(cfg=cfg, meta=meta, reg=reg, cands=cands, work=work)
+    m = registered_model(work, TINY)
+    cands = pl.read_parquet(m.cfg.store_dir / "candidates.parquet")
+    return SimpleNamespace(cfg=m.cfg, meta=m.meta, reg=m.reg, cands=cands, work=work)
 
 
 def _cfg(run: SimpleNamespace, *sets: str):  # noqa: ANN202
@@ -167,18 +157,26 @@ def _cli(run: SimpleNamespace, *args: str, launcher: list[str] | None = None,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_model_by_version_or_alias_and_unknown_ones(run: SimpleNamespace, tmp_path: Path) -> None:
+def test_model_by_version_or_alias_and_unknown_ones(
+    run: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recsys_moe.cli import main
+
     cands = str(run.cfg.store_dir / "candidates.parquet")
     by_version = f"models:/score-model/{run.reg.version}"
     a = _cli(run, "--model", run.reg.uri, "--candidates", cands, "--output", str(tmp_path / "a"))
-    b = _cli(run, "--model", by_version, "--candidates", cands, "--output", str(tmp_path / "b"))
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    assert _parts(tmp_path / "a") == _parts(tmp_path / "b")
+    assert a.returncode == 0, a.stderr
     assert "scoring" not in a.stderr  # no progress bar when stderr is not a terminal
+    # the CLI's main in this process (a subprocess each costs its imports: ~20 s under load)
+    sets = [x for s in TINY for x in ("--set", s)]
+    common = ["score", "--workdir", str(run.work), *sets, "--candidates", cands]
+    assert main([*common, "--model", by_version, "--output", str(tmp_path / "b")]) == 0
+    assert _parts(tmp_path / "a") == _parts(tmp_path / "b")
+    capsys.readouterr()
     for uri in ("models:/score-model@nope", "models:/score-model/99", "models:/other@champion"):
-        bad = _cli(run, "--model", uri, "--candidates", cands, "--output", str(tmp_path / "c"))
-        assert bad.returncode == 2 and "error: --model" in bad.stderr, bad.stderr
-        assert "Traceback" not in bad.stderr and "score-model" in bad.stderr
+        assert main([*common, "--model", uri, "--output", str(tmp_path / "c")]) == 2, uri
+        err = capsys.readouterr().err
+        assert "error: --model" in err and "score-model" in err and "Traceback" not in err, err
     assert not (tmp_path / "c").exists()
 
 

@@ -19,15 +19,10 @@ from types import SimpleNamespace
 import numpy as np
 import polars as pl
 import pytest
+from fixtures import registered_model
 
-from pipelines.synth import synthesize
 from recsys_moe.config import DEMO_CONFIG, load_config
-from recsys_moe.dataset import build_dataset
-from recsys_moe.evaluation.evaluate import evaluate
-from recsys_moe.registry import register
 from recsys_moe.tracking import client_for
-from recsys_moe.training.train import train
-from serving.pyfunc import CODE_PATH
 from serving.score import score
 
 REQUIRE_SPARK = "RECSYS_MOE_REQUIRE_SPARK"  # "1" (CI): pyspark missing fails the test
@@ -85,13 +80,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     (past the 400-day TTL); candidates with every 7th row's user unknown to the store."""
     _pyspark()
     work = tmp_path_factory.mktemp("spark")
-    cfg = load_config(DEMO_CONFIG, TINY, workdir=work)
-    s = cfg.synth
-    meta = synthesize(cfg.store_dir, users=s.users, items=s.items, days=s.days, seed=s.seed)
-    build_dataset(cfg)
-    result = train(cfg)
-    evaluate(cfg, run_id=result.run_id)
-    reg = register(cfg, python_model=CODE_PATH, run_id=result.run_id)
+    m = registered_model(work, TINY)
+    cfg = m.cfg
     store = work / "aged-store"
     store.mkdir()
     (store / "items.parquet").write_bytes((cfg.store_dir / "items.parquet").read_bytes())
@@ -115,7 +105,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     )  # fmt: skip
     path = work / "candidates.parquet"
     cands.write_parquet(path)
-    return SimpleNamespace(cfg=cfg, meta=meta, reg=reg, store=store, cands=cands, path=path)
+    return SimpleNamespace(cfg=cfg, meta=m.meta, reg=m.reg, store=store, cands=cands, path=path)
 
 
 def test_spark_udf_top_k_equals_the_scoring_job(
