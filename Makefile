@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 # CUDA variant where nvidia-smi finds a GPU, else the CPU stack (DESIGN.md, version matrix).
 VARIANT := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test test-fast lint clean bench-setup
+.PHONY: setup demo test test-fast lint clean bench-setup spark-setup
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ test-fast: $(STAMP)
 # peers for benchmarks/ (torch-rechub), --no-deps so the pinned stack stays as it is
 bench-setup: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -r requirements/bench.txt
+
+# pyspark for scoring in Spark (tests marked spark; CI runs it), --no-deps as above
+spark-setup: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps -r requirements/spark.txt
+	$(BIN)/python -c "import pyspark; print('spark-setup ok: pyspark', pyspark.__version__)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -165,6 +165,7 @@ def run_score(
     store: Path | None = None,
     overwrite: bool = False,
     quantize: str = "none",
+    device: str = "auto",
 ) -> dict:
     from serving.score import score
 
@@ -178,6 +179,7 @@ def run_score(
         store_dir=store,
         overwrite=overwrite,
         quantize=quantize,  # type: ignore[arg-type]  (one of argparse's choices)
+        device=device,
     )
     if "output" not in manifest:  # a rank other than 0 under torchrun: rank 0 reports the job
         print(f"rank {manifest['rank']}: scored {len(manifest['shards'])} shard(s)")
@@ -223,7 +225,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     run_score(_config(args), args.model, args.candidates, args.output, top_k=args.top_k,
               as_of=args.as_of, store=args.store, overwrite=args.overwrite,
-              quantize=args.quantize)  # fmt: skip
+              quantize=args.quantize, device=args.device)  # fmt: skip
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -494,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize", choices=["none", "int8"], default="none",
         help="int8: score with int8 embedding tables (TorchRec's quantized EBC); the change "
         "against fp32 goes to the manifest",
+    )  # fmt: skip
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="where the model runs (auto: this rank's GPU where CUDA is available, else the CPU)",
     )  # fmt: skip
     p.add_argument("--top-k", type=int, help="rows kept per request/user (default: score.top_k)")
     p.add_argument("--as-of", help="scoring time, ISO (default: the store's latest feature time)")
