@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 # CUDA variant where nvidia-smi finds a GPU, else the CPU stack (DESIGN.md, version matrix).
 VARIANT := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test test-fast lint clean bench-setup spark-setup
+.PHONY: setup demo test test-fast lint clean bench-setup spark-setup ui-setup
 
 setup: $(STAMP)
 
@@ -44,6 +44,13 @@ bench-setup: $(STAMP)
 spark-setup: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -r requirements/spark.txt
 	$(BIN)/python -c "import pyspark; print('spark-setup ok: pyspark', pyspark.__version__)"
+
+# the MLflow UI test (tests marked ui; CI runs it): Playwright's Python client drives the system's
+# Chromium (Debian: apt-get install chromium); `playwright install` (a browser download) is not used
+ui-setup: $(STAMP)
+	@command -v chromium >/dev/null || { echo "error: chromium not found; install it (Debian: apt-get install chromium)" >&2; exit 1; }
+	$(BIN)/pip install --quiet -r requirements/ui.txt
+	$(BIN)/python -c "import playwright; print('ui-setup ok: playwright with', '$$(chromium --version 2>/dev/null)')"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

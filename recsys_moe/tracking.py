@@ -257,3 +257,15 @@ def chart_sections(metric_keys: list[str]) -> list[tuple[str, list[str]]]:
     named = sorted(s for s in sections if s != "Model metrics")
     order = [*named, *(["Model metrics"] if "Model metrics" in sections else [])]
     return [(s, sections[s]) for s in order]
+
+
+def ui_link(
+    experiment_id: str, run_id: str | None = None, base: str = "http://127.0.0.1:5000"
+) -> str:
+    """The MLflow UI's page of an experiment's runs, or of a run's charts ("Model metrics"), in
+    the UI's "Model training" view. MLflow 3.17's UI opens every experiment on its GenAI
+    overview (traces, "No data") unless the link says ``workflowType=machine_learning`` or the
+    sidebar's switch is on "Model training" (the browser remembers the switch); it no longer
+    reads the experiment's ``mlflow.experimentKind`` tag."""
+    page = f"runs/{run_id}/model-metrics" if run_id else "runs"
+    return f"{base}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
