@@ -271,8 +271,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"  registered model       {reg.name} version {reg.version} @{reg.alias}")
     print(f"  scores                 {sc['output']} ({sc['rows']} rows)")
     print(f"  took                   {time.perf_counter() - t0:.0f} s")
+    from recsys_moe.tracking import client_for, ui_link
+
+    experiment = client_for(cfg).get_run(result.run_id).info.experiment_id
     print("\nOpen the MLflow UI on this store:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri()} --port 5000")
+    print("then the experiment's runs and the run's charts (MLflow opens on its GenAI view):")
+    print(f"  {ui_link(experiment)}\n  {ui_link(experiment, result.run_id)}")
 
 
 def meta_auc(metrics: dict, meta: dict) -> float:
