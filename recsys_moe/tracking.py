@@ -4,8 +4,8 @@ With the embedded default (a SQLite file), artifacts go to ``<workdir>/mlartifac
 MLflow's ``./mlruns`` in whatever directory the job was started from.
 
 What a person sees in the MLflow UI: the experiment is tagged as a model-training experiment
-(``mlflow.experimentKind``, read by MLflow 3 UIs before 3.17; 3.17's opens every experiment on
-its GenAI overview unless its sidebar switch or the link says otherwise: ``ui_link``) and
+(``mlflow.experimentKind``, read by earlier MLflow 3 UIs; 3.17's opens every experiment on its
+GenAI overview unless its sidebar switch or the link says otherwise: ``ui_link``) and
 described (``mlflow.note.content``); a training run is named after what ran
 (``run_name``: mixture, widths, epochs, seed), described (``run_description``) and has its
 training set's splits as MLflow datasets (``log_datasets``). ``user_error`` turns MLflow's
