@@ -5,7 +5,9 @@ interval still gets its one point, and ``mlflow.system_metrics = false`` logs no
 
 from __future__ import annotations
 
+import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,10 @@ CPU, MEMORY = "system/cpu_utilization_percentage", "system/system_memory_usage_m
 
 
 @pytest.fixture(scope="module")
-def work() -> Path:
-    return small_demo_work("system-metrics-", SMALL)
+def work() -> Iterator[Path]:
+    root = small_demo_work("system-metrics-", SMALL)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _train(work: Path, *sets: str) -> tuple[dict[str, float], str]:
