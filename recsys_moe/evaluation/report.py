@@ -97,13 +97,21 @@ def frame_metrics(
     *,
     ranking: bool = True,
     auc_from_ranks: bool = False,
+    evaluators: dict[str, TaskMetrics] | None = None,
+    groups: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, float], dict[str, TaskMetrics], RequestRanking | None]:
     """Every task's metrics (and the ranking metrics, when ``ranking`` and the frame has the
     request column) of a predictions frame, updated chunk by chunk (``auc_from_ranks``:
-    ``TaskMetrics``'s)."""
-    group_by = tuple(g for g in ev.gauc_by if g in frame.columns)
-    groups = {g: _codes(frame, g) for g in group_by}
-    evaluators = {
+    ``TaskMetrics``'s). ``evaluators`` of an earlier call on a frame of the same columns are
+    reset and reused, ``groups`` (column → group ids of the rows) replace the GAUC columns'
+    codes: the bootstrap's replicates."""
+    if groups is None:
+        groups = {g: _codes(frame, g) for g in ev.gauc_by if g in frame.columns}
+    group_by = tuple(groups)
+    if evaluators is not None:
+        for e in evaluators.values():
+            e.reset()
+    evaluators = evaluators or {
         t.name: TaskMetrics(
             t,
             label_stats=task_label_stats(t, manifest),
@@ -239,12 +247,18 @@ def bootstrap_ci(
     unit = _codes(frame, ev.request) - 1 if _by_request(frame, ev) else np.arange(frame.height)
     units = int(unit.max()) + 1 if frame.height else 0
     per_request = rank.per_request()[1] if rank is not None else {}
+    codes = {g: _codes(frame, g) for g in ev.gauc_by if g in frame.columns}
+    used = [c for t in tasks for c in (pred_column(t), t.label, t.mask) if c]
+    frame = frame.select(list(dict.fromkeys(used)))  # the replicates gather these only
     draws: dict[str, list[float]] = {}
+    evaluators = None  # made by the first replicate, reset by the others
     for _ in range(ev.bootstrap):
         times = np.bincount(rng.integers(0, units, units), minlength=units)
         rows = np.repeat(np.arange(frame.height), times[unit])
-        m, _, _ = frame_metrics(frame[rows], tasks, ev, manifest, ranking=False,
-                                auc_from_ranks=True)  # fmt: skip
+        m, evaluators, _ = frame_metrics(
+            frame[rows], tasks, ev, manifest, ranking=False, auc_from_ranks=True,
+            evaluators=evaluators, groups={g: c[rows] for g, c in codes.items()},
+        )  # fmt: skip
         for k, v in per_request.items():  # request ids are the dense codes in order
             ok = np.isfinite(v) & (times > 0)
             m[f"rank_{k}"] = float((v[ok] * times[ok]).sum() / times[ok].sum()) if ok.any() else 0
