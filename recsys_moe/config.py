@@ -38,7 +38,26 @@ Transform = Literal["none", "log1p"]
 Objective = Literal["", "bce", "mse_log1p", "mse", "weighted_logistic", "duration_quantile"]
 # a task's promotion gate (recsys-moe promote): "" = auc (binary) or rmse (regression)
 GateMetric = Literal["", "auc", "logloss", "ne", "rmse", "mae", "rmse_log"]
-HIGHER_IS_BETTER = ("auc",)
+# Which way a metric improves, by the end of its name (``auc``, ``click_auc``, ``rank_ndcg_at_5``,
+# ``watch_time_rmse_log``): the one table of the promotion gate, the seesaw and checkpoint
+# selection (``higher_is_better``). Lower: losses and errors; no direction: calibration (best
+# at 1); higher: the rest (AUC, GAUC, XAUC, NDCG, recall, MRR).
+LOWER_IS_BETTER = ("logloss", "ne", "rmse", "mae", "rmse_log", "mae_log", "loss")
+NO_DIRECTION = ("calibration",)
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` (a name or a ``<task>_<name>`` key) is better; a
+    ``ValueError`` for a metric without a better direction (calibration)."""
+
+    def ends(names: tuple[str, ...]) -> bool:
+        return any(metric == n or metric.endswith(f"_{n}") for n in names)
+
+    if ends(NO_DIRECTION):
+        raise ValueError(f"{metric!r} has no better direction (best at 1, not at an end)")
+    return not ends(LOWER_IS_BETTER)
+
+
 LrSchedule = Literal["constant", "linear"]
 LrScaling = Literal["none", "sqrt", "linear"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]

@@ -43,7 +43,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from feature_store.signature import model_signature
 from pipelines.training_set import load_split
-from recsys_moe.config import HIGHER_IS_BETTER, Config
+from recsys_moe.config import Config, higher_is_better
 from recsys_moe.evaluation.evaluate import EVAL_DATA_TAG, evaluation_run
 from recsys_moe.evaluation.report import is_count
 from recsys_moe.model.objectives import output_name
@@ -320,7 +320,7 @@ def promote(cfg: Config, *, name: str, version: str, alias: str = CHAMPION) -> P
                 raise ValueError(f"test/{key} is missing on version {version} or {holder.version}")
             a, b = mine[key], theirs[key]
             compared[key] = (a, b)
-            better_up = t.gate in HIGHER_IS_BETTER
+            better_up = higher_is_better(t.gate)
             worse = a < b - t.gate_tolerance if better_up else a > b + t.gate_tolerance
             if worse:
                 side = "below" if better_up else "above"

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import get_args
 
 import numpy as np
 import pytest
 import torch
 
-from recsys_moe.config import TaskConfig
+from recsys_moe.config import GateMetric, TaskConfig, higher_is_better
 from recsys_moe.evaluation.metrics import (
     EPS,
     ReliabilityCurve,
@@ -24,6 +25,7 @@ from recsys_moe.evaluation.metrics import (
     task_metrics,
 )
 from recsys_moe.evaluation.pairwise import GroupedAUC, xauc
+from recsys_moe.training.selection import selection_score
 
 WATCH = TaskConfig(name="watch_time", kind="regression", label="watch_time_s", transform="log1p")
 WATCH_GIVEN_CLICK = TaskConfig(
@@ -427,3 +429,22 @@ def test_metrics_all_reduced_over_two_ranks_equal_the_metrics_of_all_rows(tmp_pa
     want |= task_metrics(WATCH_GIVEN_CLICK, d["guess"], d["seconds"], mask=d["click"])
     for rank in range(2):
         assert_same(torch.load(f"{path}.{rank}"), want)
+
+
+def test_one_direction_table_for_the_gate_the_seesaw_and_selection() -> None:
+    """``config.higher_is_better``: every key the report writes has its direction, the gate
+    metrics too, and checkpoint selection by a metric follows it."""
+    up = ["auc", "click_auc", "click_gauc_user_id", "watch_time_xauc", "rank_ndcg_at_5",
+          "rank_ndcg_graded_at_3", "rank_recall_at_5", "rank_mrr"]  # fmt: skip
+    down = ["logloss", "rmse", "click_logloss", "click_ne", "watch_time_rmse",
+            "watch_time_rmse_log", "watch_time_mae", "watch_time_mae_log"]  # fmt: skip
+    assert all(higher_is_better(k) for k in up) and not any(higher_is_better(k) for k in down)
+    with pytest.raises(ValueError, match="no better direction"):
+        higher_is_better("click_calibration")
+    for gate in filter(None, get_args(GateMetric)):
+        higher_is_better(gate)  # every gate metric has a direction
+    click = TaskConfig(name="click", kind="binary", label="click")
+    for key in up[1:] + down[2:]:
+        assert (selection_score({key: 0.3}, [click], key) > 0) == higher_is_better(key), key
+    with pytest.raises(ValueError, match="train.selection_metric: 'click_calibration'"):
+        selection_score({"click_calibration": 1.0}, [click], "click_calibration")

@@ -16,7 +16,7 @@ import statistics
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from recsys_moe.config import HIGHER_IS_BETTER, TaskConfig
+from recsys_moe.config import TaskConfig, higher_is_better
 
 PARENT_TAG = "mlflow.parentRunId"
 SINGLE_TASK = "single_task"
@@ -42,7 +42,7 @@ def seesaw(client: MlflowClient, run: Run, tasks: list[TaskConfig]) -> dict[str,
         if key not in run.data.metrics or not theirs:
             continue
         diff = run.data.metrics[key] - statistics.fmean(theirs)
-        out[f"{t.name}_{t.gate}_gain"] = diff if t.gate in HIGHER_IS_BETTER else -diff
+        out[f"{t.name}_{t.gate}_gain"] = diff if higher_is_better(t.gate) else -diff
     if out:
         out["baselines"] = float(len(base))
     return out

@@ -9,7 +9,8 @@ The selection score of a validation (higher is better):
   training mean`` (and likewise for ``rmse_log``); MAE has no baseline and counts as ``−MAE``.
   A task whose metric is undefined on the split (one class) is left out of the mean.
 - a validation metric's key, e.g. ``click_auc`` or ``watch_time_rmse``: that metric, negated
-  where lower is better (loss, NE, RMSE, MAE, calibration error).
+  where lower is better (``config.higher_is_better``: loss, NE, RMSE, MAE); calibration has no
+  better direction and is refused.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from recsys_moe.config import TaskConfig
-
-LOWER_IS_BETTER = ("logloss", "ne", "rmse", "mae", "rmse_log", "loss")
+from recsys_moe.config import TaskConfig, higher_is_better
 
 
 def task_score(task: TaskConfig, valid: Mapping[str, float]) -> float:
@@ -45,9 +44,11 @@ def selection_score(valid: Mapping[str, float], tasks: list[TaskConfig], metric:
                 f"train.selection_metric: {metric!r} is not a validation metric; the validation "
                 f"gives {sorted(valid)}"
             )
-        value = valid[metric]
-        lower = any(metric.endswith(f"_{s}") for s in LOWER_IS_BETTER)
-        return -value if lower else value
+        try:
+            up = higher_is_better(metric)
+        except ValueError as e:
+            raise ValueError(f"train.selection_metric: {e}; choose another metric") from None
+        return valid[metric] if up else -valid[metric]
     scores = [s for s in (task_score(t, valid) for t in tasks) if not math.isnan(s)]
     return sum(scores) / len(scores) if scores else math.nan
 
