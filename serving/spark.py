@@ -109,13 +109,8 @@ def score_spark(
         if features.joined_columns(name):
             feats = features_as_of(spark, st, features, name, as_of)
             rows = rows.join(feats, on=features.entities[name].key, how="left")
-    # a list column of an entity without a live row is null, which MLflow's schema enforcement
-    # of an Array column refuses; the model maps a null list to an empty bag: the same input
-    rows = rows.select(*[
-        F.coalesce(F.col(f.name), F.array().cast(f.dataType)).alias(f.name)
-        if f.dataType.typeName() == "array" else F.col(f.name)
-        for f in rows.schema.fields
-    ])  # fmt: skip
+    # a list column of an entity without a live row is null: the signature admits None in list
+    # columns and the model reads it as the empty bag (serving.pyfunc)
     outputs = [output_name(t) for t in tasks]
     udf = mlflow.pyfunc.spark_udf(
         spark, model_uri, result_type=", ".join(f"{o} double" for o in outputs),
