@@ -23,12 +23,16 @@ import secrets
 import socket
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipelines.atomic import process_alive
 from recsys_moe.config import Config
+
+if TYPE_CHECKING:
+    from mlflow.data.meta_dataset import MetaDataset
 
 log = logging.getLogger(__name__)
 
@@ -177,24 +181,30 @@ def _manifest(cfg: Config) -> dict:
         return {}
 
 
-def log_datasets(cfg: Config) -> None:
-    """The training set's train and valid splits as MLflow datasets of the active run
-    (``training`` / ``validation`` context): source path, row count, digest of the build."""
+def split_dataset(cfg: Config, split: str) -> tuple[MetaDataset, dict[str, str]]:
+    """A split of the training set as an MLflow dataset, the one scheme of training's and
+    evaluation's dataset inputs: named ``<training set>/<split>``, its source the split's
+    Parquet, its digest that of the manifest (new with every build); and its tags (``split``,
+    ``rows``)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     manifest = _manifest(cfg)
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-    rows = manifest.get("rows", {})
+    path = (cfg.dataset_dir / f"{split}.parquet").resolve()
+    with warnings.catch_warnings():  # a local path resolves to two equal source kinds
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(path))
+    dataset = MetaDataset(source, name=f"{cfg.dataset_dir.name}/{split}", digest=digest)
+    return dataset, {"split": split, "rows": str(manifest.get("rows", {}).get(split, ""))}
+
+
+def log_datasets(cfg: Config) -> None:
+    """The training set's train and valid splits as MLflow datasets of the active run
+    (``training`` / ``validation`` context; ``split_dataset``)."""
     for split, context in (("train", "training"), ("valid", "validation")):
-        path = (cfg.dataset_dir / f"{split}.parquet").resolve()
-        with warnings.catch_warnings():  # a local path resolves to two equal source kinds
-            warnings.simplefilter("ignore")
-            source = resolve_dataset_source(str(path))
-        dataset = MetaDataset(source, name=f"{cfg.dataset_dir.name}/{split}", digest=digest)
-        mlflow.log_input(
-            dataset, context=context, tags={"rows": str(rows.get(split, "")), "split": split}
-        )
+        dataset, tags = split_dataset(cfg, split)
+        mlflow.log_input(dataset, context=context, tags=tags)
 
 
 # MLflow error codes that mean "the thing you named is not there" (an unknown alias comes as an

@@ -29,12 +29,10 @@ reported beside them as ``bayes_optimal_...``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
 import time
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -67,6 +65,7 @@ from recsys_moe.tracking import (
     client_for,
     latest_train_run,
     run_owner_tags,
+    split_dataset,
 )
 
 ORACLE = "oracle.parquet"
@@ -226,26 +225,16 @@ def evaluate(
 
 
 def log_dataset(client: mlflow.MlflowClient, run_id: str, cfg: Config, split: str) -> None:
-    """The evaluated split as a dataset input of the run (context ``evaluation``; training logs
-    its train and valid splits, ``tracking.log_datasets``, with the same name and digest scheme:
-    source the split's Parquet, digest that of the training set's manifest, new with every
-    build); ``register`` attaches it to the metrics of the logged model."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
+    """The evaluated split as a dataset input of the run (context ``evaluation``; the name and
+    digest of training's, ``tracking.split_dataset``); ``register`` attaches it to the metrics
+    of the logged model."""
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    manifest = load_manifest(cfg.dataset_dir)
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-    path = (cfg.dataset_dir / f"{split}.parquet").resolve()
-    with warnings.catch_warnings():  # a local path resolves to two equal source kinds
-        warnings.simplefilter("ignore")
-        source = resolve_dataset_source(str(path))
-    name = f"{cfg.dataset_dir.name}/{split}"
-    dataset = MetaDataset(source, name=name, digest=digest)
-    tags = [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation"), InputTag("split", split),
-            InputTag("rows", str(manifest.get("rows", {}).get(split, "")))]  # fmt: skip
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+    dataset, tags = split_dataset(cfg, split)
+    inputs = [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")]
+    inputs += [InputTag(k, v) for k, v in tags.items()]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), inputs)])
 
 
 def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
