@@ -92,18 +92,11 @@ def scoring_device(device: str) -> torch.device:
 
 
 def combined_score(tasks: list[TaskConfig], weights: dict[str, float]) -> pl.Expr:
-    """``prod_t p_t ** w_t`` (binary tasks) ``* (1 + y_t) ** w_t`` (regression tasks); tasks
-    without a weight (or weight 0) do not count."""
-    from recsys_moe.model.objectives import output_name
+    """The ranking score of the predictions (``recsys_moe.evaluation.ranking.score_expr``: the
+    evaluation's ranking metrics rank by the same expression)."""
+    from recsys_moe.evaluation.ranking import score_expr
 
-    expr = pl.lit(1.0)
-    for t in tasks:
-        w = weights.get(t.name, 0.0)
-        if w == 0.0:
-            continue
-        col = pl.col(output_name(t))
-        expr = expr * (col.clip(lower_bound=0.0) if t.kind == "binary" else 1.0 + col).pow(w)
-    return expr
+    return score_expr(tasks, weights)
 
 
 def check_finite(frame: pl.DataFrame, columns: list[str], keys: list[str], path: Path) -> None:

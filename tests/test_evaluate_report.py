@@ -62,13 +62,21 @@ def make_frame(seed: int, requests: int = 30, per: int = 6) -> pl.DataFrame:
 
 
 def test_combined_score_is_the_scoring_jobs() -> None:
+    """One definition: the evaluation ranks by the scoring job's numbers exactly, and both are
+    the formula (a brute-force NumPy product here)."""
     frame = make_frame(0)
+    click = frame["pred_click"].to_numpy().copy()
+    click[0] = -0.1  # clipped to 0
+    seconds = frame["pred_watch_time"].to_numpy()
     for weights in ({"click": 1.0, "watch_time": 1.0}, {"click": 2.0, "watch_time": 0.5},
-                    {"click": 1.0}):  # fmt: skip
-        preds = {"p_click": frame["pred_click"].to_numpy(),
-                 "watch_time_s": frame["pred_watch_time"].to_numpy()}  # fmt: skip
-        want = pl.DataFrame(preds).select(serving_score(TASKS, weights)).to_series().to_numpy()
-        assert combined_score(TASKS, weights, preds) == pytest.approx(want, rel=1e-12)
+                    {"click": 1.0}, {}):  # fmt: skip
+        preds = {"p_click": click.astype(np.float32), "watch_time_s": seconds}
+        mine = combined_score(TASKS, weights, preds)
+        job = pl.DataFrame(preds).select(serving_score(TASKS, weights)).to_series().to_numpy()
+        assert mine.dtype == np.float64 and np.array_equal(mine, np.broadcast_to(job, mine.shape))
+        p = np.clip(click.astype(np.float32).astype(np.float64), 0.0, None)
+        want = p ** weights.get("click", 0.0) * (1.0 + seconds) ** weights.get("watch_time", 0.0)
+        assert mine == pytest.approx(want, rel=1e-12) and mine[0] == (0.0 if weights else 1.0)
 
 
 @pytest.mark.parametrize("seed", range(3))

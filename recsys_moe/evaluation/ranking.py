@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import polars as pl
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -33,20 +34,27 @@ from recsys_moe.model.objectives import output_name
 F64 = torch.float64
 
 
-def combined_score(
-    tasks: list[TaskConfig], weights: dict[str, float], preds: dict[str, np.ndarray]
-) -> np.ndarray:
-    """The scoring job's ranking score (``serving.score.combined_score``) of ``preds`` (by
-    ``output_name``): tasks without a weight (or weight 0) do not count."""
-    n = len(next(iter(preds.values())))
-    out = np.ones(n, dtype=np.float64)
+def score_expr(tasks: list[TaskConfig], weights: dict[str, float]) -> pl.Expr:
+    """The combined score, the one definition of the scoring job's ranking (``serving.model``)
+    and of the ranking metrics here: ``prod_t p_t ** w_t`` over binary tasks (clipped at 0) times
+    ``(1 + y_t) ** w_t`` over regression tasks, on the prediction columns (``output_name``) as
+    Float64; tasks without a weight (or weight 0) do not count."""
+    expr = pl.lit(1.0, dtype=pl.Float64)
     for t in tasks:
         w = weights.get(t.name, 0.0)
         if w == 0.0:
             continue
-        p = np.asarray(preds[output_name(t)], dtype=np.float64)
-        out *= (np.clip(p, 0.0, None) if t.kind == "binary" else 1.0 + p) ** w
-    return out
+        col = pl.col(output_name(t)).cast(pl.Float64)
+        expr = expr * (col.clip(lower_bound=0.0) if t.kind == "binary" else 1.0 + col).pow(w)
+    return expr
+
+
+def combined_score(
+    tasks: list[TaskConfig], weights: dict[str, float], preds: dict[str, np.ndarray]
+) -> np.ndarray:
+    """``score_expr`` of ``preds`` (arrays by ``output_name``)."""
+    frame = pl.DataFrame({k: np.asarray(v, dtype=np.float64) for k, v in preds.items()})
+    return frame.with_columns(score_expr(tasks, weights).alias("__score"))["__score"].to_numpy()
 
 
 def metric_names(ks: list[int], graded: bool) -> list[str]:
