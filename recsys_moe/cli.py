@@ -139,6 +139,7 @@ def run_evaluate(
             shown = f"   [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
             print(f"  {logged}/{k:<32} {v:.4f}{shown}")
     print(f"wrote {report['output']} and {report['report']}")
+    print(f"logged as evaluation run {report['evaluation_run_id']} (a child of the training run)")
     if report["predictions"]:
         print(f"wrote {report['predictions']} (one row per evaluated event)")
     return report
