@@ -108,7 +108,8 @@ def run_train(cfg: Config):  # noqa: ANN201  (TrainResult: torch is imported onl
     result = train(cfg)
     if result.model is not None:  # rank 0 (the only rank without torchrun)
         valid = " ".join(f"{k}={v:.4f}" for k, v in result.valid.items())
-        print(f"trained run {result.run_id}: {result.samples_per_s:,.0f} samples/s; valid {valid}")
+        print(f"trained run {result.run_id}: {result.samples_per_s:,.0f} samples/s "
+              f"({result.samples_per_s_steady:,.0f} after warm-up); valid {valid}")  # fmt: skip
         print(f"model bundle: {result.model_dir}")
     return result
 
@@ -128,9 +129,13 @@ def run_evaluate(
     predictions: Path | None = None,
 ) -> dict:
     from recsys_moe.evaluation.evaluate import evaluate
+    from recsys_moe.training.sweep import dataset_note, picked_note
 
     report = evaluate(cfg, run_id=run_id, split=split, output=output, predictions=predictions)
-    picked = "" if run_id else ", the latest finished training run"
+    picked = "" if run_id else picked_note(cfg, report["run_id"])
+    warning = dataset_note(cfg, report["run_id"])
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"evaluated run {report['run_id']}{picked} on {split} ({report['rows']} rows)")
     logged = "test" if split == "test" else f"eval_{split}"  # the keys evaluate logs them as
     for k, v in report["metrics"].items():
@@ -147,10 +152,11 @@ def run_evaluate(
 
 def run_register(cfg: Config, run_id: str | None):  # noqa: ANN201  (registry.Registered)
     from recsys_moe.registry import register
+    from recsys_moe.training.sweep import picked_note
     from serving.pyfunc import CODE_PATH
 
     reg = register(cfg, python_model=CODE_PATH, run_id=run_id)
-    picked = "" if run_id else ", the latest finished training run"
+    picked = "" if run_id else picked_note(cfg, reg.run_id)
     print(f"registered {reg.name} version {reg.version} (run {reg.run_id}{picked}) as @{reg.alias}")
     return reg
 
@@ -233,7 +239,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from recsys_moe.training.sweep import sweep
 
     result = sweep(args.config, args.grid, args.set, workdir=args.workdir, match=args.match_compute)
-    print(f"sweep {result.parent_run_id} ({len(result.rows)} runs, validation metrics):")
+    print(f"sweep {result.parent_run_id} ({len(result.rows)} runs; validation and test metrics "
+          "of each run's selected checkpoint; artifacts sweep.md/csv/json):")  # fmt: skip
     print(result.table)
 
 
@@ -347,8 +354,13 @@ bundle as artifact model/), the bundle in WORKDIR/models/RUN_ID/; prints the run
   recsys-moe sweep --grid model.mixture=mmoe,shared_bottom --grid train.seed=0,1 \\
       --set train.epochs=3 --match-compute
 
-writes: a parent MLflow run (its table: artifact sweep.md) with one child training run per
-setting; prints the table of validation metrics (mean ± sd over a train.seed grid)""",
+  recsys-moe sweep --config configs/census.toml --grid data.split_seed=0,1,2 \\
+      --grid train.seed=0,1 --grid train.weight_decay=0,1e-4
+
+writes: a parent MLflow run (artifacts sweep.md, sweep.csv, sweep.json) with one child training
+run per setting; a grid over data.* or synth.* builds a training set per data setting under
+WORKDIR/sweeps/; prints each run's validation and test metrics of its selected checkpoint and
+their mean ± sd over the seeds in the grid (train.seed, data.split_seed, synth.seed)""",
     "evaluate": """examples:
   recsys-moe evaluate --config configs/demo.toml               # the latest training run, test
   recsys-moe evaluate --run-id RUN_ID --split valid --output report.json
