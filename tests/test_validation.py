@@ -27,7 +27,7 @@ def test_blocks_cover_the_split_once_with_one_padded_size() -> None:
         assert all(stop - start <= size for start, stop, size in blocks)
 
 
-def _rank(rank: int, world: int, work: str, out: str) -> None:
+def _rank(rank: int, world: int, work: str, out: str, config: str) -> None:
     import torch.distributed as dist
 
     from recsys_moe.evaluation.predict import predict_with_gates
@@ -38,7 +38,7 @@ def _rank(rank: int, world: int, work: str, out: str) -> None:
     from recsys_moe.training.validation import predict_sharded
 
     dist.init_process_group("gloo", init_method=f"file://{out}.init", rank=rank, world_size=world)
-    cfg = load_config(DEMO_CONFIG, SETS, workdir=work)
+    cfg = load_config(config, SETS, workdir=work)
     names = [t.name for t in cfg.tasks]
     torch.manual_seed(0)
     module = TrainModule(build_model(cfg.feature_set(), cfg.model, names, device="meta"),
@@ -61,7 +61,9 @@ def test_sharded_validation_equals_every_rank_predicting_the_whole_split(tmp_pat
 
     work = small_demo_work("validation-", SETS)
     out = str(tmp_path / "v")
-    mp.spawn(_rank, args=(2, str(work), out), nprocs=2, join=True)
+    # the config's path from here: a spawned child imports the project from sys.path, where an
+    # earlier test's mlflow.pyfunc.load_model may have put a model's copy of the code (no configs)
+    mp.spawn(_rank, args=(2, str(work), out, str(DEMO_CONFIG)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(f"{out}.{rank}", weights_only=False)
         assert got["ranks"] == [0, 1]  # the tables really are on both ranks
