@@ -14,7 +14,7 @@ from recsys_moe.cli import main
 from recsys_moe.config import DEMO_CONFIG, TaskConfig, load_config
 from recsys_moe.dataset import build_dataset
 from recsys_moe.model import model_cost
-from recsys_moe.tracking import client_for
+from recsys_moe.tracking import chart_sections, client_for
 from recsys_moe.training.sweep import BEST_TAG, parse_grid, report, shown_metrics, summarize
 
 SMALL = [
@@ -80,10 +80,12 @@ def test_sweep_runs_each_setting_as_a_child_run(tmp_path: Path, capsys) -> None:
         row, logged = runs[child.info.run_id], child.data.metrics
         assert row["epoch"] == logged["train/selected_epoch"] == 1
         for split in ("valid", "test"):
-            assert row[f"{split}/click_auc"] == pytest.approx(logged[f"selected/{split}/click_auc"])
+            assert row[f"{split}/click_auc"] == pytest.approx(logged[f"selected.{split}.click_auc"])
             assert 0.0 < row[f"{split}/click_auc"] < 1.0  # tiny data, one epoch: any AUC
         assert row["valid/click_auc"] == pytest.approx(logged["valid/click_auc"])  # 1 epoch
         assert row["test/click_auc"] != row["valid/click_auc"]  # another split, not a copy
+        sections = [name for name, _ in chart_sections(list(logged))]
+        assert sections[:2] == ["train", "valid"], sections  # the loss curves first
     mmoe = [s for s in sweep_json["summary"] if s["model.mixture"] == "mmoe"][0]
     seeds = [r["test/click_auc"] for r in runs.values() if r["model.mixture"] == "mmoe"]
     assert mmoe["runs"] == 2 and mmoe["test/click_auc"] == pytest.approx(statistics.mean(seeds))

@@ -14,7 +14,9 @@ Each run's numbers are those of its **selected checkpoint** (``train.select``: t
 validation epoch by default, the ``epoch`` column): ``valid/<metric>`` on the validation split
 (as training scored it) and ``test/<metric>`` on the test split, the selected model predicting
 the mapped test rows with the metrics of validation (``split_metrics``); both are also logged to
-the child run as ``selected/valid/...`` and ``selected/test/...``. Per task: AUC and log loss
+the child run as ``selected.valid.<metric>`` and ``selected.test.<metric>`` (no ``/``: MLflow's
+run page puts such keys after the ``train/`` and ``valid/`` sections, so the loss curves stay
+first). Per task: AUC and log loss
 (binary), RMSE, and RMSE on the log scale for ``log1p`` tasks (regression).
 
 Seeds: a grid over ``train.seed``, ``data.split_seed`` (a random split) or ``synth.seed`` (the
@@ -250,11 +252,14 @@ def selected_metrics(cfg: Config, result: TrainResult) -> dict[str, float]:
 
 
 def log_selected(client, run_id: str, selected: dict[str, float]) -> None:  # noqa: ANN001
-    """``selected`` as the child run's ``selected/valid/...`` and ``selected/test/...``."""
+    """``selected`` (``valid/<metric>``, ``test/<metric>``) as the child run's
+    ``selected.valid.<metric>`` and ``selected.test.<metric>``: without a ``/`` they chart in the
+    run page's last section, after ``train/`` and ``valid/`` (``tracking.chart_sections``)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(f"selected/{k}", float(v), now, 0) for k, v in selected.items()
+    batch = [Metric("selected." + k.replace("/", "."), float(v), now, 0)
+             for k, v in selected.items()
              if math.isfinite(v)]  # fmt: skip
     client.log_batch(run_id, metrics=batch)
 
