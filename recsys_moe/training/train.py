@@ -228,8 +228,12 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
         def validate(model: nn.Module) -> Tensor:
             """Metrics and gate statistics of the validation split, logged; its gates."""
             preds, gates = predict_sharded(
-                OnDevice(model, info.device), valid, cfg.tasks, batch_size=t.eval_batch_size,
-                rank=info.rank, world_size=info.world_size,
+                OnDevice(model, info.device),
+                valid,
+                cfg.tasks,
+                batch_size=t.eval_batch_size,
+                rank=info.rank,
+                world_size=info.world_size,
             )  # fmt: skip  (one pass for the metrics and the gate statistics, each rank a block)
             result.valid = split_metrics(cfg.tasks, preds, _numpy(valid.labels), manifest)
             support = model.gate_support()
