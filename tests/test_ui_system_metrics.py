@@ -43,9 +43,13 @@ def test_a_training_run_logs_system_metrics(work: Path) -> None:
     metrics, run_id = _train(work, "train.epochs=2", "mlflow.system_metrics_interval_s=1")
     assert {CPU, MEMORY, "system/disk_usage_percentage"} <= set(metrics), sorted(metrics)
     cfg = load_config(DEMO_CONFIG, SMALL, workdir=work)
-    history = client_for(cfg).get_metric_history(run_id, CPU)
-    # a point per second of training (about 10 s here), steps 0, 1, ... in order
-    assert len(history) >= 3, history
+    client = client_for(cfg)
+    history = client.get_metric_history(run_id, CPU)
+    # about a point per second of the run (its length depends on the machine's load), steps
+    # 0, 1, ... in order
+    info = client.get_run(run_id).info
+    seconds = (info.end_time - info.start_time) / 1000
+    assert len(history) >= max(1, int(seconds) - 3), (seconds, history)
     assert sorted(m.step for m in history) == list(range(len(history)))
     assert all(0.0 <= m.value <= 100.0 for m in history)
     assert metrics[MEMORY] > 0
