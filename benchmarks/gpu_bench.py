@@ -219,7 +219,10 @@ def score_run(args: argparse.Namespace) -> None:
 
     report: dict[str, dict[str, float]] = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    only = set(args.only.split(",")) if args.only else None
     for name, model in variants():
+        if only is not None and name not in only:
+            continue
         report[name] = {}
         for size, batch in batches.items():
             with torch.no_grad(), autocast:
@@ -235,6 +238,13 @@ def score_run(args: argparse.Namespace) -> None:
                     times.append((time.perf_counter() - t0) / 10)
             report[name][str(size)] = size / statistics.median(times)
             print(f"score {name:>16} batch {size:>7,}: {report[name][str(size)]:,.0f} pairs/s")
+        if args.profile:  # where the largest batch's forward goes, on the device
+            with torch.no_grad(), autocast, torch.profiler.profile() as prof:
+                for _ in range(3):
+                    model(batch.dense, batch.sparse)
+                sync()
+            print(f"profile {name}, batch {size:,}, 3 forwards")
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15))
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "pairs_per_s": report, "repeats": args.repeats}  # fmt: skip
     if args.out:
@@ -262,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON report path")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per batch size")
     p.add_argument("--config", type=Path, default=CONFIG, help="model config (default: bench)")
+    p.add_argument("--only", help="comma-separated variants to run (default: all)")
+    p.add_argument("--profile", action="store_true", help="print each variant's top device ops")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.set_defaults(func=score_run)
     args = parser.parse_args(argv)

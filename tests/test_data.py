@@ -9,7 +9,7 @@ import torch
 from fixtures import DATA_DENSE, DATA_HEADER, DATA_SPARSE
 
 from feature_store.definitions import FeatureSet
-from recsys_moe.data import Batch, iterate_batches, to_tensor_data
+from recsys_moe.data import Batch, _cut_kjts, _gathered_kjts, iterate_batches, to_tensor_data
 
 N = 53
 
@@ -96,6 +96,22 @@ def test_drop_last() -> None:
     assert data.labels == {}
     assert [len(b) for b in iterate_batches(data, 8, drop_last=True)] == [8] * 6
     assert [len(b) for b in iterate_batches(data, 100)] == [N]
+
+
+@pytest.mark.parametrize("rows", [N, N - N % 8])  # with and without a short last batch
+def test_gathered_layout_equals_the_cut_one(rows: int) -> None:
+    """The GPU's batch-major layout (one gather per epoch) gives each batch exactly the KJT that
+    cutting and joining every feature's column gives (the CPU's way), empty bags included."""
+    features, mapped, labels = make_frames()
+    data = to_tensor_data(mapped, features, labels)
+    bounds = [*range(0, rows, 8), rows]
+    cut, gathered = list(_cut_kjts(data, bounds)), list(_gathered_kjts(data, bounds))
+    assert len(cut) == len(gathered) == len(bounds) - 1
+    for a, b in zip(cut, gathered, strict=True):
+        assert a.keys() == b.keys() and a.stride() == b.stride()
+        assert torch.equal(a.values(), b.values()) and torch.equal(a.lengths(), b.lengths())
+        assert a.length_per_key() == b.length_per_key()
+        assert a.offset_per_key() == b.offset_per_key()
 
 
 def test_no_dense_features() -> None:
