@@ -238,7 +238,9 @@ class ShardingConfig:
     table_row_wise, table_column_wise, data_parallel. Row-wise has no CPU kernel.
     """
 
-    types: list[ShardingName] = field(default_factory=list)  # for every table; [] = the default
+    # for every table; [] = the default: table_wise in one process, else the planner's pick of
+    # all types but data_parallel (CUDA) or of table_wise and column_wise (CPU)
+    types: list[ShardingName] = field(default_factory=list)
     constraints: dict[str, list[ShardingName]] = field(default_factory=dict)  # table -> types
 
     def __post_init__(self) -> None:
@@ -297,7 +299,8 @@ class TrainConfig:
     # measurable, a call per step 63 %)
     log_every: int = 500
     eval_batch_size: int = 8192
-    # auto = TorchRec's TrainPipelineSparseDist on CUDA, else a plain step; or sparse_dist | plain
+    # auto = TorchRec's TrainPipelineSparseDist on CUDA with several processes, else a plain step
+    # (on one H200 the plain step was faster: benchmarks/README.md); or sparse_dist | plain
     pipeline: Pipeline = "auto"
     # memory: the mapped train split read once and held (training.loader.MemoryLoader), by
     # every rank; device: the same, held on the training device (a GPU: batches are cut there);

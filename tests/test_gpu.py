@@ -149,15 +149,18 @@ def test_device_loader_cuts_the_same_batches_on_the_gpu(dataset: Path) -> None:
     assert n == len(cpu) > 1
 
 
-@pytest.mark.parametrize("mode", ["true", "cudagraphs"])
+@pytest.mark.parametrize(
+    ("mode", "pipeline"), [("true", "auto"), ("cudagraphs", "auto"), ("cudagraphs", "sparse_dist")]
+)
 def test_compiled_step_on_cuda_learns_like_the_eager_one(
-    trained: SimpleNamespace, mode: str
+    trained: SimpleNamespace, mode: str, pipeline: str
 ) -> None:
     """``train.compile``: the dense part as fused kernels, or replayed as CUDA graphs (forward
-    and backward), under TorchRec's pipeline on the GPU: the same losses as the eager run
-    within bf16's noise, and the logged losses are the step's own (copied out of the graphs'
-    pool, not overwritten by later replays: their series is not constant)."""
-    cfg = _config(trained.cfg.workdir, [f"train.compile={mode}"])
+    and backward), in plain steps (one GPU's default) and under TorchRec's pipeline: the same
+    losses as the eager run within bf16's noise, and the logged losses are the step's own
+    (copied out of the graphs' pool, not overwritten by later replays: their series is not
+    constant)."""
+    cfg = _config(trained.cfg.workdir, [f"train.compile={mode}", f"train.pipeline={pipeline}"])
     result = train(cfg)
     eager = trained.result
     assert len(result.losses) == len(eager.losses)

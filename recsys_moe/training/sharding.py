@@ -47,6 +47,11 @@ CPU_DEFAULT_TYPES = ("table_wise", "column_wise")
 # (Adam at the dense learning rate) instead of the fused row-wise Adagrad, so the same config
 # learned differently on 2 GPUs (valid AUC 0.665) than on 1 (0.722), seen on the H200.
 CUDA_DEFAULT_TYPES = tuple(t for t in SHARDING_TYPES if t != "data_parallel")
+# One process: whole tables. There is nothing to distribute, and the planner's pick for the bench
+# model on one H200 (table_column_wise: each table cut into column shards, joined again after
+# the lookup) cost host time every step: 5.90 vs 5.54 ms per step with the dense step graphed
+# (benchmarks/README.md, 2026-12-01 session 7).
+SINGLE_PROCESS_TYPES = ("table_wise",)
 
 
 def _tables(module: nn.Module) -> list[str]:
@@ -79,17 +84,23 @@ def topology_for(device: torch.device, world_size: int) -> Topology:
     )
 
 
+def default_types(device: torch.device, world_size: int) -> tuple[str, ...]:
+    """The sharding types the planner may pick from when ``train.sharding.types`` is empty."""
+    if world_size == 1:
+        return SINGLE_PROCESS_TYPES
+    return CPU_DEFAULT_TYPES if device.type == "cpu" else CUDA_DEFAULT_TYPES
+
+
 def constraints_for(
-    module: nn.Module, cfg: ShardingConfig, device: torch.device
+    module: nn.Module, cfg: ShardingConfig, device: torch.device, world_size: int
 ) -> dict[str, ParameterConstraints]:
-    """Planner constraints: ``cfg.constraints`` per table, ``cfg.types`` for all the others."""
+    """Planner constraints: ``cfg.constraints`` per table, ``cfg.types`` (else
+    ``default_types``) for all the others."""
     tables = _tables(module)
     unknown = sorted(set(cfg.constraints) - set(tables))
     if unknown:
         raise ValueError(f"train.sharding.constraints: no table(s) {unknown}; tables are {tables}")
-    default = list(cfg.types) or list(
-        CPU_DEFAULT_TYPES if device.type == "cpu" else CUDA_DEFAULT_TYPES
-    )
+    default = list(cfg.types) or list(default_types(device, world_size))
     out: dict[str, ParameterConstraints] = {}
     for table in tables:
         types = list(cfg.constraints.get(table, default))
@@ -130,7 +141,7 @@ def shard(
     world_size = dist.get_world_size()
     planner = EmbeddingShardingPlanner(
         topology=topology_for(device, world_size),
-        constraints=constraints_for(module, cfg, device),
+        constraints=constraints_for(module, cfg, device, world_size),
         # the share of each device's memory kept out of the plan (activations, the dense part and
         # its optimizer, input batches); TorchRec's default, a heuristic from the dense tensors'
         # sizes, warns on every run and is deprecated in torchrec 1.8 (FutureWarning)
@@ -181,10 +192,14 @@ def train_step(
     """``(progress, pause)``: ``progress(batches)`` trains on the next batch and returns the
     model's second output; ``pause()`` makes the model usable for plain forward calls (eval).
 
-    On CUDA, TorchRec's ``TrainPipelineSparseDist`` overlaps the next batches' copy and input
-    distribution with this one's compute; elsewhere, a plain step. ``model(batch)`` returns
-    ``(loss, output)`` in both. ``pipeline``: auto (the pipeline on CUDA), sparse_dist, plain;
-    a model without embedding tables (numeric features only) always takes plain steps.
+    With several processes on CUDA, TorchRec's ``TrainPipelineSparseDist`` overlaps the next
+    batches' copy and input distribution (an all-to-all) with this one's compute; elsewhere, a
+    plain step. ``model(batch)`` returns ``(loss, output)`` in both. ``pipeline``: auto (the
+    pipeline on CUDA with several processes), sparse_dist, plain; a model without embedding
+    tables (numeric features only) always takes plain steps. On one GPU the pipeline's own host
+    work (its streams, awaitables and the fx-rewritten forward) outweighed what it overlaps:
+    the bench model's graphed step took 5.54 ms with it and 3.88 ms plain, batches already on
+    the GPU (benchmarks/README.md, 2026-12-01 session 7).
     """
     if pipeline in ("sparse_dist", "auto") and not any(
         isinstance(m, ShardedModule) for m in model.modules()
@@ -192,7 +207,8 @@ def train_step(
         if pipeline == "sparse_dist":
             log.info("train.pipeline sparse_dist: the model has no embedding tables; plain steps")
         pipeline = "plain"
-    if pipeline == "sparse_dist" or (pipeline == "auto" and device.type == "cuda"):
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    if pipeline == "sparse_dist" or (pipeline == "auto" and device.type == "cuda" and several):
         pipeline = TrainPipelineSparseDist(model, optimizer, device)
         return pipeline.progress, pipeline.detach  # progress re-attaches
 
