@@ -3,12 +3,28 @@
 Input columns are the raw feature columns (as point-in-time joins return them), typed from the
 training set's schema; outputs are the model's prediction columns.
 
-List columns are declared ``required=False``: in MLflow's schema enforcement that is what admits a
-``None`` cell in an ``Array`` column (a required one refuses it: "Expected data to be list or numpy
-array, got NoneType"), and a point-in-time join leaves the list null for an entity the store does
-not know or whose features are past their TTL. Non-null cells are still checked against the
-element type. The model reads a null list as an empty one (the empty bag). The column itself stays
-required by the model: ``serving.pyfunc`` refuses input without it.
+Missing values. A point-in-time join leaves an entity's columns null for an entity the store does
+not know or whose features are past their TTL; the model scores such a row on the unknown path
+(``serving.pyfunc``). How MLflow 3.17's schema enforcement admits those nulls decides two types:
+
+- List columns are declared ``required=False``: that is what admits a ``None`` cell in an
+  ``Array`` column (a required one refuses it: "Expected data to be list or numpy array, got
+  NoneType"). Non-null cells are still checked against the element type. The model reads a null
+  list as an empty one.
+- Integer categorical columns that a join fills (an entity's feature, not the entity key: the
+  demo's ``author``) are declared ``Any``. In pandas, and in Spark's Arrow-to-pandas conversion,
+  a nullable int64 column becomes float64 with ``NaN``, which a ``long`` column refuses
+  (float64 -> int64 is not a safe cast), and a pandas ``Int64`` column with ``<NA>`` fails its
+  cast to int64. ``double`` would admit the ``NaN`` but refuse a plain int64 column (MLflow casts
+  int to double only up to 6 bytes) and round ids above 2**53. ``Any`` passes the values
+  through; the model checks them itself (``serving.pyfunc.integer_ids``): integers (int64, a
+  pandas ``Int64`` or an object column of ints and ``None``) as they are, ``None``/``NaN`` as the
+  missing value (the unknown id), a float column only where every value is a whole number below
+  2**53 in magnitude (no id it holds can have been rounded); anything else (a string, a bool, 2.5,
+  3e17) is refused with the column's name. Entity keys (``item_id``) and columns of the events
+  rows keep ``long``: a candidate always carries them.
+
+Every column stays required by the model: ``serving.pyfunc`` refuses input without one.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ from typing import Any
 
 import polars as pl
 
-from feature_store.definitions import FeatureSet
+from feature_store.definitions import Feature, FeatureSet
 
 _SCALARS = {
     pl.Int8: "long", pl.Int16: "long", pl.Int32: "long", pl.Int64: "long",
@@ -37,19 +53,27 @@ def _mlflow_type(dtype: pl.DataType, column: str) -> Any:
     return getattr(DataType, name)
 
 
+def _joined_ids(features: FeatureSet, f: Feature, dtype: pl.DataType) -> bool:
+    joined = bool(f.entity) and f.column != features.entities[f.entity].key
+    return joined and f.kind == "categorical" and dtype.is_integer()
+
+
 def model_signature(
     features: FeatureSet, schema: dict[str, pl.DataType], outputs: list[str]
 ) -> Any:
     """``ModelSignature``: one input column per feature (typed as in ``schema``; list columns
-    accept ``None`` cells), double outputs."""
+    accept ``None`` cells; joined integer categorical columns ``Any``, checked by the model),
+    double outputs."""
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 
     inputs = []
     for f in features.features:
         if f.column not in schema:
             raise ValueError(f"feature {f.name!r}: column {f.column!r} not in the training set")
         dtype = _mlflow_type(schema[f.column], f.column)
+        if _joined_ids(features, f, schema[f.column]):
+            dtype = AnyType()
         inputs.append(ColSpec(dtype, f.column, required=not isinstance(dtype, Array)))
     return ModelSignature(
         inputs=Schema(inputs), outputs=Schema([ColSpec(DataType.double, o) for o in outputs])
