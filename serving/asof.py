@@ -69,6 +69,18 @@ class EntityRows:
     tower: Tensor
 
 
+def check_entity_features(features: FeatureSet) -> None:
+    """Scoring joins every feature from the store's entity tables: a model with features read
+    from each event row is a ``ValueError``."""
+    rowwise = [f.name for f in features.features if not f.entity]
+    if rowwise:
+        raise ValueError(
+            f"scoring: feature(s) {rowwise} have no entity (they are read from each event "
+            "row); recsys-moe score joins every feature from the store's entity tables and "
+            "cannot score such a model yet"
+        )
+
+
 class AsOfFeatures:
     """Every entity's features in effect at ``as_of``, mapped; ``gather`` builds a candidate
     batch and counts unknown and expired entities."""
@@ -82,13 +94,7 @@ class AsOfFeatures:
         model: MultiTaskModel,
         batch_size: int = 4096,
     ) -> None:
-        rowwise = [f.name for f in features.features if not f.entity]
-        if rowwise:
-            raise ValueError(
-                f"scoring: feature(s) {rowwise} have no entity (they are read from each event "
-                "row); recsys-moe score joins every feature from the store's entity tables and "
-                "cannot score such a model yet"
-            )
+        check_entity_features(features)
         self.features = features
         self.mappings = mappings
         self.model = model
@@ -209,3 +215,60 @@ def check_as_of(as_of: datetime, ranges: dict[str, TimeRange], store: OfflineSto
                 "candidate would be scored without its features; pass an --as-of inside that "
                 "range (or leave it out: the store's latest feature time)"
             )
+
+
+def scoring_time(
+    as_of: datetime | None, store: OfflineStore, features: FeatureSet
+) -> tuple[datetime, dict[str, TimeRange]]:
+    """The job's as-of (naive UTC; ``None``: the store's latest feature time, never the wall
+    clock), checked against the store's time ranges (``check_as_of``), and those ranges."""
+    ranges = store_time_ranges(store, features)
+    if as_of is None:
+        as_of = max(r.last for r in ranges.values())
+    as_of = as_of.replace(tzinfo=None)
+    check_as_of(as_of, ranges, store)
+    return as_of, ranges
+
+
+def check_missing_share(
+    counts: dict[str, int],
+    seen: int,
+    *,
+    max_share: float,
+    as_of: datetime,
+    ranges: dict[str, TimeRange],
+    store: OfflineStore,
+    candidates: str,
+    scope: str = "",
+    consequence: str = "Nothing written",
+) -> None:
+    """Too many of ``seen`` candidates without features (``counts["missing_features"]`` above
+    ``score.max_missing_share``) is a ``DataError`` naming the likely cause: an as-of past the
+    store's range or a stale store (mostly expired), or ids the store does not know (mostly
+    unknown). ``counts``: ``AsOfFeatures.gather``'s keys; ``scope`` and ``consequence`` say which
+    candidates were checked and what the job did not write."""
+    missing = counts.get("missing_features", 0)
+    if seen == 0 or missing / seen <= max_share:
+        return
+    expired = counts.get("expired_features", 0)
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+    span = "; ".join(
+        f"{name} rows {r.first.isoformat()} .. {r.last.isoformat()}" for name, r in ranges.items()
+    )
+    if expired >= missing - expired:
+        cause = (
+            f"most of them have features older than their TTL as of {as_of.isoformat()}: "
+            f"the store looks stale (refresh it), or --as-of lies past its range ({span})"
+        )
+    else:
+        cause = (
+            f"most of them are ids the store {store.root} has no row for as of "
+            f"{as_of.isoformat()} ({span}): candidates of another store (--store), or an "
+            "--as-of before their first rows"
+        )
+    raise DataError(
+        f"candidates {candidates}: {missing} of {seen} candidates{scope} "
+        f"({100 * missing / seen:.2f}%) lack features, above score.max_missing_share "
+        f"({100 * max_share:g}%): {cause}. Counts: {detail}. {consequence}; raise "
+        "score.max_missing_share only if scoring them unknown is intended"
+    )

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -97,19 +99,13 @@ class CandidateSource:
             schema = pl.scan_parquet(f).collect_schema()
         except Exception as e:  # a truncated or non-Parquet file
             raise DataError(f"candidates {f}: not a readable Parquet file ({e})") from e
-        for col in ("user_id", "item_id", "request_id"):
-            if col not in schema:
-                if col == "request_id":
-                    continue
-                raise DataError(
-                    f"candidates {f}: missing required column {col!r}; columns: {schema.names()}"
-                )
-            if not schema[col].is_integer():
-                raise DataError(
-                    f"candidates {f}: column {col!r} has dtype {schema[col]}, expected an "
-                    "integer id (cast to Int64 where the file is written)"
-                )
-        return "request_id" in schema
+        ids = check_id_columns(
+            str(f),
+            dict(schema),
+            lambda t: t.is_integer(),
+            "cast to Int64 where the file is written",
+        )
+        return "request_id" in ids
 
     def identity(self) -> dict:
         """What a resumed run must find unchanged: every file's path, size and row count."""
@@ -132,6 +128,27 @@ class CandidateSource:
         return frame.select(pl.col(self.ids).cast(pl.Int64)).with_columns(
             pl.int_range(unit.first_row, unit.first_row + frame.height, dtype=pl.Int64).alias(ROW)
         )
+
+
+def check_id_columns(
+    where: str, dtypes: dict[str, Any], is_integer: Callable[[Any], bool], cast: str
+) -> list[str]:
+    """The candidates' id columns (``request_id`` first when there, ``user_id``, ``item_id``);
+    a missing ``user_id`` or ``item_id``, or an id column whose dtype is not ``is_integer``, is
+    a ``DataError`` (``cast``: how to fix the type)."""
+    for col in ("user_id", "item_id", "request_id"):
+        if col not in dtypes:
+            if col == "request_id":
+                continue
+            raise DataError(
+                f"candidates {where}: missing required column {col!r}; columns: {list(dtypes)}"
+            )
+        if not is_integer(dtypes[col]):
+            raise DataError(
+                f"candidates {where}: column {col!r} has dtype {dtypes[col]}, expected an "
+                f"integer id ({cast})"
+            )
+    return [c for c in ("request_id", "user_id", "item_id") if c in dtypes]
 
 
 def shard_count(rows: int, shard_rows: int) -> int:

@@ -28,36 +28,51 @@ def _differences(a: dict, b: dict) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def same_run(output: Path, identity: dict, *, overwrite: bool, python: bool = False) -> bool:
+    """Whether ``output`` holds (part of) this run: its ``_run.json`` equals ``identity``. False
+    when there is no ``output`` (or an empty one), or ``overwrite`` (the caller replaces it); a
+    ``ValueError`` for another run's output (another model version, as-of, candidate set, ...)
+    or a folder that is not a scoring output. ``python``: the messages name the Python
+    arguments (``output=``, ``overwrite=True``) instead of the CLI's options."""
+    if not output.exists():
+        return False
+    run_file = output / RUN
+    previous = json.loads(run_file.read_text()) if run_file.is_file() else None
+    if previous == identity:
+        return True
+    if overwrite:
+        return False
+    what, replace = ("output", "overwrite=True") if python else ("--output", "--overwrite")
+    others = [p.name for p in output.iterdir() if p.name != RUN]
+    if previous is None and others:
+        raise ValueError(
+            f"{what} {output} exists and is not a scoring output of this job (no {RUN}; "
+            f"holds {others[:5]}); choose another folder or pass {replace} to replace it"
+        )
+    if previous is not None:
+        diff = ", ".join(f"{k}: {previous.get(k)!r} there, {identity.get(k)!r} now"
+                         for k in _differences(previous, identity))  # fmt: skip
+        raise ValueError(
+            f"{what} {output} holds scores of another run ({diff}); refusing to mix them. "
+            f"Write to a new folder, or pass {replace} to replace it"
+        )
+    return False
+
+
 def open_output(output: Path, identity: dict, *, rank: int, overwrite: bool) -> None:
     """Make ``output`` this run's: new, or an earlier attempt of the same run (resumed), else a
-    ``ValueError`` (another model version, as-of, candidate set, ...). Rank 0 decides; the
-    others wait for its ``_run.json``."""
+    ``ValueError`` (``same_run``). Rank 0 decides; the others wait for its ``_run.json``."""
     run_file = output / RUN
     if rank != 0:
         wait_for(lambda: run_file.is_file() and json.loads(run_file.read_text()) == identity,
               f"{run_file} of this run (written by rank 0)")  # fmt: skip
         return
-    if output.exists():
-        previous = json.loads(run_file.read_text()) if run_file.is_file() else None
-        others = [p.name for p in output.iterdir() if p.name != RUN]
-        if previous == identity:
-            return
-        if previous is None and others and not overwrite:
-            raise ValueError(
-                f"--output {output} exists and is not a scoring output of this job (no {RUN}; "
-                f"holds {others[:5]}); choose another folder or pass --overwrite to replace it"
-            )
-        if previous is not None and not overwrite:
-            diff = ", ".join(f"{k}: {previous.get(k)!r} there, {identity.get(k)!r} now"
-                             for k in _differences(previous, identity))  # fmt: skip
-            raise ValueError(
-                f"--output {output} holds scores of another run ({diff}); refusing to mix them. "
-                "Write to a new folder, or pass --overwrite to replace it"
-            )
-        if overwrite:
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.rename(output, old)
-            shutil.rmtree(old)
+    if same_run(output, identity, overwrite=overwrite):
+        return
+    if overwrite and output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        os.rename(output, old)
+        shutil.rmtree(old)
     output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_file, json.dumps(identity, indent=2, sort_keys=True))
 

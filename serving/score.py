@@ -40,11 +40,16 @@ import mlflow
 import polars as pl
 from tqdm import tqdm
 
-from feature_store import DataError, OfflineStore
+from feature_store import DataError, FeatureSet, OfflineStore
 from pipelines import progress
 from pipelines.atomic import check_output, write_text_atomic
 from recsys_moe.config import Config, TaskConfig
-from serving.asof import AsOfFeatures, TimeRange, check_as_of, store_time_ranges
+from serving.asof import (
+    AsOfFeatures,
+    TimeRange,
+    check_missing_share,
+    scoring_time,
+)
 from serving.candidates import (
     SPILL,
     CandidateSource,
@@ -162,35 +167,11 @@ def score_shard(job: Job, shard: int, rank: int, bar: tqdm) -> dict:
 
 
 def _check_missing(job: Job, shard: int, counts: dict[str, int], seen: int) -> None:
-    """Too many candidates without features (above ``score.max_missing_share``) fail the job,
-    naming the likely cause: an as-of past the store's range or a stale store (expired), or
-    ids the store does not know (unknown)."""
-    missing = counts.get("missing_features", 0)
-    if seen == 0 or missing / seen <= job.max_missing_share:
-        return
-    expired = counts.get("expired_features", 0)
-    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-    ranges = "; ".join(
-        f"{name} rows {r.first.isoformat()} .. {r.last.isoformat()}"
-        for name, r in job.ranges.items()
-    )
-    if expired >= missing - expired:
-        cause = (
-            f"most of them have features older than their TTL as of {job.as_of.isoformat()}: "
-            f"the store looks stale (refresh it), or --as-of lies past its range ({ranges})"
-        )
-    else:
-        cause = (
-            f"most of them are ids the store {job.store.root} has no row for as of "
-            f"{job.as_of.isoformat()} ({ranges}): candidates of another store (--store), or an "
-            "--as-of before their first rows"
-        )
-    raise DataError(
-        f"candidates {job.source.path}: {missing} of {seen} candidates in shard {shard} "
-        f"({100 * missing / seen:.2f}%) lack features, above score.max_missing_share "
-        f"({100 * job.max_missing_share:g}%): {cause}. Counts: {detail}. Nothing written for "
-        "this shard; raise score.max_missing_share only if scoring them unknown is intended"
-    )
+    check_missing_share(
+        counts, seen, max_share=job.max_missing_share, as_of=job.as_of, ranges=job.ranges,
+        store=job.store, candidates=str(job.source.path), scope=f" in shard {shard}",
+        consequence="Nothing written for this shard",
+    )  # fmt: skip
 
 
 # ---- the job -------------------------------------------------------------------------------------
@@ -243,12 +224,8 @@ def score(
     bundle = model.bundle
     features = bundle.features
     store = OfflineStore(store_path)
-    ranges = store_time_ranges(store, features)
     as_of_given = as_of is not None
-    if as_of is None:  # the store's latest feature time, never the wall clock
-        as_of = max(r.last for r in ranges.values())
-    as_of = as_of.replace(tzinfo=None)
-    check_as_of(as_of, ranges, store)
+    as_of, ranges = scoring_time(as_of, store, features)
     time_col = features.events.time
     if time_col in pl.scan_parquet(source.files[0]).collect_schema():
         log.warning(
@@ -256,16 +233,7 @@ def score(
             candidates, time_col, as_of.isoformat(),
         )  # fmt: skip
     shards = shard_count(source.rows, cfg.score.shard_rows)
-    identity = {
-        "model_name": ref.name,
-        "model_version": ref.version,
-        "model_run_id": ref.run_id,
-        "features_fingerprint": features.fingerprint(),
-        "as_of": as_of.isoformat(),
-        "store": str(store_path.resolve()),
-        "candidates": source.identity(),
-        "top_k": top_k,
-        "weights": dict(sorted(cfg.score.weights.items())),
+    identity = run_identity(ref, features, as_of, store_path, source.identity(), top_k, cfg) | {
         "shards": shards,
         "quantize": quantize,
         "device": dev.type,
@@ -353,12 +321,49 @@ def _manifest(job: Job, ref: ModelRef, identity: dict, shards: int, as_of_given:
             f"candidates {job.source.path}: all {job.source.rows} rows have a null id "
             f"({', '.join(job.source.ids)}); nothing to score"
         )
-    entities = list(job.ranges)
-    coverage = {
-        e: round(1 - (totals.get(f"unknown_{e}s", 0) + totals.get(f"expired_{e}_features", 0))
-                 / scored, 6)
-        for e in entities
-    }  # fmt: skip
+    counts = count_fields(
+        totals, input_rows=job.source.rows, null_ids=null_ids, entities=list(job.ranges),
+        max_share=job.max_missing_share, group=job.source.group, top_k=job.top_k,
+    )  # fmt: skip
+    return {
+        **model_fields(ref, identity, as_of_given),
+        "candidates": str(job.source.path.resolve()),
+        **counts,
+        "shard_key": f"splitmix64({job.source.group}) mod {shards}",
+        "quantize": identity["quantize"],
+        **({"prediction_change": _worst_change(per_shard)} if job.reference is not None else {}),
+        "shards": per_shard,
+        "files": [st["file"] for st in per_shard],
+    }
+
+
+def run_identity(
+    ref: ModelRef,
+    features: FeatureSet,
+    as_of: datetime,
+    store: Path,
+    candidates: dict,
+    top_k: int,
+    cfg: Config,
+) -> dict:
+    """What an output is (``_run.json``; the scoring job's and the Spark job's): model version
+    and run, feature fingerprint, as-of, store, ``candidates`` (what identifies them), K,
+    weights. A rerun with another identity is refused (``serving.output.same_run``)."""
+    return {
+        "model_name": ref.name,
+        "model_version": ref.version,
+        "model_run_id": ref.run_id,
+        "features_fingerprint": features.fingerprint(),
+        "as_of": as_of.isoformat(),
+        "store": str(store.resolve()),
+        "candidates": candidates,
+        "top_k": top_k,
+        "weights": dict(sorted(cfg.score.weights.items())),
+    }
+
+
+def model_fields(ref: ModelRef, identity: dict, as_of_given: bool) -> dict:
+    """The manifest's model, features and as-of keys (the scoring job's and the Spark job's)."""
     return {
         "model_uri": ref.uri,
         "model_name": ref.name,
@@ -368,26 +373,43 @@ def _manifest(job: Job, ref: ModelRef, identity: dict, shards: int, as_of_given:
         "as_of": identity["as_of"],
         "as_of_from": "--as-of" if as_of_given else "the store's latest feature time",
         "store": identity["store"],
-        "candidates": str(job.source.path.resolve()),
-        "candidate_input_rows": job.source.rows,
+    }
+
+
+def count_fields(
+    totals: dict[str, int],
+    *,
+    input_rows: int,
+    null_ids: int,
+    entities: list[str],
+    max_share: float,
+    group: str,
+    top_k: int,
+) -> dict:
+    """The manifest's counts (the scoring job's and the Spark job's) from ``totals``:
+    ``candidates`` (scored, after dropping null ids and duplicates), ``duplicates_dropped``,
+    ``AsOfFeatures.gather``'s counts, ``short_requests``, ``groups`` and ``rows`` (written)."""
+    scored = totals["candidates"]
+    coverage = {
+        e: round(1 - (totals.get(f"unknown_{e}s", 0) + totals.get(f"expired_{e}_features", 0))
+                 / scored, 6)
+        for e in entities
+    }  # fmt: skip
+    return {
+        "candidate_input_rows": input_rows,
         "candidate_rows": scored,
         "null_ids_dropped": null_ids,
         "duplicates_dropped": totals["duplicates_dropped"],
         "dropped": {"null_id": null_ids, "duplicate": totals["duplicates_dropped"]},
-        **{k: totals[k] for k in keys if k.startswith(("unknown_", "expired_", "missing_"))},
+        **{k: v for k, v in totals.items() if k.startswith(("unknown_", "expired_", "missing_"))},
         "missing_features_share": round(totals.get("missing_features", 0) / scored, 6),
-        "max_missing_share": job.max_missing_share,
+        "max_missing_share": max_share,
         "coverage": coverage,
         "short_requests": totals["short_requests"],
-        "group_by": job.source.group,
+        "group_by": group,
         "groups": totals["groups"],
-        "top_k": job.top_k,
+        "top_k": top_k,
         "rows": totals["rows"],
-        "shard_key": f"splitmix64({job.source.group}) mod {shards}",
-        "quantize": identity["quantize"],
-        **({"prediction_change": _worst_change(per_shard)} if job.reference is not None else {}),
-        "shards": per_shard,
-        "files": [st["file"] for st in per_shard],
     }
 
 
