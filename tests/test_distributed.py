@@ -186,3 +186,23 @@ def test_four_and_eight_process_training(tmp_path: Path, ranks: int) -> None:
     aucs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "valid/click_auc"),
                                     key=lambda m: m.step)]  # fmt: skip
     assert len(aucs) == 4 and aucs[-1] > max(0.57, aucs[0] + 0.02), aucs
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="needs the project's .venv/bin/torchrun")
+def test_graphed_plain_steps_on_several_ranks_are_refused(tmp_path: Path) -> None:
+    """compile = cudagraphs with plain steps under DDP trained nothing on 2 H200s (AUC 0.50):
+    the run stops before training, saying what to use instead."""
+    cfg = load_config(DEMO_CONFIG, SMALL, workdir=tmp_path)
+    synthesize(cfg.store_dir, users=1200, items=80, days=4, seed=0)
+    build_dataset(cfg)
+    sets = [*SMALL, "train.compile=cudagraphs", "train.pipeline=plain"]
+    proc = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "recsys_moe.cli", "train",
+         "--workdir", str(tmp_path), *[a for s in sets for a in ("--set", s)]],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "train.pipeline = 'auto'" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    client = client_for(cfg)
+    experiment = client.get_experiment_by_name("dist")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
