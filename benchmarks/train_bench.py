@@ -137,7 +137,7 @@ def ours_dmp(cfg, features, total_steps: int):
     from recsys_moe.model import build_model
     from recsys_moe.training import sharding
     from recsys_moe.training.module import TrainLoss, TrainModule
-    from recsys_moe.training.recipe import build_scheduler
+    from recsys_moe.training.recipe import build_scheduler, scaled_rates
 
     tasks = [t.name for t in cfg.tasks]
     model = build_model(features, cfg.model, tasks, device="meta")
@@ -147,7 +147,8 @@ def ours_dmp(cfg, features, total_steps: int):
         module, cfg.train.sharding, device=cpu, embedding_lr=cfg.train.embedding_lr
     )
     optimizer = sharding.build_optimizer(dmp, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.train.lr_schedule, total_steps)
+    schedule = scaled_rates(cfg.train, 1, total_steps).schedule  # lr_schedule auto resolved
+    scheduler = build_scheduler(optimizer, schedule, total_steps)
     progress, _ = sharding.train_step(dmp, optimizer, cpu, pipeline=cfg.train.pipeline)
     dmp.train()
 

@@ -58,8 +58,8 @@ def higher_is_better(metric: str) -> bool:
     return not ends(LOWER_IS_BETTER)
 
 
-LrSchedule = Literal["constant", "linear"]
-LrScaling = Literal["none", "sqrt", "linear"]
+LrSchedule = Literal["constant", "linear", "auto"]
+LrScaling = Literal["none", "sqrt", "linear", "auto"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
 LoaderKind = Literal["auto", "memory", "device", "stream"]
 CompileMode = Literal["kernels", "cudagraphs"]
@@ -271,18 +271,18 @@ class TrainConfig:
     weight_decay: float = 0.0
     embedding_lr: float = 0.05  # embedding tables: Adagrad (row-wise / fused under DMP)
     embedding_weight_decay: float = 0.0
-    lr_schedule: LrSchedule = (
-        "constant"  # constant | linear (decays every learning rate to 0 at the end)
-    )
+    # constant | linear (decays every learning rate to 0 at the end) | auto (linear at global
+    # batches up to lr_reference_batch, constant above: few steps need the whole rate)
+    lr_schedule: LrSchedule = "constant"
     # large batches (training/recipe.py): lr and embedding_lr are for global batches of
     # lr_reference_batch rows; another batch size (batch_size x ranks) multiplies them by
-    # (batch / reference) ** 0.5 (sqrt) or ** 1 (linear) or leaves them (none), and a run whose
-    # rates were raised warms every rate up linearly over warmup_steps (auto: 5 % of the steps).
-    # The defaults were measured (benchmarks/README.md): the tables' Adagrad scaled linearly,
-    # Adam's rate left as it is
+    # r ** 0.5 (sqrt) or r ** 1 (linear), r = batch / reference, or leaves them (none); auto =
+    # linear up to r = 16, sqrt beyond; a run whose rates were raised warms every rate up
+    # linearly over warmup_steps (auto: 5 % of the steps). The defaults were measured
+    # (benchmarks/README.md): the tables' Adagrad auto (x16 at 8192, x32 at 32768), Adam's as it is
     lr_reference_batch: int = 512
     lr_scaling: LrScaling = "none"
-    embedding_lr_scaling: LrScaling = "linear"
+    embedding_lr_scaling: LrScaling = "auto"
     warmup_steps: int | Literal["auto"] = "auto"
     # model selection (training/selection.py), validation at each epoch's end: the run's model is
     # the epoch with the best selection score (select = "best") or the last one ("last");

@@ -7,6 +7,7 @@ warm-up that reaches both optimizers (Adam on the dense part, the fused Adagrad 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def test_rates_scale_with_the_global_batch() -> None:
     t = TrainConfig(batch_size=2048, lr=1e-3, embedding_lr=0.1, lr_reference_batch=512)
     one, two = scaled_rates(t, 1, 100), scaled_rates(t, 2, 100)
     assert one.global_batch == 2048 and two.global_batch == 4096
-    # the defaults: the tables' rate linear in the batch, Adam's as given
+    # the defaults: the tables' rate linear in the batch (auto, up to 16x), Adam's as given
     assert one.lr == 1e-3 and one.embedding_lr == pytest.approx(0.4)
     assert two.lr == 1e-3 and two.embedding_lr == pytest.approx(0.8)
     assert one.warmup_steps == 5  # auto: 5 % of 100 steps, the rates were raised
@@ -49,6 +50,40 @@ def test_rates_scale_with_the_global_batch() -> None:
     assert small.embedding_lr == pytest.approx(0.025) and small.warmup_steps == 0
     fixed = scaled_rates(TrainConfig(batch_size=512, warmup_steps=7), 1, 100)
     assert fixed.warmup_steps == 7
+
+
+def test_auto_recipe_follows_the_batch_size() -> None:
+    """The measured large-batch recipe (recipe.py, benchmarks/README.md) as the demo config gets
+    it: tables x16 at 8192 rows, x32 (not x64) at 32768, Adam as given, 5 % warm-up, no decay;
+    at the reference batch the demo's own settings exactly (linear decay, no warm-up)."""
+    demo = load_config(DEMO_CONFIG).train
+    assert (demo.lr_schedule, demo.embedding_lr_scaling) == ("auto", "auto")
+    assert demo.lr_scaling == "none"
+
+    def at(batch: int, world_size: int = 1, steps: int = 93) -> tuple[float, float, int, str]:
+        r = scaled_rates(replace(demo, batch_size=batch), world_size, steps)
+        return r.lr, r.embedding_lr, r.warmup_steps, r.schedule
+
+    assert at(512, steps=5928) == (5e-3, 0.1, 0, "linear")  # the demo, unchanged
+    assert at(128) == pytest.approx((5e-3, 0.025, 0, "linear"))  # smaller: linear down, decay
+    assert at(2048) == pytest.approx((5e-3, 0.4, 5, "constant"))
+    assert at(8192, steps=372) == pytest.approx((5e-3, 1.6, 19, "constant"))
+    assert at(32768) == pytest.approx((5e-3, 3.2, 5, "constant"))
+    assert at(16384, world_size=2) == at(32768)  # the global batch counts
+    assert at(131072)[1] == pytest.approx(0.1 * 16 * 4**1.0)  # sqrt beyond 16x: x64 at 256x
+    # continuous where linear hands over to sqrt
+    below, above = (
+        scaled_rates(TrainConfig(batch_size=b, embedding_lr=1.0, lr_reference_batch=100), 1, 10)
+        for b in (1600, 1601)
+    )
+    assert below.embedding_lr == 16.0
+    assert above.embedding_lr == pytest.approx(16.0 * (1601 / 1600) ** 0.5)
+    # an explicit schedule is kept at any batch, and auto is resolved before a scheduler sees it
+    assert scaled_rates(TrainConfig(batch_size=8192, lr_schedule="linear"), 1, 9).schedule == (
+        "linear"
+    )
+    with pytest.raises(ValueError, match="lr schedule 'auto': expected constant or linear"):
+        schedule_factor(0, "auto", 10, 0)
 
 
 def test_schedule_warms_up_then_decays() -> None:
@@ -86,7 +121,7 @@ def config(work: Path, *extra: str) -> Config:
 
 @pytest.mark.slow
 def test_warmup_reaches_the_tables_fused_optimizer_and_is_logged(work: Path) -> None:
-    """A batch of 1024 at reference 256: the tables' rate x4 (linear, the default), with a
+    """A batch of 1024 at reference 256: the tables' rate x4 (auto, the default), with a
     4-step warm-up against none. Adam's rate is set so small that the dense part barely moves,
     so a difference between the two runs' second losses comes from the tables: the warm-up
     reached the fused Adagrad (applied inside the tables' backward, outside torch's optimizer
@@ -105,6 +140,7 @@ def test_warmup_reaches_the_tables_fused_optimizer_and_is_logged(work: Path) -> 
         4 * cfg.train.embedding_lr
     )
     assert params["train.warmup_steps_effective"] == "4"
+    assert params["train.lr_schedule_effective"] == "constant"  # the demo's auto, above 256
 
 
 @pytest.mark.slow

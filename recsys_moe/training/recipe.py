@@ -1,23 +1,44 @@
 """The learning-rate recipe: rates scaled from the batch size, warm-up, decay.
 
     rates = scaled_rates(t, world_size, total_steps)  # Rates(lr, embedding_lr, warmup_steps, ..)
-    scheduler = build_scheduler(optimizer, t.lr_schedule, total_steps, rates.warmup_steps)
+    scheduler = build_scheduler(optimizer, rates.schedule, total_steps, rates.warmup_steps)
 
 ``train.lr`` and ``train.embedding_lr`` are given for batches of ``train.lr_reference_batch`` rows
 (all ranks together). A run whose global batch ``B = batch_size * world_size`` differs uses them
-times ``(B / reference) ** p``: p = 1 for ``linear``, 1/2 for ``sqrt``, 0 for ``none``, chosen
-separately for the dense part (``train.lr_scaling``, Adam) and the tables
-(``train.embedding_lr_scaling``, row-wise Adagrad). A run whose rates were raised starts with a
-linear warm-up of every learning rate (``train.warmup_steps``; auto = 5 % of the run's steps,
-else none). The warm-up multiplies the schedule (constant or linear decay to 0 at the end).
+times ``r ** p``, ``r = B / reference``: p = 1 for ``linear``, 1/2 for ``sqrt``, 0 for ``none``;
+``auto`` is linear up to ``r = 16`` and sqrt beyond (``16 * sqrt(r / 16)``: x32 at r = 64),
+chosen separately for the dense part (``train.lr_scaling``, Adam; default none) and the tables
+(``train.embedding_lr_scaling``, row-wise Adagrad; default auto). A run whose rates were raised
+starts with a linear warm-up of every learning rate (``train.warmup_steps``; auto = 5 % of the
+run's steps, else none). The warm-up multiplies the schedule: constant, linear decay to 0 at the
+end, or ``auto``: linear at the reference batch or below, constant above it.
 
-The defaults, tables linear and Adam none, are what measurements chose (demo model, 3 epochs,
-1×H200, validation click AUC; batch 512: 0.7561): at batch 8192 0.7545 against 0.7484 for sqrt on
-both and 0.7175 for no scaling; at 32768 0.7304 against 0.5163 (sqrt on both) and 0.6874 (tables
-sqrt). Why: a table row is updated once per batch it appears in, so a frequent row gets B/ref
-times fewer updates in an epoch, each averaging B/ref times more examples (linear restores its
-progress); Adam's steps are already normalised, and raising its rate on few steps diverged
-(32768 with the dense rate x8: AUC 0.52).
+Measured on the demo model (3 epochs, validation click AUC, 2-core CPU, seeds 0 / 1 / 2;
+benchmarks/README.md "Large batches on the CPU", ``results/cpu_recipe_study.txt``). Batch 512:
+0.7590 / 0.7571 / 0.7587. Batch 8192 (372 steps): this recipe (tables x16, constant) 0.7550 /
+0.7544 / 0.7565, within 0.005 of 512 in every seed; the former one (tables x16, linear decay)
+0.7547 / 0.7494 / 0.7512. Batch 32768 (93 steps): this recipe (tables x32, constant) 0.7484 /
+0.7435 / 0.7428, 0.011-0.016 below 512, not the 0.01 asked; the former one (tables x64, linear
+decay) 0.7170 / 0.7271 / 0.7171.
+Batch 2048: constant 0.7562 / 0.7570, linear 0.7553 / 0.7564. (One H200, the former recipe,
+seed 0: 0.7561 at 512, 0.7545 at 8192, 0.7304 at 32768; benchmarks/README.md.) Why:
+
+- tables: a row is updated once per batch it appears in, so a frequent row gets r times fewer
+  updates in an epoch, each averaging r times more examples: linear scaling restores its
+  progress (8192: x16 beat x10, 0.7535 / 0.7507). At 32768 x64 overshoots (Adagrad's first
+  steps, its largest, move a row by about the rate): means over seeds x32 0.7449 (3 seeds),
+  x45 0.7436, x64 0.7420, x20 0.7364 (2 seeds);
+- the schedule: with few steps a decay to 0 spends half the run at a small rate while the
+  model still improves at the end (32768: epoch AUCs 0.68, 0.74, 0.75; 6 epochs reach 0.7554);
+  a decay to half the rate (0.7469 / 0.7396) and cosine (0.7401, s0) were worse than none, a
+  decay over the last 20 % of the steps level with none (0.7491, s0);
+- Adam: its steps are already normalised; a larger rate did not help (32768: x2 0.7418 / 0.7355
+  against 0.7484 / 0.7435; x8 with 30 warm-up steps 0.7324 and x16 0.5932 against 0.7410,
+  s0, under linear decay; x4 with gradient clipping at norm 1 0.7463, s0), nor a LAMB-like step
+  scaled to each weight's norm (x4 0.7533 / 0.7326, x8 0.7424 / 0.7451, x16 collapsed: 0.5073),
+  betas (0.8, 0.99) (+0.0008 / +0.0006: noise), or 4x or 1/4 the rate for the gates alone, 4x for
+  the heads (within 0.004, s0);
+- warm-up: 0, 5 and 15 steps at 32768 within 0.004 of each other (s0).
 """
 
 from __future__ import annotations
@@ -30,6 +51,7 @@ import torch
 from recsys_moe.config import TrainConfig
 
 EXPONENT = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+AUTO_LINEAR_UP_TO = 16.0  # scaling auto: linear up to this batch ratio, sqrt beyond
 AUTO_WARMUP_SHARE = 0.05
 
 
@@ -39,24 +61,42 @@ class Rates(NamedTuple):
     warmup_steps: int
     global_batch: int
     scale: float  # the dense rate's factor (lr / train.lr)
+    schedule: str  # train.lr_schedule resolved: constant | linear
+
+
+def rate_scale(scaling: str, ratio: float) -> float:
+    """The factor of a learning rate at ``ratio`` times the reference batch (``scaling``: none,
+    sqrt, linear, or auto: linear up to ``AUTO_LINEAR_UP_TO``, sqrt beyond, continuous)."""
+    if scaling == "auto":
+        if ratio <= AUTO_LINEAR_UP_TO:
+            return ratio
+        return AUTO_LINEAR_UP_TO * math.sqrt(ratio / AUTO_LINEAR_UP_TO)
+    return ratio ** EXPONENT[scaling]
 
 
 def scaled_rates(t: TrainConfig, world_size: int, total_steps: int) -> Rates:
-    """The learning rates and warm-up a run of ``world_size`` ranks and ``total_steps`` uses."""
+    """The learning rates, warm-up and schedule a run of ``world_size`` ranks and
+    ``total_steps`` uses."""
     batch = t.batch_size * world_size
     ratio = batch / t.lr_reference_batch
-    scale = ratio ** EXPONENT[t.lr_scaling]
-    embedding_scale = ratio ** EXPONENT[t.embedding_lr_scaling]
+    scale = rate_scale(t.lr_scaling, ratio)
+    embedding_scale = rate_scale(t.embedding_lr_scaling, ratio)
     if t.warmup_steps == "auto":
         scaled_up = scale > 1.0 or embedding_scale > 1.0
         warmup = math.ceil(AUTO_WARMUP_SHARE * total_steps) if scaled_up else 0
     else:
         warmup = int(t.warmup_steps)
-    return Rates(t.lr * scale, t.embedding_lr * embedding_scale, warmup, batch, scale)
+    schedule = t.lr_schedule
+    if schedule == "auto":
+        schedule = "constant" if ratio > 1.0 else "linear"
+    return Rates(t.lr * scale, t.embedding_lr * embedding_scale, warmup, batch, scale, schedule)
 
 
 def schedule_factor(step: int, schedule: str, total_steps: int, warmup_steps: int) -> float:
-    """The multiplier of every learning rate before optimizer step ``step + 1`` (0-based)."""
+    """The multiplier of every learning rate before optimizer step ``step + 1`` (0-based);
+    ``schedule`` constant or linear (``auto`` is resolved by ``scaled_rates``)."""
+    if schedule not in ("constant", "linear"):
+        raise ValueError(f"lr schedule {schedule!r}: expected constant or linear")
     decay = max(0.0, 1.0 - step / max(1, total_steps)) if schedule == "linear" else 1.0
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     return warm * decay
@@ -65,8 +105,8 @@ def schedule_factor(step: int, schedule: str, total_steps: int, warmup_steps: in
 def build_scheduler(
     optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """``train.lr_schedule`` (constant, or linear decay of every learning rate to 0 at the end)
-    times a linear warm-up over the first ``warmup_steps`` steps."""
+    """``schedule`` (constant, or linear decay of every learning rate to 0 at the end; ``Rates.
+    schedule``, train.lr_schedule resolved) times a linear warm-up over ``warmup_steps`` steps."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule_factor(step, schedule, total_steps, warmup_steps)
     )

@@ -154,7 +154,8 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
     rates = scaled_rates(t, info.world_size, total_steps)
     params |= {"train.global_batch": rates.global_batch, "train.lr_effective": rates.lr,
                "train.embedding_lr_effective": rates.embedding_lr,
-               "train.warmup_steps_effective": rates.warmup_steps}  # fmt: skip
+               "train.warmup_steps_effective": rates.warmup_steps,
+               "train.lr_schedule_effective": rates.schedule}  # fmt: skip
     if t.compile == "cudagraphs" and t.pipeline == "plain" and info.world_size > 1:
         # seen on 2 H200s: the graphed backward under DDP's gradient hooks trained nothing
         # (valid click AUC 0.50; 0.70 eager plain or graphed under the pipeline)
@@ -175,7 +176,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
     plan_summary = sharding.plan_summary(plan)
     log.info("sharding plan: %s", plan_summary)
     optimizer = sharding.build_optimizer(dmp, rates.lr, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.lr_schedule, total_steps, rates.warmup_steps)
+    scheduler = build_scheduler(optimizer, rates.schedule, total_steps, rates.warmup_steps)
     state = TrainState(dmp, optimizer, scheduler, loader)
 
     # ---- resume ------------------------------------------------------------------------------
