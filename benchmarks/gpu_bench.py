@@ -124,6 +124,54 @@ def peer(cfg, steps: int) -> float:  # noqa: ANN001
     return steps * cfg.train.batch_size / (time.perf_counter() - t0)
 
 
+class StackSampler:
+    """A sampling profiler of the main thread in pure Python (py-spy is not on the device): a
+    thread reads ``sys._current_frames()`` every ``interval`` s; samples inside the training loop
+    (a frame of ``training/train.py:_loop``) are counted by function, inclusive and self (the
+    innermost Python frame: time in a C call counts to the function that made it)."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        import threading
+
+        self.interval, self.samples = interval, []
+        self.main = threading.main_thread().ident
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            frame = sys._current_frames().get(self.main)
+            stack = []
+            while frame is not None:
+                code = frame.f_code
+                stack.append(f"{Path(code.co_filename).name}:{code.co_name}")
+                frame = frame.f_back
+            if "train.py:_loop" in stack:
+                self.samples.append(stack)
+
+    def __enter__(self) -> StackSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+    def report(self, top: int = 40) -> str:
+        from collections import Counter
+
+        n = len(self.samples) or 1
+        inclusive = Counter(f for s in self.samples for f in set(s))
+        own = Counter(s[0] for s in self.samples)
+        lines = [
+            f"{len(self.samples)} samples in the training loop, every {self.interval * 1e3:g} ms"
+        ]
+        for title, counts in (("inclusive", inclusive), ("self", own)):
+            lines.append(f"-- {title} share of the loop's samples")
+            lines += [f"{c / n:7.1%}  {f}" for f, c in counts.most_common(top)]
+        return "\n".join(lines)
+
+
 def train_run(args: argparse.Namespace) -> None:
     from recsys_moe.config import load_config
     from recsys_moe.training.train import train
@@ -134,7 +182,12 @@ def train_run(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()  # on a CPU: a smoke run of the same path, no GPU figures
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    result = train(cfg)
+    if args.stacks:  # where the host's time goes in the loop (a diagnostic run, not a timed one)
+        sys.setswitchinterval(0.0005)  # let the sampler take the GIL between the loop's ops
+        with StackSampler() as sampler:
+            result = train(cfg)
+    else:
+        result = train(cfg)
     steps = sorted(result.step_s[len(result.step_s) // 10 :])  # the first tenth: warm-up
     report = {
         "gpus": world,
@@ -166,6 +219,10 @@ def train_run(args: argparse.Namespace) -> None:
         if args.out:
             Path(args.out).write_text(text)
             Path(args.out).with_suffix(".profile.txt").write_text(result.profile)
+        if args.stacks:
+            print(sampler.report())
+            if args.out:
+                Path(args.out).with_suffix(".stacks.txt").write_text(sampler.report())
         print(f"{world} GPU(s): {report['samples_per_s']:,.0f} samples/s "
               f"(steady {report['samples_per_s_steady']:,.0f}), step p50 "
               f"{report['step_ms_p50']:.2f} ms, busy {report['gpu_busy_share']:.2f}, "
@@ -195,7 +252,8 @@ def score_run(args: argparse.Namespace) -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     features, names = cfg.feature_set(), [t.name for t in cfg.tasks]
     data = read_mapped(cfg.dataset_dir, "train", features, label_columns(cfg.tasks))
-    sizes = [s for s in SCORE_BATCHES if s <= data.num_rows] or [data.num_rows]
+    wanted = [int(b) for b in args.batches.split(",")] if args.batches else SCORE_BATCHES
+    sizes = [s for s in wanted if s <= data.num_rows] or [data.num_rows]
     batches = {s: next(iterate_batches(data, s)).to(device) for s in sizes}
     del data
 
@@ -209,7 +267,9 @@ def score_run(args: argparse.Namespace) -> None:
         del plain
         module = TrainModule(build_model(features, cfg.model, names, device="meta"),
                              TrainLoss.for_config(cfg.model, cfg.tasks))  # fmt: skip
-        dmp, _ = sharding.shard(module, cfg.train.sharding, device=device, embedding_lr=0.01)
+        dmp, _ = sharding.shard(
+            module, cfg.train.sharding, device=device, embedding_lr=0.01, bf16=device.type == "cuda"
+        )  # run under autocast below
         model = dmp.module.model.eval()
         yield "sharded", model
         model.mixture.compile(dynamic=False)
@@ -239,12 +299,15 @@ def score_run(args: argparse.Namespace) -> None:
             report[name][str(size)] = size / statistics.median(times)
             print(f"score {name:>16} batch {size:>7,}: {report[name][str(size)]:,.0f} pairs/s")
         if args.profile:  # where the largest batch's forward goes, on the device
-            with torch.no_grad(), autocast, torch.profiler.profile() as prof:
+            with torch.no_grad(), autocast, torch.profiler.profile(record_shapes=True) as prof:
                 for _ in range(3):
                     model(batch.dense, batch.sparse)
                 sync()
             print(f"profile {name}, batch {size:,}, 3 forwards")
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15))
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_device_time_total", row_limit=12, max_name_column_width=40,
+                max_shapes_column_width=80))  # fmt: skip
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "pairs_per_s": report, "repeats": args.repeats}  # fmt: skip
     if args.out:
@@ -265,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON report path (rank 0)")
     p.add_argument("--peer", action="store_true", help="also torch-rechub's MMOE (1 process)")
     p.add_argument("--peer-steps", type=int, default=100, help="timed steps of the peer")
+    p.add_argument("--stacks", action="store_true", help="sample the host's Python stacks")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.set_defaults(func=train_run)
     p = sub.add_parser("score", help="pairs/s of the model's forward at scoring batch sizes")
@@ -274,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=CONFIG, help="model config (default: bench)")
     p.add_argument("--only", help="comma-separated variants to run (default: all)")
     p.add_argument("--profile", action="store_true", help="print each variant's top device ops")
+    p.add_argument("--batches", help="comma-separated batch sizes (default: 8k, 32k, 128k, 256k)")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.set_defaults(func=score_run)
     args = parser.parse_args(argv)

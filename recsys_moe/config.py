@@ -63,6 +63,8 @@ LrScaling = Literal["none", "sqrt", "linear", "auto"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
 LoaderKind = Literal["auto", "memory", "device", "stream"]
 CompileMode = Literal["kernels", "cudagraphs"]
+EmbeddingOutput = Literal["auto", "float32", "bfloat16"]
+BoundsCheck = Literal["warning", "fatal", "v2_warning", "v2_fatal", "none"]
 # TorchRec ``ShardingType`` values (tests/test_config.py checks them against TorchRec's enum)
 ShardingName = Literal[
     "data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise",
@@ -242,6 +244,16 @@ class ShardingConfig:
     # all types but data_parallel (CUDA) or of table_wise and column_wise (CPU)
     types: list[ShardingName] = field(default_factory=list)
     constraints: dict[str, list[ShardingName]] = field(default_factory=dict)  # table -> types
+    # dtype of the fused lookups' output (fbgemm's TBE ``output_dtype``); auto: bfloat16 where
+    # the model runs under bf16 autocast on CUDA (train.bf16), whose first layers cast it anyway
+    embedding_output: EmbeddingOutput = "auto"
+    # fbgemm's check of every id against its table's rows at each lookup (``BoundsCheckMode``):
+    # none (the default): no second check on the device, as every batch of the jobs is made by
+    # ``recsys_moe.data``, which refuses ids outside [0, rows) on the host, naming the feature;
+    # warning replaces an out-of-range id by 0 and logs it, fatal stops; v2_* the same, checked
+    # by fbgemm's second kernel. The check cost 1.7 of 11 ms of a 262k-row scoring forward of
+    # the bench model on an H200 (benchmarks/README.md).
+    bounds_check: BoundsCheck = "none"
 
     def __post_init__(self) -> None:
         check_fields(self, "train.sharding")

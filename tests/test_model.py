@@ -11,7 +11,7 @@ from feature_store.definitions import FeatureSet
 from recsys_moe.config import ModelConfig
 from recsys_moe.model import ModelOutput, MultiTaskModel, build_model, count_parameters
 from recsys_moe.model.heads import TaskHead
-from recsys_moe.model.mixture import Experts, Gate, MMoE
+from recsys_moe.model.mixture import Experts, Gate, MMoE, mix, mix_unrolled
 from recsys_moe.model.objectives import to_natural
 from recsys_moe.model.tower import EmbeddingTower
 from recsys_moe.training.losses import task_losses, total_loss
@@ -53,6 +53,35 @@ def test_shapes_of_every_part(features: FeatureSet) -> None:
     assert list(out.logits) == ["click", "watch_time"]
     assert all(v.shape == (B,) for v in out.logits.values())
     assert out.gates.shape == (T, B, E)
+
+
+def test_tower_concat_is_in_the_dtype_the_next_layers_compute_in(features: FeatureSet) -> None:
+    """Under bf16 autocast the tower hands out bfloat16 (the lookups may already output it),
+    equal to the float32 tower's output rounded; without autocast, float32 as before."""
+    torch.manual_seed(0)
+    dense, sparse = torch.randn(B, 1), model_sparse()
+    tower = EmbeddingTower(ebc=EmbeddingBagCollection(tables=features.embedding_bag_configs()),
+                           num_dense=1)  # fmt: skip
+    full = tower(dense, sparse)
+    assert full.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = tower(dense, sparse)
+        # a bfloat16 lookup output (train.sharding.embedding_output) and float32 dense features
+        mixed = EmbeddingTower._concat([full[:, :-1].to(torch.bfloat16)], dense)
+    assert half.dtype == mixed.dtype == torch.bfloat16
+    assert torch.equal(half, full.to(torch.bfloat16)) and torch.equal(mixed, half)
+
+
+def test_mix_as_multiply_adds_equals_the_broadcast_sum() -> None:
+    torch.manual_seed(0)
+    gates = torch.randn(T, B, E).softmax(-1)
+    outs = torch.randn(E, B, H).relu()
+    assert torch.allclose(mix_unrolled(gates, outs), mix(gates, outs), atol=1e-6)
+    levels = torch.randn(2, E, B, H)  # PLE's upper levels: leading dimensions
+    assert torch.allclose(mix_unrolled(gates, levels), mix(gates, levels), atol=1e-6)
+    rounded = mix_unrolled(gates, outs.to(torch.bfloat16))  # the gates follow the experts' dtype
+    assert rounded.dtype == torch.bfloat16
+    assert torch.allclose(rounded.float(), mix(gates, outs), atol=0.05)
 
 
 def test_empty_bag_pools_to_zero(features: FeatureSet) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection
@@ -117,6 +119,20 @@ class _Unwrapped(DataParallelWrapper):
         dmp._dmp_wrapped_module.to(device)  # the dense part: what DDP's wrapping also does
 
 
+def fused_params(cfg: ShardingConfig, device: torch.device, bf16: bool) -> dict[str, Any]:
+    """fbgemm TBE settings for the sharder: the lookups' output dtype and the bounds check
+    (``train.sharding.embedding_output`` / ``bounds_check``). ``bf16``: the model runs under
+    bf16 autocast (its first layers take the lookups' output in bfloat16 either way, and hand
+    their gradient back in bfloat16: a float32 output only adds two casts and twice the bytes)."""
+    out = cfg.embedding_output
+    if out == "auto":
+        out = "bfloat16" if bf16 and device.type == "cuda" else "float32"
+    return {
+        "output_dtype": SparseType.BF16 if out == "bfloat16" else SparseType.FP32,
+        "bounds_check_mode": BoundsCheckMode[cfg.bounds_check.upper()],
+    }
+
+
 def shard(
     module: nn.Module,
     cfg: ShardingConfig,
@@ -124,11 +140,13 @@ def shard(
     device: torch.device,
     embedding_lr: float,
     embedding_weight_decay: float = 0.0,
+    bf16: bool = False,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """``module`` with its embedding tables sharded over the default process group.
 
     The tables' optimizer (row-wise Adagrad) is fused into their backward: TorchRec's sharder
-    reads it from the parameters, so it is attached before sharding.
+    reads it from the parameters, so it is attached before sharding. ``bf16``: the model runs
+    under bf16 autocast (``fused_params``).
     """
     for m in module.modules():
         if isinstance(m, EmbeddingBagCollection):
@@ -147,7 +165,7 @@ def shard(
         # sizes, warns on every run and is deprecated in torchrec 1.8 (FutureWarning)
         storage_reservation=FixedPercentageStorageReservation(RESERVED_MEMORY),
     )
-    sharders = [EmbeddingBagCollectionSharder()]
+    sharders = [EmbeddingBagCollectionSharder(fused_params=fused_params(cfg, device, bf16))]
     plan = planner.collective_plan(module, sharders, pg)
     model = DistributedModelParallel(
         module=module,

@@ -172,6 +172,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
         device=info.device,
         embedding_lr=rates.embedding_lr,
         embedding_weight_decay=t.embedding_weight_decay,
+        bf16=module.autocast,
     )
     plan_summary = sharding.plan_summary(plan)
     log.info("sharding plan: %s", plan_summary)
