@@ -124,11 +124,17 @@ def peer(cfg, steps: int) -> float:  # noqa: ANN001
     return steps * cfg.train.batch_size / (time.perf_counter() - t0)
 
 
+# frames whose samples are not the steady training step: compilation, the profiler's report,
+# validation
+SKIPPED = frozenset({"convert_frame.py:_compile", "profile.py:step", "train.py:validate"})
+
+
 class StackSampler:
     """A sampling profiler of the main thread in pure Python (py-spy is not on the device): a
     thread reads ``sys._current_frames()`` every ``interval`` s; samples inside the training loop
-    (a frame of ``training/train.py:_loop``) are counted by function, inclusive and self (the
-    innermost Python frame: time in a C call counts to the function that made it)."""
+    (a frame of ``training/train.py:_loop``), but not in ``SKIPPED`` frames, are counted by
+    function, inclusive and self (the innermost Python frame: time in a C call counts to the
+    function that made it)."""
 
     def __init__(self, interval: float = 0.001) -> None:
         import threading
@@ -146,7 +152,7 @@ class StackSampler:
                 code = frame.f_code
                 stack.append(f"{Path(code.co_filename).name}:{code.co_name}")
                 frame = frame.f_back
-            if "train.py:_loop" in stack:
+            if "train.py:_loop" in stack and not SKIPPED.intersection(stack):
                 self.samples.append(stack)
 
     def __enter__(self) -> StackSampler:
@@ -177,7 +183,7 @@ def train_run(args: argparse.Namespace) -> None:
     from recsys_moe.training.train import train
 
     sets = ["train.profile_steps=20", *args.set]
-    cfg = load_config(CONFIG, sets, workdir=args.work)
+    cfg = load_config(args.config, sets, workdir=args.work)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()  # on a CPU: a smoke run of the same path, no GPU figures
     if cuda:
@@ -329,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", action="store_true", help="also torch-rechub's MMOE (1 process)")
     p.add_argument("--peer-steps", type=int, default=100, help="timed steps of the peer")
     p.add_argument("--stacks", action="store_true", help="sample the host's Python stacks")
+    p.add_argument("--config", type=Path, default=CONFIG, help="model config (default: bench)")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.set_defaults(func=train_run)
     p = sub.add_parser("score", help="pairs/s of the model's forward at scoring batch sizes")

@@ -65,6 +65,9 @@ LoaderKind = Literal["auto", "memory", "device", "stream"]
 CompileMode = Literal["kernels", "cudagraphs"]
 EmbeddingOutput = Literal["auto", "float32", "bfloat16"]
 BoundsCheck = Literal["warning", "fatal", "v2_warning", "v2_fatal", "none"]
+EmbeddingOptimizer = Literal[
+    "rowwise_adagrad", "adagrad", "sgd", "adam", "rowwise_adam", "lamb", "rowwise_lamb"
+]
 # TorchRec ``ShardingType`` values (tests/test_config.py checks them against TorchRec's enum)
 ShardingName = Literal[
     "data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise",
@@ -281,8 +284,12 @@ class TrainConfig:
     epochs: int = 20
     lr: float = 2e-3  # dense parameters: Adam
     weight_decay: float = 0.0
-    embedding_lr: float = 0.05  # embedding tables: Adagrad (row-wise / fused under DMP)
+    embedding_lr: float = 0.05  # embedding tables: embedding_optimizer's rate
     embedding_weight_decay: float = 0.0
+    # the tables' optimizer, fused into their backward by fbgemm: rowwise_adagrad (one
+    # accumulator per row), adagrad, sgd; on CUDA only (fbgemm-gpu-cpu has no kernel): adam,
+    # rowwise_adam (Adam, its second moment per row), lamb, rowwise_lamb
+    embedding_optimizer: EmbeddingOptimizer = "rowwise_adagrad"
     # constant | linear (decays every learning rate to 0 at the end) | auto (linear at global
     # batches up to lr_reference_batch, constant above: few steps need the whole rate)
     lr_schedule: LrSchedule = "constant"

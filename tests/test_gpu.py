@@ -77,6 +77,18 @@ def test_dmp_trains_on_cuda_with_fused_kernels(trained: SimpleNamespace) -> None
     print(f"\nGPU samples/s (1 GPU, batch 2048): {trained.result.samples_per_s:,.0f}")
 
 
+@pytest.mark.parametrize("name", ["adam", "rowwise_lamb"])
+def test_the_tables_gpu_only_optimizers_train(dataset: Path, name: str) -> None:
+    """``train.embedding_optimizer``: fbgemm's Adam and row-wise LAMB (CUDA only) train the
+    tables: the loss falls and the run's validation beats chance."""
+    cfg = _config(dataset, [f"train.embedding_optimizer={name}", "train.embedding_lr=0.01",
+                            "train.embedding_lr_scaling=none"])  # fmt: skip
+    result = train(cfg)
+    assert np.mean(result.losses[-5:]) < 0.9 * np.mean(result.losses[:5])
+    assert result.valid["click_auc"] > 0.6
+    print(f"\n{name}: valid click AUC {result.valid['click_auc']:.4f}")
+
+
 def test_bundle_on_cpu_matches_the_sharded_gpu_model(trained: SimpleNamespace) -> None:
     cfg = trained.cfg
     rep = evaluate(cfg, run_id=trained.result.run_id, split="valid", output=cfg.path("v.json"))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures import MODEL_FEATURES_TOML, MODEL_TASKS, model_sparse
-from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor, PoolingType
 
 from feature_store.definitions import FeatureSet
 from recsys_moe.config import ModelConfig
 from recsys_moe.model import ModelOutput, MultiTaskModel, build_model, count_parameters
 from recsys_moe.model.heads import TaskHead
 from recsys_moe.model.mixture import Experts, Gate, MMoE, mix, mix_unrolled
+from recsys_moe.model.model import summed_tables
 from recsys_moe.model.objectives import to_natural
 from recsys_moe.model.tower import EmbeddingTower
 from recsys_moe.training.losses import task_losses, total_loss
@@ -88,6 +89,32 @@ def test_empty_bag_pools_to_zero(features: FeatureSet) -> None:
     ebc = EmbeddingBagCollection(tables=features.embedding_bag_configs())
     x = EmbeddingTower(ebc=ebc, num_dense=1)(torch.zeros(B, 1), model_sparse())
     assert torch.all(x[1, 10:13] == 0)  # example 1 has no tags; mean pooling of nothing is 0
+
+
+def test_averaged_features_equal_mean_pooled_lookups(features: FeatureSet) -> None:
+    """``pooling = "mean"``: the model's tables sum every bag (one fused lookup for all of them)
+    and the tower divides the averaged features by their ids; the same outputs and table
+    gradients as mean-pooled lookups, an empty bag included (the tags of example 1)."""
+    configs = features.embedding_bag_configs()
+    tables, averaged = summed_tables(configs)
+    assert averaged == ["tags"] and {c.pooling for c in tables} == {PoolingType.SUM}
+    model = build_model(features, CFG, [t.name for t in MODEL_TASKS])
+    assert model.tower.averaged == ["tags"]
+    torch.manual_seed(0)
+    mean = EmbeddingTower(ebc=EmbeddingBagCollection(tables=configs), num_dense=1)
+    summed = EmbeddingTower(ebc=model.tower.ebc, num_dense=1, averaged=averaged)
+    summed.ebc.load_state_dict(mean.ebc.state_dict())
+    dense, sparse = torch.randn(B, 1), model_sparse()
+    want, got = mean(dense, sparse), summed(dense, sparse)
+    torch.testing.assert_close(got, want)
+    assert torch.all(got[1, 10:13] == 0) and not torch.all(got[0, 10:13] == 0)
+    weights = torch.randn_like(want)
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    for (name, a), b in zip(mean.ebc.named_parameters(), summed.ebc.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    with pytest.raises(ValueError, match="not the tower's"):  # the batch's keys in another order
+        summed(dense, sparse.permute([1, 0, 2]))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5, 0.9])

@@ -16,6 +16,7 @@ from fixtures import small_demo_work
 
 from pipelines.training_set import load_manifest
 from recsys_moe.config import DEMO_CONFIG, Config, TrainConfig, load_config
+from recsys_moe.training.loggers import TrainingDiverged
 from recsys_moe.training.recipe import build_scheduler, scaled_rates, schedule_factor
 from recsys_moe.training.train import train
 
@@ -161,3 +162,26 @@ def test_compiled_dense_part_trains_the_same_steps(work: Path, mode: str) -> Non
     assert len(compiled.losses) == len(eager.losses) > 4
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     assert compiled.valid == pytest.approx(eager.valid, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("log_every", "seen"),
+    [(1, r"the loss is not finite at step 2 \(train/loss nan"),  # the first flush of losses
+     (1000, r"the validation predictions of \['p_click', 'watch_time_s'\] are not finite")],
+)  # fmt: skip
+def test_a_diverging_run_stops_with_a_clear_error(work: Path, log_every: int, seen: str) -> None:
+    """Rates far too high: the run stops at the first losses that are not finite (step 2's: step
+    1's loss precedes the first update) or, before any were read, at the first validation,
+    naming what to lower; it saves no model and its MLflow run is marked failed."""
+    from recsys_moe.tracking import client_for
+
+    sets = ["train.lr=1e30", "train.epochs=2", f"train.log_every={log_every}"]
+    cfg = config(work, *sets)
+    with pytest.raises(TrainingDiverged, match=seen) as caught:
+        train(cfg)
+    assert "train.lr" in str(caught.value) and "train.embedding_lr" in str(caught.value)
+    client = client_for(cfg)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    last = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])[0]
+    assert last.info.status == "FAILED"
+    assert not (cfg.path("models") / last.info.run_id).exists()

@@ -22,11 +22,11 @@ parameters of mixture + heads (embeddings excluded); ``match_compute`` rescales 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor, PoolingType
 
 from recsys_moe.model.heads import TaskHead
 from recsys_moe.model.mixture import (
@@ -152,12 +152,12 @@ def build_model(
     if not tasks:
         raise ValueError("build_model needs at least one task")
     ebc = None  # numeric-only feature sets: no tables (tower.py)
-    if features.sparse:
+    tables, averaged = summed_tables(features.embedding_bag_configs())
+    if tables:
         ebc = EmbeddingBagCollection(
-            tables=features.embedding_bag_configs(),
-            device=torch.device(device) if device is not None else None,
+            tables=tables, device=torch.device(device) if device is not None else None
         )
-    tower = EmbeddingTower(ebc=ebc, num_dense=len(features.dense))
+    tower = EmbeddingTower(ebc=ebc, num_dense=len(features.dense), averaged=averaged)
     mixture = build_mixture(cfg, tower.out_dim, len(tasks))
     heads = {name: TaskHead(mixture.out_dim, cfg.tower_dims) for name in tasks}
     return MultiTaskModel(
@@ -165,6 +165,17 @@ def build_model(
         mixture=mixture,
         heads=heads,
     )
+
+
+def summed_tables(configs: list[Any]) -> tuple[list[Any], list[str]]:
+    """The tables' configs with every bag summed, and the features whose bag the tower then
+    divides by its number of ids (those with ``pooling = "mean"``). The same outputs and
+    gradients as mean-pooled lookups, in one fused lookup for all tables: fbgemm groups the
+    tables by pooling, and each group costs a lookup and a backward of host work per step
+    (the demo model on one H200, batch 8192, graphed dense step: 2 groups, ~1.4 ms of a
+    5.4 ms step in the lookups)."""
+    averaged = [f for c in configs if c.pooling == PoolingType.MEAN for f in c.feature_names]
+    return [replace(c, pooling=PoolingType.SUM) for c in configs], averaged
 
 
 def count_parameters(model: nn.Module) -> int:

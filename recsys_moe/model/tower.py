@@ -5,6 +5,10 @@ Notation: B batch, Dn dense features, D_in = Σ embedding dims of the pooled fea
     dense  [B, Dn] ─────────────────────────────┐
     sparse KJT (F keys, B bags each) ─► EBC ─► [B, Σ dims] ─► concat ─► [B, D_in]
 
+A feature in ``averaged`` has its bag summed by the tables and divided here by the number of ids
+in it (0 for an empty bag): the mean pooling of ``pooling = "mean"`` features, in the same fused
+lookup as the summed ones (``model.summed_tables``).
+
 The ``EmbeddingBagCollection`` is built elsewhere (``model.build_model``) and passed in, as in
 TorchRec's ``SparseArch``, so that sharding can replace it without touching this module.
 
@@ -15,6 +19,8 @@ A numeric-only feature set has no tables: ``ebc=None``, the tower is the dense f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor, KeyedTensor
@@ -24,7 +30,9 @@ class EmbeddingTower(nn.Module):
     """``forward(dense [B, Dn], sparse KJT) -> [B, D_in]``: pooled embeddings in the order of the
     table configs (the same sharded or not), then the dense features."""
 
-    def __init__(self, *, ebc: EmbeddingBagCollection | None, num_dense: int) -> None:
+    def __init__(
+        self, *, ebc: EmbeddingBagCollection | None, num_dense: int, averaged: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         if ebc is None and num_dense < 1:
             raise ValueError("the tower needs at least one feature (categorical or numeric)")
@@ -34,6 +42,19 @@ class EmbeddingTower(nn.Module):
         # fixed here, before sharding: a sharded EBC groups its outputs by sharding type
         self._feature_names = [f for c in configs for f in c.feature_names]
         self._embedding_dim = sum(c.embedding_dim * len(c.feature_names) for c in configs)
+        unknown = sorted(set(averaged) - set(self._feature_names))
+        if unknown:
+            raise ValueError(f"averaged features {unknown} have no table in the tower")
+        self.averaged = list(averaged)
+        # averaged features' rows in the KJT (the batch's keys are the tables' features, in
+        # the configs' order: recsys_moe.data), and for each pooled column the scale it takes:
+        # 0 = none (summed), 1 + m = 1 / ids in averaged feature m's bag
+        dims = {f: c.embedding_dim for c in configs for f in c.feature_names}
+        source = [1 + self.averaged.index(f) if f in self.averaged else 0
+                  for f in self._feature_names for _ in range(dims[f])]  # fmt: skip
+        rows = [self._feature_names.index(f) for f in self.averaged]
+        self.register_buffer("_averaged_rows", torch.tensor(rows, dtype=torch.long), False)
+        self.register_buffer("_column_scale", torch.tensor(source, dtype=torch.long), False)
 
     @property
     def out_dim(self) -> int:
@@ -42,14 +63,35 @@ class EmbeddingTower(nn.Module):
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
         if self.ebc is None:  # numeric-only: no tables, the KJT has no keys
             return dense
+        # _average reads the bags' lengths by position (not on the fx Proxy of a pipeline trace)
+        proxy = isinstance(sparse, torch.fx.Proxy)
+        if self.averaged and not proxy and sparse.keys() != self._feature_names:
+            raise ValueError(
+                f"the batch's features {sparse.keys()} are not the tower's "
+                f"{self._feature_names}, in that order"
+            )
         pooled = self.ebc(sparse)  # KeyedTensor: [B, Σ D_f] in its keys' order
         if isinstance(pooled, KeyedTensor) and pooled.keys() == self._feature_names:
             # already in the configs' order (unsharded, or one sharding type; not the fx Proxy
             # of TorchRec's pipeline trace): one concat instead of a split into F tensors and
             # their concat (2F + 2 fewer autograd nodes per step)
-            return self._concat([pooled.values()], dense)
-        by_name = pooled.to_dict()  # feature name -> [B, D_f]
-        return self._concat([by_name[f] for f in self._feature_names], dense)
+            parts = [pooled.values()]
+        else:
+            by_name = pooled.to_dict()  # feature name -> [B, D_f]
+            parts = [by_name[f] for f in self._feature_names]
+        if self.averaged:
+            parts = [self._average(parts, sparse)]
+        return self._concat(parts, dense)
+
+    def _average(self, parts: list[Tensor], sparse: KeyedJaggedTensor) -> Tensor:
+        """The pooled columns ``[B, Σ D_f]`` with each averaged feature's sum divided by the
+        ids in its bag (an empty bag stays 0)."""
+        pooled = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        lengths = sparse.lengths().view(len(self._feature_names), -1)  # [F, B]
+        ids = lengths.index_select(0, self._averaged_rows).t()  # [B, M]
+        inverse = ids.clamp(min=1).to(pooled.dtype).reciprocal()
+        scale = torch.nn.functional.pad(inverse, (1, 0), value=1.0)  # [B, 1 + M]: 1 = summed
+        return pooled * scale.index_select(1, self._column_scale)
 
     @staticmethod
     def _concat(pooled: list[Tensor], dense: Tensor) -> Tensor:

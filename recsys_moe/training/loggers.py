@@ -259,6 +259,18 @@ def metric_logger(
     return logger
 
 
+class TrainingDiverged(ValueError):
+    """A run whose losses or predictions stopped being finite numbers (the learning rates too
+    high for it, as a rule): the loop stops there rather than train and save NaN weights."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"training diverged: {what}. Lower the learning rates (train.lr, train.embedding_lr, "
+            "or their scaling: train.lr_scaling, train.embedding_lr_scaling); the run's "
+            "effective rates are its params train.lr_effective and train.embedding_lr_effective"
+        )
+
+
 class Step(NamedTuple):
     step: int
     timestamp_ms: int
@@ -342,6 +354,11 @@ class StepWindow:
         table = mean_across_ranks(table)
         names = ["train/loss", *(f"train/loss_{k}" for k in keys)]
         self.logger.log_steps(names, [(w.step, w.timestamp_ms) for w in window], table.tolist())
+        finite = torch.isfinite(table).all(dim=1)  # (the mean: every rank sees the same)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0, 0])
+            values = ", ".join(f"{n} {v:g}" for n, v in zip(names, table[i].tolist(), strict=True))
+            raise TrainingDiverged(f"the loss is not finite at step {window[i].step} ({values})")
         if self.progress is not None:
             self.progress.window(window[-1].step, names, table.mean(0).tolist())
         return own

@@ -22,6 +22,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection
+from torchrec import optim as trec_optim
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -34,7 +35,6 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardedModule, ShardingEnv, ShardingPlan, ShardingType
-from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -119,6 +119,34 @@ class _Unwrapped(DataParallelWrapper):
         dmp._dmp_wrapped_module.to(device)  # the dense part: what DDP's wrapping also does
 
 
+# train.embedding_optimizer -> TorchRec's class for fbgemm's fused optimizer of that kind
+EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": trec_optim.Adagrad,
+    "sgd": trec_optim.SGD,
+    "adam": trec_optim.Adam,
+    "rowwise_adam": trec_optim.PartialRowWiseAdam,
+    "lamb": trec_optim.LAMB,
+    "rowwise_lamb": trec_optim.PartialRowWiseLAMB,
+}
+CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")  # fbgemm-gpu-cpu's kernels
+
+
+def embedding_optimizer(name: str, device: torch.device) -> type[torch.optim.Optimizer]:
+    """TorchRec's optimizer class for ``train.embedding_optimizer``; a clear error where fbgemm
+    has no kernel for it on ``device`` (the CPU build has the Adagrads and SGD only)."""
+    if name not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(
+            f"train.embedding_optimizer = {name!r}: expected one of {sorted(EMBEDDING_OPTIMIZERS)}"
+        )
+    if device.type != "cuda" and name not in CPU_EMBEDDING_OPTIMIZERS:
+        raise ValueError(
+            f"train.embedding_optimizer = {name!r} runs on CUDA only: fbgemm's CPU build has "
+            f"{', '.join(CPU_EMBEDDING_OPTIMIZERS)}; train on a GPU or pick one of those"
+        )
+    return EMBEDDING_OPTIMIZERS[name]
+
+
 def fused_params(cfg: ShardingConfig, device: torch.device, bf16: bool) -> dict[str, Any]:
     """fbgemm TBE settings for the sharder: the lookups' output dtype and the bounds check
     (``train.sharding.embedding_output`` / ``bounds_check``). ``bf16``: the model runs under
@@ -140,18 +168,21 @@ def shard(
     device: torch.device,
     embedding_lr: float,
     embedding_weight_decay: float = 0.0,
+    embedding_optimizer_name: str = "rowwise_adagrad",
     bf16: bool = False,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """``module`` with its embedding tables sharded over the default process group.
 
-    The tables' optimizer (row-wise Adagrad) is fused into their backward: TorchRec's sharder
-    reads it from the parameters, so it is attached before sharding. ``bf16``: the model runs
-    under bf16 autocast (``fused_params``).
+    The tables' optimizer (``embedding_optimizer_name``, train.embedding_optimizer; row-wise
+    Adagrad by default) is fused into their backward: TorchRec's sharder reads it from the
+    parameters, so it is attached before sharding. ``bf16``: the model runs under bf16
+    autocast (``fused_params``).
     """
+    optimizer_class = embedding_optimizer(embedding_optimizer_name, device)
     for m in module.modules():
         if isinstance(m, EmbeddingBagCollection):
             _apply_optimizer_in_backward(
-                RowWiseAdagrad,
+                optimizer_class,
                 m.parameters(),
                 {"lr": embedding_lr, "weight_decay": embedding_weight_decay},
             )

@@ -43,7 +43,13 @@ from recsys_moe.tracking import TRAIN_JOB_TAG, run_owner_tags
 from recsys_moe.training import checkpoint, sharding
 from recsys_moe.training.dist import DistInfo, broadcast_object, setup, shutdown
 from recsys_moe.training.loader import Loader, MemoryLoader, ParquetLoader, read_mapped
-from recsys_moe.training.loggers import MetricLogger, Step, StepWindow, metric_logger
+from recsys_moe.training.loggers import (
+    MetricLogger,
+    Step,
+    StepWindow,
+    TrainingDiverged,
+    metric_logger,
+)
 from recsys_moe.training.module import (
     OnDevice,
     TrainLoss,
@@ -172,6 +178,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
         device=info.device,
         embedding_lr=rates.embedding_lr,
         embedding_weight_decay=t.embedding_weight_decay,
+        embedding_optimizer_name=t.embedding_optimizer,
         bf16=module.autocast,
     )
     plan_summary = sharding.plan_summary(plan)
@@ -245,6 +252,9 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
                 rank=info.rank,
                 world_size=info.world_size,
             )  # fmt: skip  (one pass for the metrics and the gate statistics, each rank a block)
+            bad = [k for k, v in preds.items() if not np.isfinite(v).all()]
+            if bad:
+                raise TrainingDiverged(f"the validation predictions of {bad} are not finite")
             result.valid = split_metrics(cfg.tasks, preds, _numpy(valid.labels), manifest)
             support = model.gate_support()
             result.gates = gate_stats(gates, names, support)
