@@ -77,11 +77,14 @@ def test_dmp_trains_on_cuda_with_fused_kernels(trained: SimpleNamespace) -> None
     print(f"\nGPU samples/s (1 GPU, batch 2048): {trained.result.samples_per_s:,.0f}")
 
 
-@pytest.mark.parametrize("name", ["adam", "rowwise_lamb"])
-def test_the_tables_gpu_only_optimizers_train(dataset: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "lr"), [("adam", 1.0), ("rowwise_adam", 1.0), ("rowwise_lamb", 0.03)]
+)
+def test_the_tables_gpu_only_optimizers_train(dataset: Path, name: str, lr: float) -> None:
     """``train.embedding_optimizer``: fbgemm's Adam and row-wise LAMB (CUDA only) train the
-    tables: the loss falls and the run's validation beats chance."""
-    cfg = _config(dataset, [f"train.embedding_optimizer={name}", "train.embedding_lr=0.01",
+    tables: the loss falls and the run's validation beats chance. (Rates of the demo's
+    large-batch grid on the H200, benchmarks/README.md: at 0.01 both learned next to nothing.)"""
+    cfg = _config(dataset, [f"train.embedding_optimizer={name}", f"train.embedding_lr={lr}",
                             "train.embedding_lr_scaling=none"])  # fmt: skip
     result = train(cfg)
     assert np.mean(result.losses[-5:]) < 0.9 * np.mean(result.losses[:5])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from fixtures import MODEL_FEATURES_TOML, MODEL_TASKS, model_sparse
@@ -115,6 +117,10 @@ def test_averaged_features_equal_mean_pooled_lookups(features: FeatureSet) -> No
         torch.testing.assert_close(b.grad, a.grad, msg=name)
     with pytest.raises(ValueError, match="not the tower's"):  # the batch's keys in another order
         summed(dense, sparse.permute([1, 0, 2]))
+    # tables of one pooling are one fused group already: left as they are, nothing averaged
+    same = [replace(c, pooling=PoolingType.MEAN) for c in configs]
+    assert summed_tables(same) == (same, [])
+    assert summed_tables(tables) == (tables, [])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5, 0.9])
