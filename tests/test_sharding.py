@@ -3,7 +3,11 @@ the fused lookups' settings."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,24 +62,35 @@ def test_sharding_settings_are_checked() -> None:
         load_config(DEMO_CONFIG, ["train.sharding.embedding_output=fp16"])
 
 
-def _fused_state(name: str, tmp_path) -> tuple[dict, torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    """The fused table optimizer's state after one training step with
-    ``train.embedding_optimizer = name`` on the CPU, and a table's weights before and after."""
+@contextlib.contextmanager
+def _one_process_dmp(init_file: Path, sets: list[str], **shard_kwargs: Any) -> Iterator[Any]:
+    """The demo model (config overrides ``sets``) sharded in a one-process gloo group on the
+    CPU, seed 0; the group is destroyed on exit."""
     import torch.distributed as dist
 
     from recsys_moe.training.module import TrainLoss, TrainModule
-    from recsys_moe.training.sharding import build_optimizer, shard
+    from recsys_moe.training.sharding import shard
 
-    cfg = load_config(DEMO_CONFIG, [])
+    cfg = load_config(DEMO_CONFIG, sets)
     features, names = cfg.feature_set(), [t.name for t in cfg.tasks]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/{name}.init", rank=0,
-                            world_size=1)  # fmt: skip
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         module = TrainModule(build_model(features, cfg.model, names, device="meta"),
                              TrainLoss.for_config(cfg.model, cfg.tasks))  # fmt: skip
         dmp, _ = shard(module, cfg.train.sharding, device=torch.device("cpu"), embedding_lr=0.1,
-                       embedding_optimizer_name=name)  # fmt: skip
+                       **shard_kwargs)  # fmt: skip
+        yield dmp
+    finally:
+        dist.destroy_process_group()
+
+
+def _fused_state(name: str, tmp_path) -> tuple[dict, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """The fused table optimizer's state after one training step with
+    ``train.embedding_optimizer = name`` on the CPU, and a table's weights before and after."""
+    from recsys_moe.training.sharding import build_optimizer
+
+    with _one_process_dmp(tmp_path / f"{name}.init", [], embedding_optimizer_name=name) as dmp:
         key = next(k for k in dmp.state_dict() if k.endswith("item_id.weight"))
         # every table in one fused lookup: the averaged (mean-pooled) ones too (summed_tables)
         lookups = [e for m in dmp.module.model.tower.ebc._lookups for e in m._emb_modules]  # noqa: SLF001
@@ -94,8 +109,6 @@ def _fused_state(name: str, tmp_path) -> tuple[dict, torch.Tensor, torch.Tensor]
         optimizer.step()
         state = dmp.fused_optimizer.state_dict()["state"]
         return {k: v for k, v in state.items() if "item_id" in k}, before, table()
-    finally:
-        dist.destroy_process_group()
 
 
 def _one_feature_kjt(ebc: torch.nn.Module, feature: str, ids: torch.Tensor):  # noqa: ANN202
@@ -129,3 +142,67 @@ def test_the_tables_optimizer_is_the_configured_fused_one(tmp_path) -> None:  # 
         assert embedding_optimizer(name, torch.device("cuda")) is not None
     with pytest.raises(ValueError, match="embedding_optimizer"):
         load_config(DEMO_CONFIG, ["train.embedding_optimizer=adamw"])
+
+
+def _trained_tables(tmp_path, direct: bool, batches: list) -> tuple[list, dict, int]:  # noqa: ANN001
+    """The demo model's pooled outputs for ``batches`` and its tables after a training step on
+    each, in one process, with or without the direct lookup; how many lookups took it."""
+    from recsys_moe.training.sharding import _DirectLookup, build_optimizer
+
+    sets = [f"train.sharding.direct_lookup={str(direct).lower()}"]
+    with _one_process_dmp(tmp_path / f"{direct}.init", sets) as dmp:
+        ebc = dmp.module.model.tower.ebc
+        direct_count = int(isinstance(ebc.__dict__.get("forward"), _DirectLookup))
+        optimizer = build_optimizer(dmp, 1e-3, 0.0)
+        outputs = []
+        for kjt in batches:
+            optimizer.zero_grad()
+            pooled = ebc(kjt)
+            outputs.append(pooled.to_dict())
+            (pooled.values() * torch.arange(pooled.values().shape[1])).sum().backward()
+            optimizer.step()
+        tables = {k: v.local_shards()[0].tensor.detach().clone()
+                  for k, v in dmp.state_dict().items() if hasattr(v, "local_shards")}  # fmt: skip
+        if batches and direct:  # the first batch, its keys reversed: TorchRec's forward (its
+            # first call: it keeps the order it first sees, whichever it is)
+            first = batches[0]
+            flipped = first.permute(list(reversed(range(len(first.keys())))))
+            with torch.no_grad():
+                outputs += [ebc(first).to_dict(), ebc(flipped).to_dict()]
+        return outputs, tables, direct_count
+
+
+def test_the_direct_lookup_in_one_process_equals_torchrecs_forward(tmp_path) -> None:  # noqa: ANN001
+    """``train.sharding.direct_lookup``: in one process the fused lookup is called on the batch
+    without TorchRec's dists. Same pooled features and the same tables after training as
+    TorchRec's forward, bit for bit; a batch whose keys are in another order takes TorchRec's
+    forward (which reorders them) and gets the same result."""
+    from torchrec import KeyedJaggedTensor
+
+    cfg = load_config(DEMO_CONFIG, [])
+    configs = build_model(cfg.feature_set(), cfg.model, [t.name for t in cfg.tasks],
+                          device="meta").tower.ebc.embedding_bag_configs()  # fmt: skip
+    keys = [f for c in configs for f in c.feature_names]
+    rows = {f: c.num_embeddings for c in configs for f in c.feature_names}
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        lengths = torch.randint(0, 4, (len(keys), 16), generator=g)
+        values = torch.cat([torch.randint(0, rows[k], (int(n.sum()),), generator=g)
+                            for k, n in zip(keys, lengths, strict=True)])  # fmt: skip
+        batches.append(KeyedJaggedTensor(keys=keys, values=values, lengths=lengths.flatten()))
+    out_direct, tables_direct, n_direct = _trained_tables(tmp_path, True, batches)
+    out_trec, tables_trec, n_trec = _trained_tables(tmp_path, False, batches)
+    assert (n_direct, n_trec) == (1, 0)
+    assert len(out_direct) == len(out_trec) + 2 == len(batches) + 2
+    for a, b in zip(out_direct[: len(out_trec)], out_trec, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    in_order, flipped = out_direct[-2:]  # the direct lookup, and TorchRec's forward
+    assert all(torch.equal(in_order[k], flipped[k]) for k in in_order)
+    assert tables_direct.keys() == tables_trec.keys() and len(tables_direct) == len(keys)
+    for k, v in tables_direct.items():
+        assert torch.equal(v, tables_trec[k]), k
+    # and the training moved the tables: the comparison is not of untouched weights
+    (tmp_path / "untrained").mkdir()
+    _, untouched, _ = _trained_tables(tmp_path / "untrained", True, [])
+    assert any(not torch.equal(untouched[k], v) for k, v in tables_direct.items())

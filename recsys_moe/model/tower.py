@@ -9,6 +9,10 @@ A feature in ``averaged`` has its bag summed by the tables and divided here by t
 in it (0 for an empty bag): the mean pooling of ``pooling = "mean"`` features, in the same fused
 lookup as the summed ones (``model.summed_tables``).
 
+``forward(dense, sparse) = combine(lookup(sparse), bag_sizes(sparse), dense, dtype)``: the
+tables' lookups, then tensor work only (averaging, concat, cast), which training compiles with
+the layers after it (``recsys_moe.training.module``).
+
 The ``EmbeddingBagCollection`` is built elsewhere (``model.build_model``) and passed in, as in
 TorchRec's ``SparseArch``, so that sharding can replace it without touching this module.
 
@@ -63,43 +67,76 @@ class EmbeddingTower(nn.Module):
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
         if self.ebc is None:  # numeric-only: no tables, the KJT has no keys
             return dense
-        # _average reads the bags' lengths by position (not on the fx Proxy of a pipeline trace)
-        proxy = isinstance(sparse, torch.fx.Proxy)
-        if self.averaged and not proxy and sparse.keys() != self._feature_names:
+        lengths = self.bag_sizes(sparse)
+        parts = self.lookup(sparse)
+        if isinstance(dense, torch.fx.Proxy):  # TorchRec's train pipeline traces the forward
+            return self.combine(parts, lengths, dense, None)
+        return self.combine(parts, lengths, dense, _compute_dtype(dense))
+
+    def bag_sizes(self, sparse: KeyedJaggedTensor) -> Tensor | None:
+        """What ``combine`` needs of the batch besides the lookups: the bags' lengths ``[F·B]``
+        where some features are averaged (else ``None``)."""
+        if not self.averaged or self.ebc is None:
+            return None
+        # combine reads the bags' lengths by position (not on the fx Proxy of a pipeline trace)
+        if not isinstance(sparse, torch.fx.Proxy) and sparse.keys() != self._feature_names:
             raise ValueError(
                 f"the batch's features {sparse.keys()} are not the tower's "
                 f"{self._feature_names}, in that order"
             )
+        return sparse.lengths()
+
+    def lookup(self, sparse: KeyedJaggedTensor) -> list[Tensor]:
+        """The tables' pooled outputs in the configs' order, as one ``[B, Σ D_f]`` or per
+        feature (no tables: none)."""
+        if self.ebc is None:
+            return []
         pooled = self.ebc(sparse)  # KeyedTensor: [B, Σ D_f] in its keys' order
         if isinstance(pooled, KeyedTensor) and pooled.keys() == self._feature_names:
             # already in the configs' order (unsharded, or one sharding type; not the fx Proxy
             # of TorchRec's pipeline trace): one concat instead of a split into F tensors and
             # their concat (2F + 2 fewer autograd nodes per step)
-            parts = [pooled.values()]
-        else:
-            by_name = pooled.to_dict()  # feature name -> [B, D_f]
-            parts = [by_name[f] for f in self._feature_names]
-        if self.averaged:
-            parts = [self._average(parts, sparse)]
-        return self._concat(parts, dense)
+            return [pooled.values()]
+        by_name = pooled.to_dict()  # feature name -> [B, D_f]
+        return [by_name[f] for f in self._feature_names]
 
-    def _average(self, parts: list[Tensor], sparse: KeyedJaggedTensor) -> Tensor:
+    def combine(
+        self, parts: list[Tensor], lengths: Tensor | None, dense: Tensor, dtype: torch.dtype | None
+    ) -> Tensor:
+        """``[B, D_in]``: the lookups' outputs (``lookup``), the averaged features divided by
+        their bags' sizes (``bag_sizes``), then the dense features, in ``dtype`` (that of the
+        layers after it; ``None``: the dense features'). Tensors only: training compiles it
+        with the layers after it (``recsys_moe.training.module``)."""
+        if not parts:  # numeric-only
+            return dense
+        if self.averaged:
+            assert lengths is not None, "averaged features need the bags' lengths"
+            parts = [self._average(parts, lengths)]
+        return self._concat(parts, dense, dtype)
+
+    def _average(self, parts: list[Tensor], lengths: Tensor) -> Tensor:
         """The pooled columns ``[B, Σ D_f]`` with each averaged feature's sum divided by the
         ids in its bag (an empty bag stays 0)."""
         pooled = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        lengths = sparse.lengths().view(len(self._feature_names), -1)  # [F, B]
-        ids = lengths.index_select(0, self._averaged_rows).t()  # [B, M]
+        per_feature = lengths.view(len(self._feature_names), -1)  # [F, B]
+        ids = per_feature.index_select(0, self._averaged_rows).t()  # [B, M]
         inverse = ids.clamp(min=1).to(pooled.dtype).reciprocal()
         scale = torch.nn.functional.pad(inverse, (1, 0), value=1.0)  # [B, 1 + M]: 1 = summed
         return pooled * scale.index_select(1, self._column_scale)
 
     @staticmethod
-    def _concat(pooled: list[Tensor], dense: Tensor) -> Tensor:
-        """``[pooled..., dense]`` in the dtype the next layers compute in: autocast's (the
-        lookups may already output it: ``train.sharding.embedding_output``), else the dense
-        features' (float32). One concat, no float32 copy to be cast again by the first GEMM."""
+    def _concat(pooled: list[Tensor], dense: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``[pooled..., dense]`` in ``dtype`` (the next layers'; the lookups may already output
+        it: ``train.sharding.embedding_output``), else the dense features' (float32). One
+        concat, no float32 copy to be cast again by the first GEMM."""
         if isinstance(dense, torch.fx.Proxy):  # TorchRec's train pipeline traces the forward
             return torch.cat([*pooled, dense], dim=1)
-        kind = dense.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else dense.dtype
+        dtype = dtype or dense.dtype
         return torch.cat([t.to(dtype) for t in pooled] + [dense.to(dtype)], dim=1)
+
+
+def _compute_dtype(dense: Tensor) -> torch.dtype:
+    """The dtype the layers after the tower compute in: autocast's where it is on, else the
+    dense features'."""
+    kind = dense.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else dense.dtype

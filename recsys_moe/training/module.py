@@ -78,19 +78,31 @@ class TrainModule(nn.Module):
         self.dense_step = self._dense_step  # compile_dense replaces it with its compiled form
         self.graphed = False  # the dense step replays CUDA graphs (compile = "cudagraphs")
 
-    def _dense_step(self, x: Tensor, labels: dict[str, Tensor]) -> LossOutput:
-        """Everything after the tables: mixture, heads (bf16 autocast) and losses (float32)."""
+    def _dense_step(
+        self,
+        parts: list[Tensor],
+        lengths: Tensor | None,
+        dense: Tensor,
+        labels: dict[str, Tensor],
+    ) -> LossOutput:
+        """Everything after the tables' lookups: the tower's averaging and concat
+        (``EmbeddingTower.combine``), mixture, heads (bf16 autocast) and losses (float32)."""
+        dtype = torch.bfloat16 if self.autocast else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            x = self.model.tower.combine(parts, lengths, dense, dtype)
             out = self.model.top(x)
         return self.loss(out, labels)
 
     def forward(self, batch: Batch) -> LossOutput:
+        tower = self.model.tower
+        lengths = tower.bag_sizes(batch.sparse)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            x = self.model.tower(batch.dense, batch.sparse)
-        if not self.graphed or isinstance(x, torch.fx.Proxy):  # (TorchRec's pipeline traces)
-            return self.dense_step(x, batch.labels)
+            parts = tower.lookup(batch.sparse)
+        args = (parts, lengths, batch.dense, batch.labels)
+        if not self.graphed or isinstance(batch.dense, torch.fx.Proxy):  # (TorchRec's trace)
+            return self.dense_step(*args)
         torch.compiler.cudagraph_mark_step_begin()  # one training step per replay
-        loss, (total, per_task) = self.dense_step(x, batch.labels)
+        loss, (total, per_task) = self.dense_step(*args)
         # the graphs' outputs live in their memory pool and the next replay overwrites them:
         # what outlives the step (the logged losses) is copied out
         return loss, (total.clone(), {k: v.clone() for k, v in per_task.items()})
@@ -111,12 +123,13 @@ class OnDevice(nn.Module):
 
 
 def compile_dense(module: TrainModule, mode: bool | str = True) -> None:
-    """``torch.compile`` the dense part of the step in place (``train.compile``): the mixture,
-    the heads and the losses as one graph (``TrainModule.dense_step``); the embedding tower
-    stays eager (fbgemm's kernels). ``mode``: true / "kernels" (fused kernels) or "cudagraphs"
-    (those replayed as CUDA graphs, forward and backward: ``mode="reduce-overhead"``). The
-    modules are unchanged: state-dict keys, checkpoints and the saved bundle are the eager
-    ones, and validation's plain forward runs eager."""
+    """``torch.compile`` the dense part of the step in place (``train.compile``): the tower's
+    averaging and concat, the mixture, the heads and the losses as one graph
+    (``TrainModule.dense_step``); the tables' lookups stay eager (fbgemm's kernels).
+    ``mode``: true / "kernels" (fused kernels) or "cudagraphs" (those replayed as CUDA graphs,
+    forward and backward: ``mode="reduce-overhead"``). The modules are unchanged: state-dict
+    keys, checkpoints and the saved bundle are the eager ones, and validation's plain forward
+    runs eager."""
     # TorchRec 1.6's pipeline fx-traces through the step (1.8 too, into a compiled function):
     # let the trace, which only finds the sharded modules' inputs, run the eager code
     torch._dynamo.config.error_on_nested_fx_trace = False

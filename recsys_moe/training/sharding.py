@@ -23,7 +23,11 @@ from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection
 from torchrec import optim as trec_optim
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
@@ -37,6 +41,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardedModule, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_moe.config import ShardingConfig
 
@@ -206,7 +211,68 @@ def shard(
         sharders=sharders,
         data_parallel_wrapper=_Unwrapped() if world_size == 1 else None,
     )
+    if world_size == 1 and cfg.direct_lookup:
+        direct_lookups(model)
     return model, plan
+
+
+class _DirectLookup:
+    """The forward of a ``ShardedEmbeddingBagCollection`` in one process whose tables are one
+    fused lookup (``train.sharding.direct_lookup``): fbgemm's kernel module called on the batch
+    as it is, its output as the ``KeyedTensor`` TorchRec's forward returns.
+
+    In one process TorchRec's input and output dists are identities that still cost host work
+    every step: the awaitables, a recat index list built in Python and copied to the device
+    (``_get_recat``, 7 % of the bench model's graphed loop on an H200), the batch's split by
+    sharding type and by lookup group. A batch this path does not cover (other keys or key
+    order, weights, variable batch per key) takes TorchRec's forward."""
+
+    def __init__(self, module: ShardedEmbeddingBagCollection) -> None:
+        lookup = module._lookups[0]
+        config = lookup.grouped_configs[0]
+        self.fallback = type(module).forward.__get__(module)
+        self.kernel = lookup._emb_modules[0]  # TorchRec's module around fbgemm's TBE
+        self.keys = list(config.feature_names())
+        self.names = list(config.embedding_names())
+        self.dims = list(config.embedding_dims())
+
+    def __call__(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if (
+            features.keys() != self.keys
+            or features.weights_or_none() is not None
+            or features.variable_stride_per_key()
+        ):
+            return self.fallback(features)
+        return KeyedTensor(keys=self.names, length_per_key=self.dims, values=self.kernel(features))
+
+
+def direct_lookups(model: nn.Module) -> int:
+    """Give every ``ShardedEmbeddingBagCollection`` of a one-process model whose tables are one
+    fused lookup, with nothing between the batch and the kernel (no feature processor, weights
+    or tracker), the direct forward of ``_DirectLookup``; the others keep TorchRec's. The
+    modules, their state dict and the fused optimizer are unchanged. The number given it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("direct lookups are for one process: several need TorchRec's dists")
+    done = 0
+    for m in model.modules():
+        if not isinstance(m, ShardedEmbeddingBagCollection) or len(m._lookups) != 1:
+            continue
+        lookup = m._lookups[0]
+        if (
+            not isinstance(lookup, GroupedPooledEmbeddingsLookup)
+            or len(lookup._emb_modules) != 1
+            or len(lookup.grouped_configs) != 1
+            or lookup.grouped_configs[0].is_weighted
+            or lookup.grouped_configs[0].has_feature_processor
+            or getattr(lookup, "optim_state_tracker_fn", None) is not None
+            or any(getattr(lookup, "_feature_score_auto_collections", None) or [])
+            or getattr(m, "post_lookup_tracker_fn", None) is not None
+            or getattr(m, "_has_mean_pooling_callback", False)
+        ):
+            continue
+        m.forward = _DirectLookup(m)
+        done += 1
+    return done
 
 
 def plan_summary(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
