@@ -172,7 +172,13 @@ class StackSampler:
         lines = [
             f"{len(self.samples)} samples in the training loop, every {self.interval * 1e3:g} ms"
         ]
-        for title, counts in (("inclusive", inclusive), ("self", own)):
+        # the innermost frame with its caller: who makes the C calls (e.g. torch.ops' __call__)
+        by_caller = Counter(" <- ".join(s[:2]) for s in self.samples)
+        for title, counts in (
+            ("inclusive", inclusive),
+            ("self", own),
+            ("self, by caller", by_caller),
+        ):
             lines.append(f"-- {title} share of the loop's samples")
             lines += [f"{c / n:7.1%}  {f}" for f, c in counts.most_common(top)]
         return "\n".join(lines)

@@ -70,7 +70,7 @@ def test_tower_concat_is_in_the_dtype_the_next_layers_compute_in(features: Featu
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = tower(dense, sparse)
         # a bfloat16 lookup output (train.sharding.embedding_output) and float32 dense features
-        mixed = tower.combine([full[:, :-1].to(torch.bfloat16)], None, dense, torch.bfloat16)
+        mixed = tower.combine(full[:, :-1].to(torch.bfloat16), None, dense, torch.bfloat16)
     assert half.dtype == mixed.dtype == torch.bfloat16
     assert torch.equal(half, full.to(torch.bfloat16)) and torch.equal(mixed, half)
 

@@ -206,3 +206,17 @@ def test_the_direct_lookup_in_one_process_equals_torchrecs_forward(tmp_path) -> 
     (tmp_path / "untrained").mkdir()
     _, untouched, _ = _trained_tables(tmp_path / "untrained", True, [])
     assert any(not torch.equal(untouched[k], v) for k, v in tables_direct.items())
+
+
+def test_a_sharding_type_forced_on_one_process_keeps_torchrecs_forward(tmp_path) -> None:  # noqa: ANN001
+    """Column shards of a table, forced on one process (``train.sharding.types``), are joined
+    again by TorchRec's output dist: no direct lookup there, and the pooled features still have
+    the tables' widths."""
+    from recsys_moe.training.sharding import _DirectLookup
+
+    with _one_process_dmp(tmp_path / "cw.init", ['train.sharding.types=["column_wise"]']) as dmp:
+        ebc = dmp.module.model.tower.ebc
+        assert not isinstance(ebc.__dict__.get("forward"), _DirectLookup)
+        ids = torch.tensor([3, 7])
+        pooled = ebc(_one_feature_kjt(ebc, "item_id", ids)).to_dict()
+        assert pooled["item_id"].shape == (2, 8) and pooled["item_id"].abs().sum() > 0

@@ -68,10 +68,10 @@ class EmbeddingTower(nn.Module):
         if self.ebc is None:  # numeric-only: no tables, the KJT has no keys
             return dense
         lengths = self.bag_sizes(sparse)
-        parts = self.lookup(sparse)
+        pooled = self.lookup(sparse)
         if isinstance(dense, torch.fx.Proxy):  # TorchRec's train pipeline traces the forward
-            return self.combine(parts, lengths, dense, None)
-        return self.combine(parts, lengths, dense, _compute_dtype(dense))
+            return self.combine(pooled, lengths, dense, None)
+        return self.combine(pooled, lengths, dense, _compute_dtype(dense))
 
     def bag_sizes(self, sparse: KeyedJaggedTensor) -> Tensor | None:
         """What ``combine`` needs of the batch besides the lookups: the bags' lengths ``[F·B]``
@@ -86,38 +86,42 @@ class EmbeddingTower(nn.Module):
             )
         return sparse.lengths()
 
-    def lookup(self, sparse: KeyedJaggedTensor) -> list[Tensor]:
-        """The tables' pooled outputs in the configs' order, as one ``[B, Σ D_f]`` or per
-        feature (no tables: none)."""
+    def lookup(self, sparse: KeyedJaggedTensor) -> Tensor | None:
+        """The tables' pooled outputs ``[B, Σ D_f]`` in the configs' order (no tables: None)."""
         if self.ebc is None:
-            return []
+            return None
         pooled = self.ebc(sparse)  # KeyedTensor: [B, Σ D_f] in its keys' order
         if isinstance(pooled, KeyedTensor) and pooled.keys() == self._feature_names:
             # already in the configs' order (unsharded, or one sharding type; not the fx Proxy
-            # of TorchRec's pipeline trace): one concat instead of a split into F tensors and
-            # their concat (2F + 2 fewer autograd nodes per step)
-            return [pooled.values()]
+            # of TorchRec's pipeline trace): no split into F tensors and concat (2F + 2 fewer
+            # autograd nodes per step)
+            return pooled.values()
+        # several sharding types (or the trace): their parts in the configs' order, as one
+        # tensor, so that the compiled step takes one input for them
         by_name = pooled.to_dict()  # feature name -> [B, D_f]
-        return [by_name[f] for f in self._feature_names]
+        return torch.cat([by_name[f] for f in self._feature_names], dim=1)
 
     def combine(
-        self, parts: list[Tensor], lengths: Tensor | None, dense: Tensor, dtype: torch.dtype | None
+        self,
+        pooled: Tensor | None,
+        lengths: Tensor | None,
+        dense: Tensor,
+        dtype: torch.dtype | None,
     ) -> Tensor:
-        """``[B, D_in]``: the lookups' outputs (``lookup``), the averaged features divided by
+        """``[B, D_in]``: the lookups' output (``lookup``), the averaged features divided by
         their bags' sizes (``bag_sizes``), then the dense features, in ``dtype`` (that of the
         layers after it; ``None``: the dense features'). Tensors only: training compiles it
         with the layers after it (``recsys_moe.training.module``)."""
-        if not parts:  # numeric-only
+        if pooled is None:  # numeric-only
             return dense
         if self.averaged:
             assert lengths is not None, "averaged features need the bags' lengths"
-            parts = [self._average(parts, lengths)]
-        return self._concat(parts, dense, dtype)
+            pooled = self._average(pooled, lengths)
+        return self._concat([pooled], dense, dtype)
 
-    def _average(self, parts: list[Tensor], lengths: Tensor) -> Tensor:
+    def _average(self, pooled: Tensor, lengths: Tensor) -> Tensor:
         """The pooled columns ``[B, Σ D_f]`` with each averaged feature's sum divided by the
         ids in its bag (an empty bag stays 0)."""
-        pooled = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         per_feature = lengths.view(len(self._feature_names), -1)  # [F, B]
         ids = per_feature.index_select(0, self._averaged_rows).t()  # [B, M]
         inverse = ids.clamp(min=1).to(pooled.dtype).reciprocal()

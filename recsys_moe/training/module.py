@@ -80,7 +80,7 @@ class TrainModule(nn.Module):
 
     def _dense_step(
         self,
-        parts: list[Tensor],
+        pooled: Tensor | None,
         lengths: Tensor | None,
         dense: Tensor,
         labels: dict[str, Tensor],
@@ -89,16 +89,20 @@ class TrainModule(nn.Module):
         (``EmbeddingTower.combine``), mixture, heads (bf16 autocast) and losses (float32)."""
         dtype = torch.bfloat16 if self.autocast else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            x = self.model.tower.combine(parts, lengths, dense, dtype)
+            x = self.model.tower.combine(pooled, lengths, dense, dtype)
             out = self.model.top(x)
         return self.loss(out, labels)
 
     def forward(self, batch: Batch) -> LossOutput:
         tower = self.model.tower
-        lengths = tower.bag_sizes(batch.sparse)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            parts = tower.lookup(batch.sparse)
-        args = (parts, lengths, batch.dense, batch.labels)
+        # the lookups' output dtype is fbgemm's setting (train.sharding.embedding_output), not
+        # autocast's: no autocast around them
+        args = (
+            tower.lookup(batch.sparse),
+            tower.bag_sizes(batch.sparse),
+            batch.dense,
+            batch.labels,
+        )
         if not self.graphed or isinstance(batch.dense, torch.fx.Proxy):  # (TorchRec's trace)
             return self.dense_step(*args)
         torch.compiler.cudagraph_mark_step_begin()  # one training step per replay

@@ -247,15 +247,21 @@ class _DirectLookup:
 
 
 def direct_lookups(model: nn.Module) -> int:
-    """Give every ``ShardedEmbeddingBagCollection`` of a one-process model whose tables are one
-    fused lookup, with nothing between the batch and the kernel (no feature processor, weights
-    or tracker), the direct forward of ``_DirectLookup``; the others keep TorchRec's. The
+    """Give every ``ShardedEmbeddingBagCollection`` of a one-process model whose tables are
+    whole (``table_wise``) and one fused lookup, with nothing between the batch and the kernel
+    (no feature processor, weights or tracker), the direct forward of ``_DirectLookup``; the
+    others keep TorchRec's. The
     modules, their state dict and the fused optimizer are unchanged. The number given it."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("direct lookups are for one process: several need TorchRec's dists")
     done = 0
     for m in model.modules():
-        if not isinstance(m, ShardedEmbeddingBagCollection) or len(m._lookups) != 1:
+        if (
+            not isinstance(m, ShardedEmbeddingBagCollection)
+            or len(m._lookups) != 1
+            or list(getattr(m, "_sharding_types", [])) != [ShardingType.TABLE_WISE.value]
+        ):  # whole tables only (the default in one process); a type forced on one process
+            # (train.sharding.types) keeps TorchRec's dists, which reassemble its shards
             continue
         lookup = m._lookups[0]
         if (
