@@ -257,9 +257,10 @@ class ShardingConfig:
     # by fbgemm's second kernel. The check cost 1.7 of 11 ms of a 262k-row scoring forward of
     # the bench model on an H200 (benchmarks/README.md).
     bounds_check: BoundsCheck = "none"
-    # in one process, a lookup whose tables are one fused group is fbgemm's kernel called on
-    # the batch directly, without TorchRec's input and output dists (identities there, costing
-    # host work every step); false keeps TorchRec's forward (training/sharding.py)
+    # in one process, a lookup whose tables are whole (table_wise, the default there) and one
+    # fused group is fbgemm's kernel called on the batch directly, without TorchRec's input and
+    # output dists (identities there, costing host work every step); false keeps TorchRec's
+    # forward (training/sharding.py)
     direct_lookup: bool = True
 
     def __post_init__(self) -> None:

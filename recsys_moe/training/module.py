@@ -95,14 +95,10 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: Batch) -> LossOutput:
         tower = self.model.tower
+        lengths = tower.bag_sizes(batch.sparse)  # (first: it checks the batch's keys)
         # the lookups' output dtype is fbgemm's setting (train.sharding.embedding_output), not
         # autocast's: no autocast around them
-        args = (
-            tower.lookup(batch.sparse),
-            tower.bag_sizes(batch.sparse),
-            batch.dense,
-            batch.labels,
-        )
+        args = (tower.lookup(batch.sparse), lengths, batch.dense, batch.labels)
         if not self.graphed or isinstance(batch.dense, torch.fx.Proxy):  # (TorchRec's trace)
             return self.dense_step(*args)
         torch.compiler.cudagraph_mark_step_begin()  # one training step per replay

@@ -217,9 +217,9 @@ def shard(
 
 
 class _DirectLookup:
-    """The forward of a ``ShardedEmbeddingBagCollection`` in one process whose tables are one
-    fused lookup (``train.sharding.direct_lookup``): fbgemm's kernel module called on the batch
-    as it is, its output as the ``KeyedTensor`` TorchRec's forward returns.
+    """The forward of a ``ShardedEmbeddingBagCollection`` in one process whose tables are whole
+    and one fused lookup (``train.sharding.direct_lookup``): fbgemm's kernel module called on
+    the batch as it is, its output as the ``KeyedTensor`` TorchRec's forward returns.
 
     In one process TorchRec's input and output dists are identities that still cost host work
     every step: the awaitables, a recat index list built in Python and copied to the device
@@ -250,8 +250,8 @@ def direct_lookups(model: nn.Module) -> int:
     """Give every ``ShardedEmbeddingBagCollection`` of a one-process model whose tables are
     whole (``table_wise``) and one fused lookup, with nothing between the batch and the kernel
     (no feature processor, weights or tracker), the direct forward of ``_DirectLookup``; the
-    others keep TorchRec's. The
-    modules, their state dict and the fused optimizer are unchanged. The number given it."""
+    others keep TorchRec's. The modules, their state dict and the fused optimizer are
+    unchanged. The number given it."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("direct lookups are for one process: several need TorchRec's dists")
     done = 0
