@@ -132,9 +132,10 @@ SKIPPED = frozenset({"convert_frame.py:_compile", "profile.py:step", "train.py:v
 class StackSampler:
     """A sampling profiler of the main thread in pure Python (py-spy is not on the device): a
     thread reads ``sys._current_frames()`` every ``interval`` s; samples inside the training loop
-    (a frame of ``training/train.py:_loop``), but not in ``SKIPPED`` frames, are counted by
-    function, inclusive and self (the innermost Python frame: time in a C call counts to the
-    function that made it)."""
+    (a frame of ``training/train.py:_loop``) after its warm-up steps (its ``warm``: compilation,
+    the lazily compiled backward among it, runs there), but not in ``SKIPPED`` frames, are
+    counted by function, inclusive and self (the innermost Python frame: time in a C call
+    counts to the function that made it)."""
 
     def __init__(self, interval: float = 0.001) -> None:
         import threading
@@ -147,12 +148,16 @@ class StackSampler:
     def _run(self) -> None:
         while not self.stop_event.wait(self.interval):
             frame = sys._current_frames().get(self.main)
-            stack = []
+            stack, warm = [], True
             while frame is not None:
                 code = frame.f_code
-                stack.append(f"{Path(code.co_filename).name}:{code.co_name}")
+                name = f"{Path(code.co_filename).name}:{code.co_name}"
+                if name == "train.py:_loop":  # its steps up to `warm` are the warm-up
+                    local = frame.f_locals
+                    warm = local.get("step", 0) <= local.get("warm", 0)
+                stack.append(name)
                 frame = frame.f_back
-            if "train.py:_loop" in stack and not SKIPPED.intersection(stack):
+            if "train.py:_loop" in stack and not warm and not SKIPPED.intersection(stack):
                 self.samples.append(stack)
 
     def __enter__(self) -> StackSampler:
