@@ -146,13 +146,13 @@ def test_the_tables_optimizer_is_the_configured_fused_one(tmp_path) -> None:  # 
 
 def _trained_tables(tmp_path, direct: bool, batches: list) -> tuple[list, dict, int]:  # noqa: ANN001
     """The demo model's pooled outputs for ``batches`` and its tables after a training step on
-    each, in one process, with or without the direct lookup; how many lookups took it."""
+    each, in one process, with or without the direct lookup; whether the batches took it."""
     from recsys_moe.training.sharding import _DirectLookup, build_optimizer
 
     sets = [f"train.sharding.direct_lookup={str(direct).lower()}"]
     with _one_process_dmp(tmp_path / f"{direct}.init", sets) as dmp:
         ebc = dmp.module.model.tower.ebc
-        direct_count = int(isinstance(ebc.__dict__.get("forward"), _DirectLookup))
+        installed = isinstance(ebc.__dict__.get("forward"), _DirectLookup)
         optimizer = build_optimizer(dmp, 1e-3, 0.0)
         outputs = []
         for kjt in batches:
@@ -163,6 +163,8 @@ def _trained_tables(tmp_path, direct: bool, batches: list) -> tuple[list, dict, 
             optimizer.step()
         tables = {k: v.local_shards()[0].tensor.detach().clone()
                   for k, v in dmp.state_dict().items() if hasattr(v, "local_shards")}  # fmt: skip
+        # the batches went to the kernel directly: TorchRec's input dist was never set up
+        direct_count = int(installed and ebc._has_uninitialized_input_dist)  # noqa: SLF001
         if batches and direct:  # the first batch, its keys reversed: TorchRec's forward (its
             # first call: it keeps the order it first sees, whichever it is)
             first = batches[0]
