@@ -117,7 +117,7 @@ class EmbeddingTower(nn.Module):
         if self.averaged:
             assert lengths is not None, "averaged features need the bags' lengths"
             pooled = self._average(pooled, lengths)
-        return self._concat([pooled], dense, dtype)
+        return self._concat(pooled, dense, dtype)
 
     def _average(self, pooled: Tensor, lengths: Tensor) -> Tensor:
         """The pooled columns ``[B, Σ D_f]`` with each averaged feature's sum divided by the
@@ -129,14 +129,14 @@ class EmbeddingTower(nn.Module):
         return pooled * scale.index_select(1, self._column_scale)
 
     @staticmethod
-    def _concat(pooled: list[Tensor], dense: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """``[pooled..., dense]`` in ``dtype`` (the next layers'; the lookups may already output
+    def _concat(pooled: Tensor, dense: Tensor, dtype: torch.dtype | None) -> Tensor:
+        """``[pooled, dense]`` in ``dtype`` (the next layers'; the lookups may already output
         it: ``train.sharding.embedding_output``), else the dense features' (float32). One
         concat, no float32 copy to be cast again by the first GEMM."""
         if isinstance(dense, torch.fx.Proxy):  # TorchRec's train pipeline traces the forward
-            return torch.cat([*pooled, dense], dim=1)
+            return torch.cat([pooled, dense], dim=1)
         dtype = dtype or dense.dtype
-        return torch.cat([t.to(dtype) for t in pooled] + [dense.to(dtype)], dim=1)
+        return torch.cat([pooled.to(dtype), dense.to(dtype)], dim=1)
 
 
 def _compute_dtype(dense: Tensor) -> torch.dtype:
