@@ -285,8 +285,13 @@ def score_run(args: argparse.Namespace) -> None:
         module = TrainModule(build_model(features, cfg.model, names, device="meta"),
                              TrainLoss.for_config(cfg.model, cfg.tasks))  # fmt: skip
         dmp, _ = sharding.shard(
-            module, cfg.train.sharding, device=device, embedding_lr=0.01, bf16=device.type == "cuda"
-        )  # run under autocast below
+            module,
+            cfg.train.sharding,
+            device=device,
+            embedding_lr=0.01,
+            bf16=device.type == "cuda",
+            backward=False,
+        )  # run under autocast below (forward only)
         model = dmp.module.model.eval()
         yield "sharded", model
         model.mixture.compile(dynamic=False)

@@ -62,7 +62,7 @@ LrSchedule = Literal["constant", "linear", "auto"]
 LrScaling = Literal["none", "sqrt", "linear", "auto"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
 LoaderKind = Literal["auto", "memory", "device", "stream"]
-CompileMode = Literal["kernels", "cudagraphs"]
+CompileMode = Literal["kernels", "cudagraphs", "step"]
 EmbeddingOutput = Literal["auto", "float32", "bfloat16"]
 BoundsCheck = Literal["warning", "fatal", "v2_warning", "v2_fatal", "none"]
 EmbeddingOptimizer = Literal[
@@ -247,8 +247,9 @@ class ShardingConfig:
     # all types but data_parallel (CUDA) or of table_wise and column_wise (CPU)
     types: list[ShardingName] = field(default_factory=list)
     constraints: dict[str, list[ShardingName]] = field(default_factory=dict)  # table -> types
-    # dtype of the fused lookups' output (fbgemm's TBE ``output_dtype``); auto: bfloat16 where
-    # the model runs under bf16 autocast on CUDA (train.bf16), whose first layers cast it anyway
+    # dtype of the fused lookups' output (fbgemm's TBE ``output_dtype``); auto: float32 for
+    # training, bfloat16 for a forward alone under bf16 autocast on CUDA (train.bf16), whose
+    # first layers cast it anyway
     embedding_output: EmbeddingOutput = "auto"
     # fbgemm's check of every id against its table's rows at each lookup (``BoundsCheckMode``):
     # none (the default): no second check on the device, as every batch of the jobs is made by
@@ -342,8 +343,10 @@ class TrainConfig:
     # one graph; the tables stay fbgemm's): true / "kernels" = fused kernels, "cudagraphs" =
     # those replayed as CUDA graphs forward and backward (mode reduce-overhead: a few launches
     # a step instead of hundreds, where the host's launching holds a GPU back; no effect on a
-    # CPU). Costs a compile at the start (tens of seconds) and once more for a last, smaller
-    # batch; measured in benchmarks/README.md
+    # CPU); "step" = the fused kernels, their backward and Adam's update captured as one CUDA
+    # graph, replayed each step (one process, plain steps; no effect on a CPU beyond the
+    # kernels: training/step_graph.py). Costs a compile at the start (tens of seconds) and
+    # once more for a last, smaller batch; measured in benchmarks/README.md
     compile: bool | CompileMode = False
     # leave each epoch's short last batch out (fewer than batch_size rows; the shuffle differs
     # every epoch, so other rows each time); auto = true with train.compile, else false
@@ -381,6 +384,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"train.{name} must be a finite number > 0, got {value}")
+        if self.compile == "step" and self.pipeline == "sparse_dist":
+            raise ValueError(
+                "train.compile = 'step' (the dense step as one CUDA graph) takes plain steps: "
+                "set train.pipeline = 'auto' or 'plain', or train.compile = 'cudagraphs'"
+            )
 
 
 @dataclass

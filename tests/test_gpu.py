@@ -164,21 +164,26 @@ def test_device_loader_cuts_the_same_batches_on_the_gpu(dataset: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "pipeline"), [("true", "auto"), ("cudagraphs", "auto"), ("cudagraphs", "sparse_dist")]
+    ("mode", "pipeline"),
+    [("true", "auto"), ("cudagraphs", "auto"), ("cudagraphs", "sparse_dist"), ("step", "auto")],
 )
 def test_compiled_step_on_cuda_learns_like_the_eager_one(
-    trained: SimpleNamespace, mode: str, pipeline: str
+    trained: SimpleNamespace, mode: str, pipeline: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``train.compile``: the dense part as fused kernels, or replayed as CUDA graphs (forward
-    and backward), in plain steps (one GPU's default) and under TorchRec's pipeline: the same
-    losses as the eager run within bf16's noise, and the logged losses are the step's own
-    (copied out of the graphs' pool, not overwritten by later replays: their series is not
-    constant)."""
+    """``train.compile``: the dense part as fused kernels, replayed as CUDA graphs (forward
+    and backward), or captured with its backward and Adam's update as one graph ("step"), in
+    plain steps (one GPU's default) and under TorchRec's pipeline: the same losses as the eager
+    run within bf16's noise, and the logged losses are the step's own (copied out of the
+    graphs' pool, not overwritten by later replays: their series is not constant). "step"
+    captured its graph, and each epoch's short last batch took a plain step."""
     # drop_last off: a compiled run leaves each epoch's short batch out by default (auto), and
     # the comparison is step for step with the eager run
     sets = [f"train.compile={mode}", f"train.pipeline={pipeline}", "train.drop_last=false"]
     cfg = _config(trained.cfg.workdir, sets)
-    result = train(cfg)
+    with caplog.at_level("INFO", logger="recsys_moe.training.step_graph"):
+        result = train(cfg)
+    captured = "the dense step captured as one CUDA graph" in caplog.text
+    assert captured == (mode == "step")
     eager = trained.result
     assert len(result.losses) == len(eager.losses)
     assert len(set(result.losses[-20:])) > 10

@@ -42,10 +42,16 @@ def test_one_process_gets_whole_tables_and_several_the_planners_pick() -> None:
 def test_fused_lookup_settings_follow_the_config_and_autocast() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     default = ShardingConfig()
-    # bfloat16 lookups only where the model runs under bf16 autocast on a GPU
-    assert fused_params(default, cuda, bf16=True)["output_dtype"] == SparseType.BF16
-    assert fused_params(default, cuda, bf16=False)["output_dtype"] == SparseType.FP32
-    assert fused_params(default, cpu, bf16=True)["output_dtype"] == SparseType.FP32
+    # bfloat16 lookups only for a forward alone under bf16 autocast on a GPU: trained lookups
+    # output float32 (the averaging as the saved model serves it)
+    assert fused_params(default, cuda, bf16=True, backward=False)["output_dtype"] == SparseType.BF16
+    assert fused_params(default, cuda, bf16=True)["output_dtype"] == SparseType.FP32
+    assert (
+        fused_params(default, cuda, bf16=False, backward=False)["output_dtype"] == SparseType.FP32
+    )
+    assert fused_params(default, cpu, bf16=True, backward=False)["output_dtype"] == SparseType.FP32
+    forced_bf16 = ShardingConfig(embedding_output="bfloat16")
+    assert fused_params(forced_bf16, cuda, bf16=True)["output_dtype"] == SparseType.BF16
     forced = ShardingConfig(embedding_output="float32")
     assert fused_params(forced, cuda, bf16=True)["output_dtype"] == SparseType.FP32
     # no second check on the device by default (recsys_moe.data checks ids on the host)

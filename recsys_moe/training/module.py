@@ -88,17 +88,26 @@ class TrainModule(nn.Module):
         """Everything after the tables' lookups: the tower's averaging and concat
         (``EmbeddingTower.combine``), mixture, heads (bf16 autocast) and losses (float32)."""
         dtype = torch.bfloat16 if self.autocast else None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        # no cast cache: a cached bf16 copy of a weight would be a stale input to a CUDA graph
+        # that captured this step (train.compile = "step"); each weight is cast once a step
+        with torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False
+        ):
             x = self.model.tower.combine(pooled, lengths, dense, dtype)
             out = self.model.top(x)
         return self.loss(out, labels)
 
-    def forward(self, batch: Batch) -> LossOutput:
+    def lookups(self, sparse: KeyedJaggedTensor) -> tuple[Tensor | None, Tensor | None]:
+        """The eager part of a step: the tables' pooled lookups ``[B, sum of dims]`` (None
+        without tables) and the bag sizes of the mean-pooled features (``EmbeddingTower``)."""
         tower = self.model.tower
-        lengths = tower.bag_sizes(batch.sparse)  # (first: it checks the batch's keys)
+        lengths = tower.bag_sizes(sparse)  # (first: it checks the batch's keys)
         # the lookups' output dtype is fbgemm's setting (train.sharding.embedding_output), not
         # autocast's: no autocast around them
-        args = (tower.lookup(batch.sparse), lengths, batch.dense, batch.labels)
+        return tower.lookup(sparse), lengths
+
+    def forward(self, batch: Batch) -> LossOutput:
+        args = (*self.lookups(batch.sparse), batch.dense, batch.labels)
         if not self.graphed or isinstance(batch.dense, torch.fx.Proxy):  # (TorchRec's trace)
             return self.dense_step(*args)
         torch.compiler.cudagraph_mark_step_begin()  # one training step per replay
@@ -126,14 +135,15 @@ def compile_dense(module: TrainModule, mode: bool | str = True) -> None:
     """``torch.compile`` the dense part of the step in place (``train.compile``): the tower's
     averaging and concat, the mixture, the heads and the losses as one graph
     (``TrainModule.dense_step``); the tables' lookups stay eager (fbgemm's kernels).
-    ``mode``: true / "kernels" (fused kernels) or "cudagraphs" (those replayed as CUDA graphs,
-    forward and backward: ``mode="reduce-overhead"``). The modules are unchanged: state-dict
-    keys, checkpoints and the saved bundle are the eager ones, and validation's plain forward
-    runs eager."""
+    ``mode``: true / "kernels" (fused kernels), "cudagraphs" (those replayed as CUDA graphs,
+    forward and backward: ``mode="reduce-overhead"``) or "step" (fused kernels, which the step
+    captures with its backward and Adam's update: ``step_graph.StepGraph``). The modules are
+    unchanged: state-dict keys, checkpoints and the saved bundle are the eager ones, and
+    validation's plain forward runs eager."""
     # TorchRec 1.6's pipeline fx-traces through the step (1.8 too, into a compiled function):
     # let the trace, which only finds the sharded modules' inputs, run the eager code
     torch._dynamo.config.error_on_nested_fx_trace = False
-    graphs = mode == "cudagraphs"
+    graphs = mode == "cudagraphs"  # ("step": kernels, which step_graph.StepGraph captures)
     module.dense_step = torch.compile(
         module._dense_step, dynamic=False, mode="reduce-overhead" if graphs else None
     )

@@ -44,6 +44,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_moe.config import ShardingConfig
+from recsys_moe.training.step_graph import StepGraph
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +153,19 @@ def embedding_optimizer(name: str, device: torch.device) -> type[torch.optim.Opt
     return EMBEDDING_OPTIMIZERS[name]
 
 
-def fused_params(cfg: ShardingConfig, device: torch.device, bf16: bool) -> dict[str, Any]:
+def fused_params(
+    cfg: ShardingConfig, device: torch.device, bf16: bool, *, backward: bool = True
+) -> dict[str, Any]:
     """fbgemm TBE settings for the sharder: the lookups' output dtype and the bounds check
     (``train.sharding.embedding_output`` / ``bounds_check``). ``bf16``: the model runs under
-    bf16 autocast (its first layers take the lookups' output in bfloat16 either way, and hand
-    their gradient back in bfloat16: a float32 output only adds two casts and twice the bytes)."""
+    bf16 autocast; ``backward``: the lookups are trained. Auto: float32 where they are trained
+    (the mean-pooled features' averaging in float32, as the saved model serves them; in the
+    step graph it cost no speed on an H200, benchmarks/README.md session 11), bfloat16 for a
+    forward alone under bf16 autocast on CUDA (scoring: the first layers cast to it anyway)."""
     out = cfg.embedding_output
     if out == "auto":
-        out = "bfloat16" if bf16 and device.type == "cuda" else "float32"
+        forward_bf16 = bf16 and device.type == "cuda" and not backward
+        out = "bfloat16" if forward_bf16 else "float32"
     return {
         "output_dtype": SparseType.BF16 if out == "bfloat16" else SparseType.FP32,
         "bounds_check_mode": BoundsCheckMode[cfg.bounds_check.upper()],
@@ -175,13 +181,14 @@ def shard(
     embedding_weight_decay: float = 0.0,
     embedding_optimizer_name: str = "rowwise_adagrad",
     bf16: bool = False,
+    backward: bool = True,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """``module`` with its embedding tables sharded over the default process group.
 
     The tables' optimizer (``embedding_optimizer_name``, train.embedding_optimizer; row-wise
     Adagrad by default) is fused into their backward: TorchRec's sharder reads it from the
     parameters, so it is attached before sharding. ``bf16``: the model runs under bf16
-    autocast (``fused_params``).
+    autocast; ``backward``: the model will be trained, not only run forward (``fused_params``).
     """
     optimizer_class = embedding_optimizer(embedding_optimizer_name, device)
     for m in module.modules():
@@ -201,7 +208,11 @@ def shard(
         # sizes, warns on every run and is deprecated in torchrec 1.8 (FutureWarning)
         storage_reservation=FixedPercentageStorageReservation(RESERVED_MEMORY),
     )
-    sharders = [EmbeddingBagCollectionSharder(fused_params=fused_params(cfg, device, bf16))]
+    sharders = [
+        EmbeddingBagCollectionSharder(
+            fused_params=fused_params(cfg, device, bf16, backward=backward)
+        )
+    ]
     plan = planner.collective_plan(module, sharders, pg)
     model = DistributedModelParallel(
         module=module,
@@ -308,7 +319,12 @@ def build_optimizer(model: DistributedModelParallel, lr: float, weight_decay: fl
 
 
 def train_step(
-    model: DistributedModelParallel, optimizer: Any, device: torch.device, *, pipeline: str = "auto"
+    model: DistributedModelParallel,
+    optimizer: Any,
+    device: torch.device,
+    *,
+    pipeline: str = "auto",
+    step_graph: bool = False,
 ) -> tuple[Callable[[Iterator[Any]], Any], Callable[[], None]]:
     """``(progress, pause)``: ``progress(batches)`` trains on the next batch and returns the
     model's second output; ``pause()`` makes the model usable for plain forward calls (eval).
@@ -320,7 +336,9 @@ def train_step(
     tables (numeric features only) always takes plain steps. On one GPU the pipeline's own host
     work (its streams, awaitables and the fx-rewritten forward) outweighed what it overlaps:
     the bench model's graphed step took 5.54 ms with it and 3.88 ms plain, batches already on
-    the GPU (benchmarks/README.md, 2026-12-01 session 7).
+    the GPU (benchmarks/README.md, 2026-12-01 session 7). ``step_graph``
+    (``train.compile = "step"``): plain steps on one GPU whose dense part, with its backward and
+    Adam's update, is one CUDA graph (``step_graph.StepGraph``); on a CPU, plain steps.
     """
     if pipeline in ("sparse_dist", "auto") and not any(
         isinstance(m, ShardedModule) for m in model.modules()
@@ -332,6 +350,11 @@ def train_step(
     if pipeline == "sparse_dist" or (pipeline == "auto" and device.type == "cuda" and several):
         pipeline = TrainPipelineSparseDist(model, optimizer, device)
         return pipeline.progress, pipeline.detach  # progress re-attaches
+    if step_graph and device.type == "cuda":
+        if several:
+            raise ValueError("a CUDA graph of the whole dense step is for one process")
+        step = StepGraph.of(model, optimizer, device)
+        return step.progress, lambda: None
 
     def progress(batches: Iterator[Any]) -> Any:
         batch = next(batches).to(device)

@@ -170,6 +170,18 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
             f"several processes ({info.world_size}): use train.pipeline = 'auto' (TorchRec's "
             "pipeline) or train.compile = true"
         )
+    if t.compile == "step" and info.device.type == "cuda" and cfg.model.mixture == "topk_mmoe":
+        raise ValueError(
+            "train.compile = 'step' cannot capture model.mixture = 'topk_mmoe' as a CUDA graph: "
+            "its experts take the rows routed to them, a count read back to the host every "
+            "step; use train.compile = 'cudagraphs' or true"
+        )
+    if t.compile == "step" and info.world_size > 1:
+        raise ValueError(
+            "train.compile = 'step' (the dense step as one CUDA graph) is for one process, not "
+            f"{info.world_size}: use train.compile = 'cudagraphs' (with train.pipeline = "
+            "'auto') or true"
+        )
     if t.compile:
         compile_dense(module, t.compile)
     dmp, plan = sharding.shard(
@@ -329,7 +341,9 @@ def _loop(
     epoch's end (then ``select``, which may stop the loop: early stopping), a checkpoint every
     ``t.checkpoint.every`` steps. The last validation's gates."""
     dmp, loader = state.model, state.loader
-    progress, pause = sharding.train_step(dmp, state.optimizer, device, pipeline=t.pipeline)
+    progress, pause = sharding.train_step(
+        dmp, state.optimizer, device, pipeline=t.pipeline, step_graph=t.compile == "step"
+    )
     batches = loader.until_epoch(t.epochs)
     per_epoch, total = len(loader), t.epochs * len(loader)
     window = StepWindow(

@@ -1,0 +1,98 @@
+"""``train.compile = "step"`` (training/step_graph.py): the dense step, its backward and Adam's
+update as one CUDA graph, the tables' lookup and backward eager around it.
+
+On the CPU the same body runs eagerly on the graph's buffers each step (``graph=False``): it
+trains the same steps as the plain step, bit for bit (split backward, buffers, the rates of a
+schedule, a batch of another size). The CUDA graph itself is checked by ``pytest -m gpu``
+(tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+
+from recsys_moe.config import DEMO_CONFIG, load_config
+from recsys_moe.data import Batch
+from recsys_moe.training.sharding import build_optimizer, train_step
+from recsys_moe.training.step_graph import StepGraph
+from tests.test_sharding import _one_process_dmp
+
+
+def _batches(dmp: Any, sizes: list[int]) -> list[Batch]:
+    """Random batches of the demo's features and labels (clicks, watch time on clicks)."""
+    ebc = dmp.module.model.tower.ebc
+    configs = ebc._embedding_bag_configs  # noqa: SLF001
+    keys = [f for c in configs for f in c.feature_names]
+    rows = {f: c.num_embeddings for c in configs for f in c.feature_names}
+    num_dense = dmp.module.model.tower.num_dense
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for b in sizes:
+        lengths = torch.randint(0, 4, (len(keys), b), generator=g)
+        values = torch.cat([torch.randint(0, rows[k], (int(n.sum()),), generator=g)
+                            for k, n in zip(keys, lengths, strict=True)])  # fmt: skip
+        click = (torch.rand(b, generator=g) < 0.3).float()
+        watch = torch.where(click > 0, 1 + 30 * torch.rand(b, generator=g), torch.nan)
+        out.append(Batch(
+            dense=torch.randn(b, num_dense, generator=g),
+            sparse=KeyedJaggedTensor(keys=keys, values=values, lengths=lengths.flatten()),
+            labels={"click": click, "watch_time_s": watch},
+        ))  # fmt: skip
+    return out
+
+
+def _train(tmp_path: Path, graphed: bool, sizes: list[int]) -> tuple[list, dict, StepGraph | None]:
+    """Steps over batches of ``sizes`` rows with a rate that changes every step (Adam's and the
+    tables'); the logged losses and every weight after."""
+    with _one_process_dmp(tmp_path / f"{graphed}.init", []) as dmp:
+        optimizer = build_optimizer(dmp, 1e-2, 0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+        step = StepGraph.of(dmp, optimizer, torch.device("cpu"), graph=False) if graphed else None
+        progress = step.progress if step else train_step(dmp, optimizer, torch.device("cpu"),
+                                                         pipeline="plain")[0]  # fmt: skip
+        batches = iter(_batches(dmp, sizes))
+        losses = []
+        for _ in sizes:
+            total, per_task = progress(batches)
+            losses.append((total.item(), {k: v.item() for k, v in per_task.items()}))
+            scheduler.step()
+        weights = {}
+        for k, v in dmp.state_dict().items():
+            t = v.local_shards()[0].tensor if hasattr(v, "local_shards") else v
+            weights[k] = t.detach().clone()
+        return losses, weights, step
+
+
+def test_the_step_graphs_body_trains_the_plain_steps_bit_for_bit(tmp_path: Path) -> None:
+    """The dense step on the graph's buffers, its gradient for the pooled lookups handed to the
+    tables' backward (their fused Adagrad), Adam's update: the same losses and weights as the
+    plain step, bit for bit, with the rates changing every step. A batch of another size (40
+    rows) takes a plain step and the buffered steps go on after it."""
+    sizes = [64, 64, 64, 64, 64, 40, 64, 64]
+    plain_losses, plain_weights, _ = _train(tmp_path, False, sizes)
+    graph_losses, graph_weights, step = _train(tmp_path, True, sizes)
+    assert step is not None and step.steps == len(sizes) - 1  # one step was not on the buffers
+    assert graph_losses == plain_losses
+    assert len({round(t, 6) for t, _ in plain_losses}) == len(sizes)  # the losses move
+    assert graph_weights.keys() == plain_weights.keys()
+    for k, v in plain_weights.items():
+        assert torch.equal(graph_weights[k], v), k
+    # and training moved the tables and the dense weights (the comparison is not of untouched
+    # weights)
+    (tmp_path / "none").mkdir()
+    _, untouched, _ = _train(tmp_path / "none", False, [])
+    moved = {k for k, v in untouched.items() if not torch.equal(v, plain_weights[k])}
+    assert any("ebc" in k for k in moved) and any("mixture" in k for k in moved)
+
+
+def test_step_graph_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        StepGraph(None, [], torch.optim.Adam([torch.zeros(1, requires_grad=True)]),  # type: ignore[arg-type]
+                  torch.device("cpu"))  # fmt: skip
+    with pytest.raises(ValueError, match="train.compile = 'step' .* takes plain steps"):
+        load_config(DEMO_CONFIG, ["train.compile=step", "train.pipeline=sparse_dist"])
