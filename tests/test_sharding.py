@@ -61,6 +61,18 @@ def test_fused_lookup_settings_follow_the_config_and_autocast() -> None:
         assert mode["bounds_check_mode"].name == name.upper()
 
 
+def test_every_configurable_embedding_optimizer_has_torchrecs_class() -> None:
+    """The names ``train.embedding_optimizer`` accepts (config.EmbeddingOptimizer) are those
+    sharding maps to TorchRec's classes, and fbgemm's CPU kernels are among them."""
+    from typing import get_args
+
+    from recsys_moe.config import EmbeddingOptimizer
+    from recsys_moe.training.sharding import CPU_EMBEDDING_OPTIMIZERS, EMBEDDING_OPTIMIZERS
+
+    assert set(get_args(EmbeddingOptimizer)) == set(EMBEDDING_OPTIMIZERS)
+    assert set(CPU_EMBEDDING_OPTIMIZERS) <= set(EMBEDDING_OPTIMIZERS)
+
+
 def test_sharding_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="bounds_check"):
         load_config(DEMO_CONFIG, ["train.sharding.bounds_check=strict"])
