@@ -5,10 +5,11 @@
 # threadpoolctl for the peer), then the last part with this script:
 #   sh .devbundle/p03/unpack.sh && sh scripts/gpu_bench.sh
 # Sections (environment, 1 = on): BENCH_PREP=1 the bench training set (ROWS rows, 4M);
-# BENCH_1GPU=1 one GPU with the torch-rechub peer; BENCH_2GPU=1 two GPUs under torchrun
+# BENCH_1GPU=1 one GPU with the torch-rechub peer (train.compile = BENCH_1GPU_COMPILE, default
+# "step": the dense step as one CUDA graph, the fastest measured); BENCH_2GPU=1 two GPUs under torchrun
 # (BENCH_TYPES: sharding types to force, one run each, e.g. "table_wise row_wise");
 # BENCH_COMPILE=0 one GPU with train.compile set to each of BENCH_COMPILE_MODES (default
-# "true cudagraphs"); BENCH_SCORE=0 the forward's pairs/s at
+# "true cudagraphs step"); BENCH_SCORE=0 the forward's pairs/s at
 # 8k-256k rows (gpu_bench.py score); BENCH_DEMO=0 the demo model at batch 512, 8192 and 32768
 # with the large-batch recipe (train.lr_scaling auto-warm-up), 8192 without scaling, and 8192
 # compiled.
@@ -22,11 +23,11 @@ if [ "${BENCH_PREP:-1}" = 1 ] && [ ! -f $W/dataset/manifest.json ]; then
 fi
 if [ "${BENCH_1GPU:-1}" = 1 ]; then
   CUDA_VISIBLE_DEVICES=0 python benchmarks/gpu_bench.py train --work $W --peer \
-    --out "$OUT/gpu_bench_1gpu.json" > "$OUT/gpu_bench_1gpu.log" 2>&1
+    --set train.compile=${BENCH_1GPU_COMPILE:-step} --out "$OUT/gpu_bench_1gpu.json" > "$OUT/gpu_bench_1gpu.log" 2>&1
   tail -4 "$OUT/gpu_bench_1gpu.log"
 fi
 if [ "${BENCH_COMPILE:-0}" = 1 ]; then
-  for MODE in ${BENCH_COMPILE_MODES:-true cudagraphs}; do
+  for MODE in ${BENCH_COMPILE_MODES:-true cudagraphs step}; do
     CUDA_VISIBLE_DEVICES=0 python benchmarks/gpu_bench.py train --work $W \
       --set train.compile=$MODE --out "$OUT/gpu_bench_1gpu_compile_$MODE.json" \
       > "$OUT/gpu_bench_1gpu_compile_$MODE.log" 2>&1
