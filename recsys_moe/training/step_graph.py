@@ -26,8 +26,9 @@ What the graph needs, and how it is kept:
 - the learning rate as a device tensor: during the capture Adam's groups hold one (and
   ``capturable``), refilled from the scheduler's float before each replay; outside it they hold
   the float, so checkpoints and the scheduler see the usual optimizer;
-- no host sync in the dense step (a mixture that routes rows by data, ``nonzero``, cannot be
-  captured: the capture fails with a message that names the setting).
+- no host sync in the dense step: ``train`` refuses "step" for ``model.mixture =
+  "topk_mmoe"``, whose experts take the rows routed to them (``nonzero``); any other step that
+  reads a value back fails at the capture, with a message that names the other modes.
 
 ``graph=False`` runs the same body eagerly on the same buffers each step instead of replaying
 a graph: the data flow without a GPU (the tests compare it with the plain step on the CPU).
