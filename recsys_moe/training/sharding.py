@@ -161,7 +161,8 @@ def fused_params(
     bf16 autocast; ``backward``: the lookups are trained. Auto: float32 where they are trained
     (the mean-pooled features' averaging in float32, as the saved model serves them; in the
     step graph it cost no speed on an H200, benchmarks/README.md session 11), bfloat16 for a
-    forward alone under bf16 autocast on CUDA (scoring: the first layers cast to it anyway)."""
+    forward alone under bf16 autocast on CUDA (``gpu_bench.py score``: the first layers cast
+    to it anyway)."""
     out = cfg.embedding_output
     if out == "auto":
         forward_bf16 = bf16 and device.type == "cuda" and not backward
