@@ -175,7 +175,8 @@ def test_compiled_step_on_cuda_learns_like_the_eager_one(
     plain steps (one GPU's default) and under TorchRec's pipeline: the same losses as the eager
     run within bf16's noise, and the logged losses are the step's own (copied out of the
     graphs' pool, not overwritten by later replays: their series is not constant). "step"
-    captured its graph, and each epoch's short last batch took a plain step."""
+    captured its graph, and trained the short last batches too (a shape other than the
+    graph's: plain steps), as the count of logged losses says."""
     # drop_last off: a compiled run leaves each epoch's short batch out by default (auto), and
     # the comparison is step for step with the eager run
     sets = [f"train.compile={mode}", f"train.pipeline={pipeline}", "train.drop_last=false"]
