@@ -143,10 +143,10 @@ class StepGraph:
         """``train_step``'s ``progress``: the next batch, moved to the device, one step."""
         return self(next(batches).to(self.device))
 
-    def _body(self) -> LossOutput:
-        """What the graph holds: the dense step on the buffers, its backward, Adam's update."""
-        assert self.static is not None
-        loss, output = self.module.dense_step(*self.static)
+    def _body(self, args: Args) -> LossOutput:
+        """What the graph holds (on the buffers): the dense step, its backward, Adam's update.
+        On a batch's own tensors (``_plain``) the backward goes on through the tables'."""
+        loss, output = self.module.dense_step(*args)
         loss.backward()
         self.adam.step()
         return loss, output
@@ -157,11 +157,11 @@ class StepGraph:
         assert self.static is not None
         self._clear_grads()
         if self.side is None:
-            return self._body()[1]
+            return self._body(self.static)[1]
         current = torch.cuda.current_stream(self.device)
         self.side.wait_stream(current)
         with torch.cuda.stream(self.side):
-            _, out = self._body()
+            _, out = self._body(self.static)
         current.wait_stream(self.side)
         return out
 
@@ -170,9 +170,7 @@ class StepGraph:
         gradients are put back after it."""
         captured = [p.grad for p in self.params]
         self._clear_grads(pooled=False)  # (the graph's gradient of the pooled lookups stays)
-        loss, (total, per_task) = self.module.dense_step(*args)
-        loss.backward()  # through the tables' backward too
-        self.adam.step()
+        _, (total, per_task) = self._body(args)
         if self.graph is not None:
             for p, g in zip(self.params, captured, strict=True):
                 p.grad = g
@@ -186,21 +184,20 @@ class StepGraph:
 
     def _capture(self) -> None:
         """Capture the body (fresh gradients: allocated by the captured backward, in the
-        graph's memory). Adam's groups hold the rate tensors and ``capturable`` meanwhile."""
+        graph's memory). Adam's groups hold the rate tensors and ``capturable`` meanwhile (their
+        values are set before each replay, this step's too)."""
+        assert self.static is not None
         self._clear_grads()
         groups = self.adam.param_groups
         saved = [(g["lr"], g.get("capturable", False)) for g in groups]
         for g, lr in zip(groups, self.lr, strict=True):
             g["lr"], g["capturable"] = lr, True
-        for i, (lr, _) in enumerate(saved):
-            self.lr[i].fill_(float(lr))
-            self.lr_set[i] = float(lr)
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the loaders' threads may allocate pinned memory meanwhile; only
             # this thread's calls are checked against the capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                _, self.out = self._body()
+                _, self.out = self._body(self.static)
         except RuntimeError as e:
             raise RuntimeError(
                 f"train.compile = 'step' could not capture the dense step as a CUDA graph ({e}). "
