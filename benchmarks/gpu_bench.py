@@ -16,6 +16,9 @@ fused optimizers, an MLflow run, validation each epoch) with ``train.profile_ste
   after the first tenth of the first epoch (warm-up, compilation);
 - ``step_ms_p50`` / ``p90``: wall time per step's iteration (at steady state the device holds
   the host back, so this is the step's time);
+- ``step_ms_max``, ``stall_ms``: the slowest step; the time of the steps over 5x the median,
+  beyond the median. The host runs ahead of the device, so a step that syncs (the flush of the
+  losses at the last step) also waits there for the device's queued work;
 - ``peak_gpu_gib``: ``torch.cuda.max_memory_allocated`` on rank 0;
 - ``gpu_busy_share``: the profiled window's kernel time over its wall time;
 - ``loader_rows_per_s``: the same loader alone, one epoch, synchronised at the end;
@@ -206,6 +209,7 @@ def train_run(args: argparse.Namespace) -> None:
     else:
         result = train(cfg)
     steps = sorted(result.step_s[len(result.step_s) // 10 :])  # the first tenth: warm-up
+    p50 = steps[len(steps) // 2]
     report = {
         "gpus": world,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -213,8 +217,11 @@ def train_run(args: argparse.Namespace) -> None:
         "settings": sets,
         "samples_per_s": result.samples_per_s,
         "samples_per_s_steady": result.samples_per_s_steady,
-        "step_ms_p50": 1e3 * steps[len(steps) // 2],
+        "step_ms_p50": 1e3 * p50,
         "step_ms_p90": 1e3 * steps[int(len(steps) * 0.9)],
+        "step_ms_max": 1e3 * steps[-1],
+        # time of the steps that took over 5x the median, beyond the median: stalls
+        "stall_ms": 1e3 * sum(s - p50 for s in steps if s > 5 * p50),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "gpu_busy_share": result.gpu_busy_share,
         "valid": result.valid,
@@ -242,7 +249,8 @@ def train_run(args: argparse.Namespace) -> None:
                 Path(args.out).with_suffix(".stacks.txt").write_text(sampler.report())
         print(f"{world} GPU(s): {report['samples_per_s']:,.0f} samples/s "
               f"(steady {report['samples_per_s_steady']:,.0f}), step p50 "
-              f"{report['step_ms_p50']:.2f} ms, busy {report['gpu_busy_share']:.2f}, "
+              f"{report['step_ms_p50']:.2f} ms (max {report['step_ms_max']:.1f}, stalls "
+              f"{report['stall_ms']:.0f} ms), busy {report['gpu_busy_share']:.2f}, "
               f"valid click AUC {result.valid.get('click_auc', float('nan')):.4f}")  # fmt: skip
         print(f"median step {statistics.median(steps) * 1e3:.2f} ms over {len(steps)} steps")
 

@@ -320,8 +320,9 @@ class TrainConfig:
     min_delta: float = 0.0
     seed: int = 0
     # every step's losses are logged, sent to MLflow in one batch per log_every steps: each batch
-    # is a store commit (2-core demo: every 50 steps cost 13 % of throughput, every 500 nothing
-    # measurable, a call per step 63 %)
+    # is a store commit, made on a background thread (2-core demo, when the loop still waited for
+    # it: every 50 steps cost 13 % of throughput, every 500 nothing measurable, a call per step
+    # 63 %; on one H200 the wait cost the bench ~5 %)
     log_every: int = 500
     eval_batch_size: int = 8192
     # auto = TorchRec's TrainPipelineSparseDist on CUDA with several processes, else a plain step
@@ -344,8 +345,9 @@ class TrainConfig:
     # those replayed as CUDA graphs forward and backward (mode reduce-overhead: a few launches
     # a step instead of hundreds, where the host's launching holds a GPU back; no effect on a
     # CPU); "step" = the fused kernels, their backward and Adam's update captured as one CUDA
-    # graph, replayed each step (one process, plain steps; no effect on a CPU beyond the
-    # kernels: training/step_graph.py). Costs a compile at the start (tens of seconds) and
+    # graph, replayed each step (plain steps; with several processes the graph also averages the
+    # dense gradients over the ranks; no effect on a CPU beyond the kernels:
+    # training/step_graph.py). Costs a compile at the start (tens of seconds) and
     # once more for a last, smaller batch; measured in benchmarks/README.md
     compile: bool | CompileMode = False
     # leave each epoch's short last batch out (fewer than batch_size rows; the shuffle differs

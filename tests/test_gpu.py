@@ -106,20 +106,25 @@ def test_bundle_on_cpu_matches_the_sharded_gpu_model(trained: SimpleNamespace) -
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("mode", ["false", "step"])
 def test_torchrun_on_two_gpus_shards_tables_over_both(
-    dataset: Path, trained: SimpleNamespace
+    dataset: Path, trained: SimpleNamespace, mode: str
 ) -> None:
+    """Two ranks, eager under TorchRec's pipeline or with the step graph (``train.compile =
+    "step"``: plain steps, the dense gradients all-reduced inside the graph)."""
     # batch 1024 per rank: the same global batch, hence steps, as the one-GPU run
-    extra = ["mlflow.experiment=gpu2", "train.batch_size=1024"]
+    extra = ["mlflow.experiment=gpu2", "train.batch_size=1024", f"train.compile={mode}"]
     cfg = _config(dataset, extra)
     sets = [a for s in SETS + extra for a in ("--set", s)]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "recsys_moe.cli", "train", "--workdir", str(dataset), *sets],
+         "-m", "recsys_moe.cli", "train", "-v", "--workdir", str(dataset), *sets],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    captured = "the dense step captured as one CUDA graph" in proc.stderr + proc.stdout
+    assert captured == (mode == "step"), proc.stderr[-3000:]
     run_id = next(
         line.split()[2].rstrip(":") for line in proc.stdout.splitlines() if "trained run" in line
     )
@@ -137,7 +142,7 @@ def test_torchrun_on_two_gpus_shards_tables_over_both(
     auc1 = client.get_run(trained.result.run_id).data.metrics["valid/click_auc"]
     print(f"\nvalid click AUC: 1 GPU {auc1:.4f}, 2 GPUs {auc2:.4f}")
     assert auc2 > auc1 - 0.03  # same global batch and steps: the same learning, within noise
-    print(f"\n2-GPU run: {proc.stdout.strip().splitlines()[-2]}")
+    print(f"\n2-GPU run, compile={mode}: {proc.stdout.strip().splitlines()[-2]}")
 
 
 def test_device_loader_cuts_the_same_batches_on_the_gpu(dataset: Path) -> None:

@@ -9,6 +9,7 @@ schedule, a batch of another size). The CUDA graph itself is checked by ``pytest
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,18 @@ from recsys_moe.training.sharding import build_optimizer, train_step
 from recsys_moe.training.step_graph import StepGraph
 from tests.test_sharding import _one_process_dmp
 
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
 
-def _batches(dmp: Any, sizes: list[int]) -> list[Batch]:
+
+def _batches(dmp: Any, sizes: list[int], seed: int = 3) -> list[Batch]:
     """Random batches of the demo's features and labels (clicks, watch time on clicks)."""
     ebc = dmp.module.model.tower.ebc
     configs = ebc._embedding_bag_configs  # noqa: SLF001
     keys = [f for c in configs for f in c.feature_names]
     rows = {f: c.num_embeddings for c in configs for f in c.feature_names}
     num_dense = dmp.module.model.tower.num_dense
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     out = []
     for b in sizes:
         lengths = torch.randint(0, 4, (len(keys), b), generator=g)
@@ -92,9 +96,42 @@ def test_the_step_graphs_body_trains_the_plain_steps_bit_for_bit(tmp_path: Path)
     assert any("ebc" in k for k in moved) and any("mixture" in k for k in moved)
 
 
-def test_step_graph_settings_are_checked() -> None:
+def test_step_graph_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a CUDA device"):
         StepGraph(None, [], torch.optim.Adam([torch.zeros(1, requires_grad=True)]),  # type: ignore[arg-type]
                   torch.device("cpu"))  # fmt: skip
     with pytest.raises(ValueError, match="train.compile = 'step' .* takes plain steps"):
         load_config(DEMO_CONFIG, ["train.compile=step", "train.pipeline=sparse_dist"])
+    # a data_parallel table is trained by Adam with a gradient made after the graph's update:
+    # refused (it would silently never train)
+    with (
+        _one_process_dmp(tmp_path / "dp.init", ["train.sharding.types=['data_parallel']"]) as dmp,
+        pytest.raises(ValueError, match="data_parallel"),
+    ):
+        StepGraph.of(dmp, build_optimizer(dmp, 1e-2, 0.0), torch.device("cpu"), graph=False)
+
+
+@pytest.mark.slow  # two torchrun processes: ~30 s
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="needs the project's .venv/bin/torchrun")
+def test_the_step_graphs_body_on_two_ranks_trains_as_ddp_does(tmp_path: Path) -> None:
+    """Two processes (gloo), each its own batches: the step graph's body, which averages the
+    dense gradients with its own all-reduce, trains the same losses and weights as plain steps
+    under DDP, bit for bit on each rank, a batch of another size included
+    (tests/step_graph_ranks.py)."""
+    proc = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2",
+         str(ROOT / "tests" / "step_graph_ranks.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for run in runs:
+        assert run["graph"]["losses"] == run["plain"]["losses"], run["rank"]
+        for k, v in run["plain"]["weights"].items():
+            assert torch.equal(run["graph"]["weights"][k], v), (run["rank"], k)
+    # the ranks saw different rows (their losses differ) and yet hold the same dense weights:
+    # the gradients were averaged; their shards of the column-wise table differ
+    assert runs[0]["plain"]["losses"] != runs[1]["plain"]["losses"]
+    dense = [k for k in runs[0]["plain"]["weights"] if "mixture" in k]
+    assert dense and all(torch.equal(runs[0]["graph"]["weights"][k], runs[1]["graph"]["weights"][k])
+                         for k in dense)  # fmt: skip

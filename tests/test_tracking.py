@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from recsys_moe.config import DEMO_CONFIG, load_config
 from recsys_moe.tracking import HOST_TAG, PID_TAG, client_for, ensure_experiment, run_owner_tags
+from recsys_moe.training.loggers import StepSender
 
 CREATE = "from pathlib import Path; import sys; from recsys_moe.tracking import create_sqlite_store; create_sqlite_store(Path(sys.argv[1]))"  # noqa: E501
 
@@ -49,3 +50,45 @@ def test_the_next_job_ends_runs_whose_process_is_gone(tmp_path: Path) -> None:
     ensure_experiment(cfg)  # what every training job does first
     status = [client.get_run(r.info.run_id).info.status for r in (killed, alive, elsewhere)]
     assert status == ["KILLED", "RUNNING", "RUNNING"]
+
+
+def _sender(tmp_path: Path) -> tuple[MlflowClient, str, StepSender]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("steps")).info.run_id
+    return client, run_id, StepSender(client, run_id)
+
+
+def _history(client: MlflowClient, run_id: str, name: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+
+
+def test_the_step_sender_stores_every_window_in_order(tmp_path: Path) -> None:
+    """Windows queued one after the other are all in the store after ``close``, every step once
+    with its own values, a window of more than MLflow's 1000 metrics included."""
+    client, run_id, sender = _sender(tmp_path)
+    names = ["train/loss", "train/loss_click", "train/loss_watch_time"]
+    windows = [range(1, 401), range(401, 406), range(406, 1006)]  # 1,200 / 15 / 1,800 metrics
+    for steps in windows:
+        sender.submit(names, [(s, 1000 * s, [s + 0.5, s + 0.25, s + 0.125]) for s in steps])
+    sender.close()
+    for j, name in enumerate(names):
+        assert _history(client, run_id, name) == [
+            (s, s + (0.5, 0.25, 0.125)[j]) for s in range(1, 1006)
+        ]
+
+
+def test_the_step_sender_raises_the_stores_error_and_sends_nothing_after_it(
+    tmp_path: Path,
+) -> None:
+    """A window the store refuses is an error of ``close`` (and of the next ``submit``), and
+    the windows behind it stay unsent: the store holds a prefix of the steps, as resume
+    expects."""
+    client, run_id, sender = _sender(tmp_path)
+    sender.submit(["train/loss"], [(s, 0, [0.5]) for s in range(1, 11)])
+    sender.submit(["bad/../name"], [(11, 0, [0.5])])  # MLflow refuses this name
+    sender.submit(["train/loss"], [(s, 0, [0.5]) for s in range(12, 21)])
+    with pytest.raises(RuntimeError, match="sending the per-step losses to MLflow failed.*name"):
+        sender.close()
+    assert [s for s, _ in _history(client, run_id, "train/loss")] == list(range(1, 11))
+    with pytest.raises(RuntimeError, match="closed"):
+        sender.submit(["train/loss"], [(21, 0, [0.5])])

@@ -338,8 +338,9 @@ def train_step(
     work (its streams, awaitables and the fx-rewritten forward) outweighed what it overlaps:
     the bench model's graphed step took 5.54 ms with it and 3.88 ms plain, batches already on
     the GPU (benchmarks/README.md, 2026-12-01 session 7). ``step_graph``
-    (``train.compile = "step"``): plain steps on one GPU whose dense part, with its backward and
-    Adam's update, is one CUDA graph (``step_graph.StepGraph``); on a CPU, plain steps.
+    (``train.compile = "step"``): plain steps on CUDA (with ``pipeline`` auto or plain) whose
+    dense part, with its backward, the gradients' mean over the ranks and Adam's update, is one
+    CUDA graph (``step_graph.StepGraph``); on a CPU, plain steps.
     """
     if pipeline in ("sparse_dist", "auto") and not any(
         isinstance(m, ShardedModule) for m in model.modules()
@@ -348,12 +349,13 @@ def train_step(
             log.info("train.pipeline sparse_dist: the model has no embedding tables; plain steps")
         pipeline = "plain"
     several = dist.is_initialized() and dist.get_world_size() > 1
-    if pipeline == "sparse_dist" or (pipeline == "auto" and device.type == "cuda" and several):
+    graphed = step_graph and device.type == "cuda" and pipeline != "sparse_dist"
+    if pipeline == "sparse_dist" or (
+        pipeline == "auto" and device.type == "cuda" and several and not graphed
+    ):
         pipeline = TrainPipelineSparseDist(model, optimizer, device)
         return pipeline.progress, pipeline.detach  # progress re-attaches
-    if step_graph and device.type == "cuda":
-        if several:
-            raise ValueError("a CUDA graph of the whole dense step is for one process")
+    if graphed:
         step = StepGraph.of(model, optimizer, device)
         return step.progress, lambda: None
 

@@ -1,5 +1,5 @@
 """The dense part of a training step, with its backward and Adam's update, as one CUDA graph
-(``train.compile = "step"``: one process on CUDA, plain steps).
+(``train.compile = "step"``: CUDA, plain steps, one process or several).
 
     step = StepGraph(module, sparse_optimizers, adam, device)
     output = step(batch)        # batch on the device; returns the step's (loss, per task)
@@ -10,6 +10,13 @@ replays one graph: the tower's averaging and concat, the mixture, the heads, the
 backward down to the pooled lookups, and Adam's update of every dense parameter. The gradient
 the graph leaves for the pooled lookups then goes through the tables' backward, which applies
 their fused optimizer (eager, as in a plain step).
+
+With several processes the lookups are TorchRec's sharded forward (its all-to-alls, eager) and
+the graph also averages the dense gradients over the ranks before Adam's update: one
+all-reduce of them all, captured (NCCL can be), where a plain step has DDP's bucketed hooks.
+DDP's wrapper stays around the dense part (it made the ranks' first weights equal) but is not
+called. Every rank steps on the same shapes (the loader's sharding rule), so a batch of
+another shape is another shape on every rank at the same step.
 
 Against ``train.compile = "cudagraphs"`` (torch.compile's CUDA graph trees, forward and backward
 replayed through autograd) this leaves out the host work between the graphs: the autograd
@@ -29,6 +36,9 @@ What the graph needs, and how it is kept:
 - no host sync in the dense step: ``train`` refuses "step" for ``model.mixture =
   "topk_mmoe"``, whose experts take the rows routed to them (``nonzero``); any other step that
   reads a value back fails at the capture, with a message that names the other modes.
+- every dense parameter's gradient made by the dense step: a table sharded ``data_parallel``
+  is updated by Adam with a gradient its lookup's backward makes after the graph, so it is
+  refused (``StepGraph`` names the setting).
 
 ``graph=False`` runs the same body eagerly on the same buffers each step instead of replaying
 a graph: the data flow without a GPU (the tests compare it with the plain step on the CPU).
@@ -41,7 +51,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torchrec.distributed.types import ShardedModule
 
 from recsys_moe.training.module import LossOutput, TrainModule
 
@@ -53,7 +65,8 @@ Args = tuple[Tensor | None, Tensor | None, Tensor, dict[str, Tensor]]
 class StepGraph:
     """One training step, its dense part captured once and replayed (the module's docstring).
 
-    ``module``: the sharded model's ``TrainModule`` (one process: no DDP around it);
+    ``module``: the sharded model's ``TrainModule`` (unwrapped: with several processes the
+    dense gradients are averaged here, not by DDP);
     ``sparse``: the tables' fused optimizers (their ``zero_grad`` hands the scheduled rate to
     fbgemm's kernels); ``adam``: torch's Adam over every dense parameter; ``warmup``: eager
     steps before the capture (compiles the dense step, makes Adam's state; on a side stream,
@@ -76,6 +89,16 @@ class StepGraph:
         self.module, self.sparse, self.adam = module, sparse, adam
         self.device, self.warmup, self.use_graph = device, warmup, graph
         self.params = [p for g in adam.param_groups for p in g["params"]]
+        tables = {id(p) for m in module.modules() if isinstance(m, ShardedModule)
+                  for p in m.parameters()}  # fmt: skip
+        if any(id(p) in tables for p in self.params):
+            raise ValueError(
+                "train.compile = 'step' needs the tables' fused optimizers: a table sharded "
+                "data_parallel is trained by Adam with a gradient made after the graph's update; "
+                "leave data_parallel out of train.sharding.types (and constraints) or use "
+                "train.compile = 'cudagraphs' or true"
+            )
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: Args | None = None
@@ -91,8 +114,8 @@ class StepGraph:
     def of(
         cls, model: nn.Module, optimizer: Any, device: torch.device, *, graph: bool = True
     ) -> StepGraph:
-        """For a one-process sharded model (``DistributedModelParallel`` around a
-        ``TrainModule``, no DDP) and its ``sharding.build_optimizer``: TorchRec's
+        """For a sharded model (``DistributedModelParallel`` around a ``TrainModule``; its
+        ``module`` is the unwrapped one) and its ``sharding.build_optimizer``: TorchRec's
         ``CombinedOptimizer`` of the tables' fused optimizer ("sparse") and Adam ("dense")."""
         parts = dict(optimizer.optimizers)
         sparse = [parts["sparse"]] if "sparse" in parts else []
@@ -144,12 +167,34 @@ class StepGraph:
         return self(next(batches).to(self.device))
 
     def _body(self, args: Args) -> LossOutput:
-        """What the graph holds (on the buffers): the dense step, its backward, Adam's update.
-        On a batch's own tensors (``_plain``) the backward goes on through the tables'."""
+        """What the graph holds (on the buffers): the dense step, its backward, the gradients'
+        mean over the ranks, Adam's update. On a batch's own tensors (``_plain``) the backward
+        goes on through the tables'."""
         loss, output = self.module.dense_step(*args)
         loss.backward()
+        if self.world > 1:
+            self._average_grads()
         self.adam.step()
         return loss, output
+
+    def _average_grads(self) -> None:
+        """Each dense gradient's mean over the ranks, as DDP's hooks make it (divided by the
+        world size, then summed): one all-reduce per dtype of all of them, flattened. A
+        parameter the step left without a gradient gets zeros (every rank sends the same
+        layout)."""
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat.div_(self.world)
+            dist.all_reduce(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def _eager_body(self) -> tuple[Tensor, dict[str, Tensor]]:
         """The body without a graph: fresh gradients; on a side stream where a graph will be

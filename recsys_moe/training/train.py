@@ -176,12 +176,6 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
             "its experts take the rows routed to them, a count read back to the host every "
             "step; use train.compile = 'cudagraphs' or true"
         )
-    if t.compile == "step" and info.world_size > 1:
-        raise ValueError(
-            "train.compile = 'step' (the dense step as one CUDA graph) is for one process, not "
-            f"{info.world_size}: use train.compile = 'cudagraphs' (with train.pipeline = "
-            "'auto') or true"
-        )
     if t.compile:
         compile_dense(module, t.compile)
     dmp, plan = sharding.shard(
