@@ -70,10 +70,13 @@ def test_the_step_sender_stores_every_window_in_order(tmp_path: Path) -> None:
     windows = [range(1, 401), range(401, 406), range(406, 1006)]  # 1,200 / 15 / 1,800 metrics
     for steps in windows:
         sender.submit(names, [(s, 1000 * s, [s + 0.5, s + 0.25, s + 0.125]) for s in steps])
+    sender.wait()  # (what a checkpoint waits for): every window in the store, sender still open
+    assert [s for s, _ in _history(client, run_id, "train/loss")] == list(range(1, 1006))
+    sender.submit(names, [(1006, 0, [1006.5, 1006.25, 1006.125])])
     sender.close()
     for j, name in enumerate(names):
         assert _history(client, run_id, name) == [
-            (s, s + (0.5, 0.25, 0.125)[j]) for s in range(1, 1006)
+            (s, s + (0.5, 0.25, 0.125)[j]) for s in range(1, 1007)
         ]
 
 

@@ -55,6 +55,7 @@ class MetricLogger(Protocol):
     def log_steps(
         self, names: list[str], steps: list[tuple[int, int]], values: list[list[float]]
     ) -> None: ...
+    def wait_steps(self) -> None: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_dict(self, value: dict[str, Any], artifact_file: str) -> None: ...
@@ -96,7 +97,7 @@ class MlflowLogger:
         self.sender = StepSender(self.client, self.run_id)
         self.gate_rows: list[dict[str, Any]] = []
         # On resume, the steps the earlier attempt already logged (a prefix: windows are sent
-        # in order and waited for) are not logged again: every step's losses appear once.
+        # in order, by one thread) are not logged again: every step's losses appear once.
         self.logged_through = 0
         if self.resumed:
             history = self.client.get_metric_history(self.run_id, "train/loss")
@@ -122,6 +123,11 @@ class MlflowLogger:
         rows = [(step, timestamp, row) for (step, timestamp), row in zip(steps, values, strict=True)
                 if step > self.logged_through]  # fmt: skip
         self.sender.submit(names, rows)
+
+    def wait_steps(self) -> None:
+        """Until every window given so far is in the store (before a checkpoint: a resume
+        from it finds all its steps logged, never a gap)."""
+        self.sender.wait()
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.resumed:  # MLflow refuses to change a param (train.resume did change)
@@ -177,6 +183,11 @@ class StepSender:
             raise RuntimeError("the MLflow step sender is closed")
         self.queue.put((names, rows))
 
+    def wait(self) -> None:
+        """Until every queued window is sent; the thread's error if any."""
+        self.queue.join()
+        self._raise()
+
     def close(self) -> None:
         """Wait until every queued window is in the store; raise the thread's error if any."""
         if self.thread.is_alive():
@@ -191,17 +202,23 @@ class StepSender:
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # after a failure nothing more is sent: the store keeps a prefix
-            names, rows = item
-            metrics = [Metric(name, value, timestamp, step) for step, timestamp, row in rows
-                       for name, value in zip(names, row, strict=True)]  # fmt: skip
-            per_batch = 1000 // len(names) * len(names)  # MLflow's limit, in whole steps
             try:
-                for i in range(0, len(metrics), per_batch):
-                    self.client.log_batch(self.run_id, metrics=metrics[i : i + per_batch])
-            except Exception as e:  # noqa: BLE001 - handed to the training thread
-                self.error = e
+                self._send(*item)
+            finally:
+                self.queue.task_done()
+        self.queue.task_done()
+
+    def _send(self, names: list[str], rows: list[tuple[int, int, list[float]]]) -> None:
+        if self.error is not None:
+            return  # after a failure nothing more is sent: the store keeps a prefix
+        metrics = [Metric(name, value, timestamp, step) for step, timestamp, row in rows
+                   for name, value in zip(names, row, strict=True)]  # fmt: skip
+        per_batch = max(1, 1000 // len(names)) * len(names)  # MLflow's limit, whole steps
+        try:
+            for i in range(0, len(metrics), per_batch):
+                self.client.log_batch(self.run_id, metrics=metrics[i : i + per_batch])
+        except Exception as e:  # noqa: BLE001 - handed to the training thread
+            self.error = e
 
 
 def start_system_metrics(
@@ -279,6 +296,9 @@ class NullLogger:
     def log_steps(
         self, names: list[str], steps: list[tuple[int, int]], values: list[list[float]]
     ) -> None:
+        pass
+
+    def wait_steps(self) -> None:
         pass
 
     def log_params(self, params: dict[str, Any]) -> None:

@@ -378,6 +378,7 @@ def _loop(
         if save is not None and step % t.checkpoint.every == 0:
             t_save = time.perf_counter()  # checkpoints are training time
             result.losses += window.flush()
+            logger.wait_steps()  # the checkpoint's steps are in the store before it is
             save(step)
             timed_s += time.perf_counter() - t_save
         result.stopped_step = step
