@@ -83,9 +83,9 @@ def test_the_step_sender_stores_every_window_in_order(tmp_path: Path) -> None:
 def test_the_step_sender_raises_the_stores_error_and_sends_nothing_after_it(
     tmp_path: Path,
 ) -> None:
-    """A window the store refuses is an error of ``close`` (and of the next ``submit``), and
-    the windows behind it stay unsent: the store holds a prefix of the steps, as resume
-    expects."""
+    """A window the store refuses is an error of ``close``, and the windows behind it stay
+    unsent: the store holds a prefix of the steps, as resume expects. A closed sender takes
+    no more windows."""
     client, run_id, sender = _sender(tmp_path)
     sender.submit(["train/loss"], [(s, 0, [0.5]) for s in range(1, 11)])
     sender.submit(["bad/../name"], [(11, 0, [0.5])])  # MLflow refuses this name
