@@ -24,7 +24,7 @@ from recsys_moe.model import build_model  # noqa: E402
 from recsys_moe.training.module import TrainLoss, TrainModule  # noqa: E402
 from recsys_moe.training.sharding import build_optimizer, shard, train_step  # noqa: E402
 from recsys_moe.training.step_graph import StepGraph  # noqa: E402
-from tests.test_step_graph import _batches  # noqa: E402
+from tests.test_step_graph import _batches, _weights  # noqa: E402
 
 SIZES = [64, 64, 64, 64, 40, 64, 64]  # rates change every third step; one batch of 40 rows
 SETS = ['train.sharding.types=["table_wise"]',
@@ -53,14 +53,7 @@ def run(graphed: bool) -> dict[str, Any]:
         total, per_task = progress(batches)
         losses.append([total.item(), *(v.item() for v in per_task.values())])
         scheduler.step()
-    weights = {}
-    for k, v in dmp.state_dict().items():
-        if hasattr(v, "local_shards"):  # a table: this rank's shards (none of another's table)
-            shards = v.local_shards()
-            v = torch.cat([sh.tensor for sh in shards], dim=1) if shards else None
-        if v is not None:
-            weights[k] = v.detach().clone()
-    return {"losses": losses, "weights": weights}
+    return {"losses": losses, "weights": _weights(dmp)}
 
 
 def main() -> None:

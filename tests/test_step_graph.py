@@ -67,11 +67,20 @@ def _train(tmp_path: Path, graphed: bool, sizes: list[int]) -> tuple[list, dict,
             total, per_task = progress(batches)
             losses.append((total.item(), {k: v.item() for k, v in per_task.items()}))
             scheduler.step()
-        weights = {}
-        for k, v in dmp.state_dict().items():
-            t = v.local_shards()[0].tensor if hasattr(v, "local_shards") else v
-            weights[k] = t.detach().clone()
-        return losses, weights, step
+        return losses, _weights(dmp), step
+
+
+def _weights(dmp: Any) -> dict[str, torch.Tensor]:
+    """Copies of this rank's weights: the dense ones, and its shards of the tables (a table
+    held by another rank is left out)."""
+    weights = {}
+    for k, v in dmp.state_dict().items():
+        if hasattr(v, "local_shards"):
+            shards = v.local_shards()
+            v = torch.cat([sh.tensor for sh in shards], dim=1) if shards else None
+        if v is not None:
+            weights[k] = v.detach().clone()
+    return weights
 
 
 def test_the_step_graphs_body_trains_the_plain_steps_bit_for_bit(tmp_path: Path) -> None:

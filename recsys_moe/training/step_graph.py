@@ -53,6 +53,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torchrec.distributed.types import ShardedModule
 
 from recsys_moe.training.module import LossOutput, TrainModule
@@ -188,13 +189,11 @@ class StepGraph:
                 p.grad = torch.zeros_like(p)
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = _flatten_dense_tensors(grads)
             flat.div_(self.world)
             dist.all_reduce(flat)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            for g, mean in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                g.copy_(mean)
 
     def _eager_body(self) -> tuple[Tensor, dict[str, Tensor]]:
         """The body without a graph: fresh gradients; on a side stream where a graph will be
