@@ -18,7 +18,9 @@ fused optimizers, an MLflow run, validation each epoch) with ``train.profile_ste
   the host back, so this is the step's time);
 - ``step_ms_max``, ``stall_ms``: the slowest step; the time of the steps over 5x the median,
   beyond the median. The host runs ahead of the device, so a step that syncs (the flush of the
-  losses at the last step) also waits there for the device's queued work;
+  losses at the last step) also waits there for the device's queued work; ``slowest_steps``:
+  the five slowest, by step number (``last_step`` is the run's last); ``gc``: Python's garbage
+  collections during the run, by generation (count, total ms, slowest ms);
 - ``peak_gpu_gib``: ``torch.cuda.max_memory_allocated`` on rank 0;
 - ``gpu_busy_share``: the profiled window's kernel time over its wall time;
 - ``loader_rows_per_s``: the same loader alone, one epoch, synchronised at the end;
@@ -30,6 +32,7 @@ fused optimizers, an MLflow run, validation each epoch) with ``train.profile_ste
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -207,9 +210,12 @@ def train_run(args: argparse.Namespace) -> None:
         with StackSampler() as sampler:
             result = train(cfg)
     else:
-        result = train(cfg)
-    steps = sorted(result.step_s[len(result.step_s) // 10 :])  # the first tenth: warm-up
+        with GcPauses() as gc_pauses:
+            result = train(cfg)
+    timed = list(result.step_s.items())[len(result.step_s) // 10 :]  # the first tenth: warm-up
+    steps = sorted(took for _, took in timed)
     p50 = steps[len(steps) // 2]
+    slowest = sorted(timed, key=lambda item: -item[1])[:5]
     report = {
         "gpus": world,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -222,6 +228,11 @@ def train_run(args: argparse.Namespace) -> None:
         "step_ms_max": 1e3 * steps[-1],
         # time of the steps that took over 5x the median, beyond the median: stalls
         "stall_ms": 1e3 * sum(s - p50 for s in steps if s > 5 * p50),
+        # which steps those were (step number of the run, ms), and the run's last step
+        "slowest_steps": [[step, round(1e3 * took, 2)] for step, took in slowest],
+        "last_step": max(result.step_s, default=0),
+        # Python's garbage collections during train() (all threads): count and time by generation
+        "gc": None if args.stacks else gc_pauses.summary(),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "gpu_busy_share": result.gpu_busy_share,
         "valid": result.valid,
@@ -252,7 +263,38 @@ def train_run(args: argparse.Namespace) -> None:
               f"{report['step_ms_p50']:.2f} ms (max {report['step_ms_max']:.1f}, stalls "
               f"{report['stall_ms']:.0f} ms), busy {report['gpu_busy_share']:.2f}, "
               f"valid click AUC {result.valid.get('click_auc', float('nan')):.4f}")  # fmt: skip
-        print(f"median step {statistics.median(steps) * 1e3:.2f} ms over {len(steps)} steps")
+        print(f"median step {statistics.median(steps) * 1e3:.2f} ms over {len(steps)} steps; "
+              f"slowest (step, ms) {report['slowest_steps']} of {report['last_step']}; "
+              f"gc {report['gc']}")  # fmt: skip
+
+
+class GcPauses:
+    """Python's garbage collections while in the block: the time of each, by generation (a
+    collection stops every thread, the training loop's included)."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._t0)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, list[float]]:
+        """Generation -> [collections, total ms, slowest ms]."""
+        return {
+            f"gen{g}": [len(p), round(1e3 * sum(p), 2), round(1e3 * max(p, default=0.0), 2)]
+            for g, p in self.pauses.items()
+        }
 
 
 SCORE_BATCHES = (8192, 32768, 131072, 262144)

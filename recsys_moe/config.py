@@ -62,7 +62,7 @@ LrSchedule = Literal["constant", "linear", "auto"]
 LrScaling = Literal["none", "sqrt", "linear", "auto"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
 LoaderKind = Literal["auto", "memory", "device", "stream"]
-CompileMode = Literal["kernels", "cudagraphs", "step"]
+CompileMode = Literal["kernels", "cudagraphs", "step", "auto"]
 EmbeddingOutput = Literal["auto", "float32", "bfloat16"]
 BoundsCheck = Literal["warning", "fatal", "v2_warning", "v2_fatal", "none"]
 EmbeddingOptimizer = Literal[
@@ -324,6 +324,11 @@ class TrainConfig:
     # it: every 50 steps cost 13 % of throughput, every 500 nothing measurable, a call per step
     # 63 %; on one H200 the wait cost the bench ~5 %)
     log_every: int = 500
+    # Python's garbage collector in the training loop: 0 = its own automatic collections (a
+    # full one stops the loop, and every thread, for as long as the process's objects take to
+    # walk); N > 0 = automatic collection off during the loop, one full collection before it
+    # and a young-generation collection every N steps (torchtitan's train.gc_freq)
+    gc_every: int = 0
     eval_batch_size: int = 8192
     # auto = TorchRec's TrainPipelineSparseDist on CUDA with several processes, else a plain step
     # (on one H200 the plain step was faster: benchmarks/README.md); or sparse_dist | plain
@@ -348,10 +353,14 @@ class TrainConfig:
     # graph, replayed each step (plain steps; with several processes the graph also averages the
     # dense gradients over the ranks; no effect on a CPU beyond the kernels:
     # training/step_graph.py). Costs a compile at the start (tens of seconds) and
-    # once more for a last, smaller batch; measured in benchmarks/README.md
-    compile: bool | CompileMode = False
+    # once more for a last, smaller batch; measured in benchmarks/README.md. auto = "step" in
+    # one process on CUDA (plain steps, a mixture without data-dependent routing: not
+    # topk_mmoe), else false (a CPU, several processes): the run's param
+    # train.compile_effective says which
+    compile: bool | CompileMode = "auto"
     # leave each epoch's short last batch out (fewer than batch_size rows; the shuffle differs
-    # every epoch, so other rows each time); auto = true with train.compile, else false
+    # every epoch, so other rows each time); auto = true with a compiled step (train.compile
+    # as resolved), else false
     drop_last: bool | Literal["auto"] = "auto"
     bf16: bool = True  # autocast the model's forward to bfloat16 on CUDA (losses stay float32)
     # > 0: torch.profiler over that many steps after 22 warm-up steps; the top ops go to the
@@ -373,7 +382,8 @@ class TrainConfig:
         at_least("train", batch_size=(self.batch_size, 1), epochs=(self.epochs, 1),
                   weight_decay=(self.weight_decay, 0.0),
                   embedding_weight_decay=(self.embedding_weight_decay, 0.0),
-                  log_every=(self.log_every, 1), eval_batch_size=(self.eval_batch_size, 1),
+                  log_every=(self.log_every, 1), gc_every=(self.gc_every, 0),
+                  eval_batch_size=(self.eval_batch_size, 1),
                   memory_loader_max_mb=(self.memory_loader_max_mb, 0),
                   cpu_threads=(self.cpu_threads, 0),
                   profile_steps=(self.profile_steps, 0),

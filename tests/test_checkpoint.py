@@ -76,6 +76,20 @@ def test_resume_continues_exactly(straight: tuple[Config, TrainResult]) -> None:
 
 
 @pytest.mark.slow
+def test_the_loops_own_collections_train_the_same_and_give_the_collector_back(
+    tmp_path: Path, dataset: Path, straight: tuple[Config, TrainResult]
+) -> None:
+    """train.gc_every: Python's automatic collection is off in the loop, young collections
+    every N steps instead; the losses, weights and checkpoints are those of a plain run."""
+    _, full = straight
+    assert gc.isenabled()
+    run = train(config(tmp_path, dataset, "train.gc_every=2"))
+    assert gc.isenabled()
+    assert run.losses == full.losses
+    assert_same_weights(run.model, full.model)
+
+
+@pytest.mark.slow
 def test_killed_save_keeps_the_previous_checkpoint(
     tmp_path: Path, dataset: Path, straight: tuple[Config, TrainResult]
 ) -> None:
@@ -143,6 +157,10 @@ def test_resume_with_the_streaming_loader_and_not_across_loaders(
     # the in-memory loader orders rows differently: resuming this run with it would not be exact
     with pytest.raises(ValueError, match="order"):
         train(config(tmp_path, dataset, "train.loader=memory", f"train.resume={run_dir}/ckpt-3"))
+    # another train.drop_last (train.compile's auto sets it on a GPU) puts the steps elsewhere
+    with pytest.raises(ValueError, match="drop_last=False but this loader True"):
+        train(config(tmp_path, dataset, "train.loader=stream", "train.drop_last=true",
+                     f"train.resume={run_dir}/ckpt-3"))  # fmt: skip
     with pytest.raises(
         ValueError, match="train.loader: expected one of 'auto', 'memory', 'device', 'stream'"
     ):

@@ -65,7 +65,9 @@ def _plan(cfg: Config, run_id: str) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(dataset: Path) -> SimpleNamespace:
-    cfg = _config(dataset)
+    """The eager run (``train.compile = false``; the default on one GPU is the step graph),
+    which the compiled modes and two GPUs are compared with."""
+    cfg = _config(dataset, ["train.compile=false"])
     return SimpleNamespace(cfg=cfg, result=train(cfg))
 
 
@@ -197,6 +199,29 @@ def test_compiled_step_on_cuda_learns_like_the_eager_one(
     assert result.valid["click_auc"] == pytest.approx(eager.valid["click_auc"], abs=0.01)
     print(f"\ncompile={mode}: {result.samples_per_s_steady:,.0f} samples/s steady "
           f"(eager {eager.samples_per_s_steady:,.0f})")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "mixture", ["mmoe", "shared_bottom", "omoe", "cgc", "ple", "single_task", "topk_mmoe"]
+)
+def test_the_default_on_one_gpu_is_the_step_graph_for_every_mixture_it_can_capture(
+    trained: SimpleNamespace, mixture: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``train.compile = "auto"`` (the default): every mixture of the zoo trains with the step
+    graph on one GPU, captured and learning, except ``topk_mmoe`` (rows routed by data), which
+    trains eagerly; the run's param says which."""
+    cfg = _config(trained.cfg.workdir, [f"model.mixture={mixture}"])
+    assert cfg.train.compile == "auto"
+    with caplog.at_level("INFO", logger="recsys_moe.training.step_graph"):
+        result = train(cfg)
+    graphed = mixture != "topk_mmoe"
+    assert ("the dense step captured as one CUDA graph" in caplog.text) == graphed
+    params = client_for(cfg).get_run(result.run_id).data.params
+    assert params["train.compile_effective"] == ("step" if graphed else "false")
+    assert np.mean(result.losses[-5:]) < 0.9 * np.mean(result.losses[:5])
+    assert result.valid["click_auc"] > 0.55
+    print(f"\n{mixture}: valid click AUC {result.valid['click_auc']:.4f}, "
+          f"{result.samples_per_s_steady:,.0f} samples/s steady")  # fmt: skip
 
 
 def test_experts_pad_their_first_gemm_on_cuda_to_the_same_result() -> None:

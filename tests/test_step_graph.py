@@ -10,6 +10,7 @@ schedule, a batch of another size). The CUDA graph itself is checked by ``pytest
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ from torchrec import KeyedJaggedTensor
 
 from recsys_moe.config import DEMO_CONFIG, load_config
 from recsys_moe.data import Batch
+from recsys_moe.training.dist import DistInfo
 from recsys_moe.training.sharding import build_optimizer, train_step
 from recsys_moe.training.step_graph import StepGraph
+from recsys_moe.training.train import compile_mode, drop_last
 from tests.test_sharding import _one_process_dmp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +121,33 @@ def test_step_graph_settings_are_checked(tmp_path: Path) -> None:
         pytest.raises(ValueError, match="data_parallel"),
     ):
         StepGraph.of(dmp, build_optimizer(dmp, 1e-2, 0.0), torch.device("cpu"), graph=False)
+
+
+@pytest.mark.parametrize(
+    ("device", "world", "sets", "mode"),
+    [
+        ("cuda", 1, [], "step"),  # one GPU: the step graph
+        ("cpu", 1, [], False),  # a CPU: eager, as before auto
+        ("cuda", 2, [], False),  # several processes: TorchRec's pipeline, eager
+        ("cuda", 1, ["model.mixture=topk_mmoe"], False),  # routes rows by data: no graph
+        ("cuda", 1, ["train.pipeline=sparse_dist"], False),  # the graph takes plain steps
+        ("cuda", 1, ["train.pipeline=plain"], "step"),
+        ("cuda", 1, ["train.compile=cudagraphs"], "cudagraphs"),  # a setting stays as given
+        ("cpu", 1, ["train.compile=step"], "step"),
+        ("cuda", 1, ["train.compile=false"], False),
+    ],
+)
+def test_compile_auto_is_the_step_graph_in_one_gpu_process_only(
+    device: str, world: int, sets: list[str], mode: bool | str
+) -> None:
+    cfg = load_config(DEMO_CONFIG, sets)
+    assert cfg.train.compile == ("auto" if not any("compile" in x for x in sets) else mode)
+    info = DistInfo(rank=0, world_size=world, local_rank=0, device=torch.device(device),
+                    owns_group=False)  # fmt: skip
+    assert compile_mode(cfg, info) == mode
+    # a compiled step leaves the short last batch out (train.drop_last = auto), as resolved
+    assert drop_last(replace(cfg.train, compile=mode)) == bool(mode)
+    assert drop_last(cfg.train) == (cfg.train.compile not in (False, "auto"))
 
 
 @pytest.mark.slow  # two torchrun processes: ~30 s

@@ -128,16 +128,21 @@ class _Position:
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "num_rows": self.num_rows,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("version", "order", "seed", "shuffle", "batch_size", "world_size", "num_rows"):
+        keys = ["version", "order", "seed", "shuffle", "batch_size", "world_size", "num_rows"]
+        # drop_last sets the steps per epoch, so where a step falls (states since 2026-12-02)
+        keys += ["drop_last"] if "drop_last" in state else []
+        for key in keys:
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"loader state has {key}={state.get(key)!r} but this loader {mine[key]!r}; "
                     "resume with the saved run's data and settings (train.loader, "
-                    "train.batch_size, train.seed, number of processes)"
+                    "train.batch_size, train.seed, train.drop_last and train.compile, number "
+                    "of processes)"
                 )
         if not 0 <= state["batches"] <= len(self):
             raise ValueError(f"loader state: batches={state['batches']} outside [0, {len(self)}]")

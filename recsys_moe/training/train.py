@@ -24,7 +24,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +83,9 @@ class TrainResult:
     gates: dict[str, float] = field(default_factory=dict)  # last validation's gate statistics
     plots: list[Path] = field(default_factory=list)
     cost: dict[str, int] = field(default_factory=dict)  # model_cost: parameters, flops_per_example
-    # wall time of each step's iteration (validation and profiled steps apart; at steady state
-    # the device holds the host back, so this is the step's time)
-    step_s: list[float] = field(default_factory=list)
+    # wall time of each step's iteration by step number, in order (validation and profiled
+    # steps apart; at steady state the device holds the host back, so this is the step's time)
+    step_s: dict[int, float] = field(default_factory=dict)
     profile: str = ""  # train.profile_steps: the top ops
     gpu_busy_share: float = float("nan")  # train.profile_steps on CUDA: kernels' time / wall
     selected_step: int = 0  # the step whose weights are the model (train.select)
@@ -126,7 +126,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
 
 
 def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResult:
-    t = cfg.train
+    t = replace(cfg.train, compile=compile_mode(cfg, info))  # train.compile's auto resolved
     # ---- data: the mapped splits of the training set -----------------------------------------
     features = cfg.feature_set()
     manifest = check_dataset(cfg.dataset_dir, features, cfg.features_path)
@@ -149,6 +149,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
     params = {
         "model.num_parameters": count_parameters(model),
         "train.world_size": info.world_size,
+        "train.compile_effective": str(t.compile).lower(),
     }
     # mixture + heads, from the config as sweeps compute it. Building that model draws from the
     # RNG before the tables are initialised: moving this line changes every seeded result.
@@ -282,8 +283,9 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
                 keep=t.checkpoint.keep,
             )  # fmt: skip
 
-        gates = _loop(state, t, info.device, start.step, logger, result, validate, select,
-                      save if t.checkpoint.every else None)  # fmt: skip
+        with LoopGc(t.gc_every) as loop_gc:
+            gates = _loop(state, t, info.device, start.step, logger, result, validate, select,
+                          save if t.checkpoint.every else None, loop_gc.step)  # fmt: skip
 
         # ---- the selected model on rank 0: bundle and heatmaps -------------------------------
         result.selected_step = result.stopped_step
@@ -330,10 +332,12 @@ def _loop(
     validate: Callable[[nn.Module], Tensor],
     select: Callable[[int, Tensor], bool],
     save: Callable[[int], None] | None,
+    collect: Callable[[int], None],
 ) -> Tensor:
     """Steps ``start_step + 1 ..`` to the end of epoch ``t.epochs - 1``; validation at each
     epoch's end (then ``select``, which may stop the loop: early stopping), a checkpoint every
-    ``t.checkpoint.every`` steps. The last validation's gates."""
+    ``t.checkpoint.every`` steps, ``collect(step)`` in each step (``LoopGc.step``). The last
+    validation's gates."""
     dmp, loader = state.model, state.loader
     progress, pause = sharding.train_step(
         dmp, state.optimizer, device, pipeline=t.pipeline, step_graph=t.compile == "step"
@@ -354,13 +358,14 @@ def _loop(
         loss, per_task = progress(batches)
         window.add(Step(step, int(time.time() * 1000), loss, per_task))
         state.scheduler.step()
+        collect(step)
         rows = loader.rows_in_batch((step - 1) % per_epoch)
         if step % t.log_every == 0 or step == total:
             result.losses += window.flush()
         profiled = profiler is not None and profiler.step()  # this step was traced
         if not profiled:
             took = time.perf_counter() - t_step
-            result.step_s.append(took)
+            result.step_s[step] = took
             seen, timed_s = seen + rows, timed_s + took
             if step <= warm:
                 seen_warm, timed_warm_s = seen_warm + rows, timed_warm_s + took
@@ -404,6 +409,42 @@ def _loop(
 
 
 # ---- the phases' helpers -----------------------------------------------------------------------
+def compile_mode(cfg: Config, info: DistInfo) -> bool | str:
+    """``train.compile`` with ``auto`` resolved: "step" in one process on CUDA, under plain
+    steps (``train.pipeline`` auto or plain), for a mixture without data-dependent routing
+    (every one but ``topk_mmoe``); else false. Any other setting is kept as given."""
+    t = cfg.train
+    if t.compile != "auto":
+        return t.compile
+    graphable = cfg.model.mixture != "topk_mmoe" and t.pipeline != "sparse_dist"
+    return "step" if info.device.type == "cuda" and info.world_size == 1 and graphable else False
+
+
+class LoopGc:
+    """``train.gc_every``: with N > 0, Python's automatic garbage collection is off in the
+    block, after one full collection, and ``step(s)`` collects the young generations every N
+    steps (torchtitan's ``GarbageCollection``); the collector's state is restored on the way
+    out. With 0 the collector is left alone."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.was_enabled = gc.isenabled()
+
+    def __enter__(self) -> LoopGc:
+        if self.every:
+            gc.collect()
+            gc.disable()
+        return self
+
+    def step(self, step: int) -> None:
+        if self.every and step % self.every == 0:
+            gc.collect(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.every and self.was_enabled:
+            gc.enable()
+
+
 def cpu_threads(setting: int, device: torch.device) -> int:
     """torch's CPU threads for a run on ``device`` (``train.cpu_threads``); 0 = leave torch's."""
     if setting:
@@ -470,9 +511,12 @@ def train_loader(
 
 
 def drop_last(t: TrainConfig) -> bool:
-    """``train.drop_last``; auto: with a compiled step (``train.compile``), whose short last
-    batch would be compiled again (tens of seconds, and new CUDA graphs)."""
-    return bool(t.compile) if t.drop_last == "auto" else t.drop_last
+    """``train.drop_last``; auto: with a compiled step (``train.compile`` as ``compile_mode``
+    resolves it; an unresolved "auto" counts as none), whose short last batch would be
+    compiled again (tens of seconds, and new CUDA graphs)."""
+    if t.drop_last != "auto":
+        return t.drop_last
+    return t.compile not in (False, "auto")
 
 
 def heatmaps(
