@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import small_demo_work
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from pipelines.training_set import load_manifest
 from recsys_moe.config import DEMO_CONFIG, Config, TrainConfig, load_config
 from recsys_moe.training.loggers import TrainingDiverged
+from recsys_moe.training.module import TrainModule
 from recsys_moe.training.recipe import build_scheduler, scaled_rates, schedule_factor
 from recsys_moe.training.train import train
 
@@ -162,6 +164,9 @@ def test_compiled_dense_part_trains_the_same_steps(work: Path, mode: str) -> Non
     assert len(compiled.losses) == len(eager.losses) > 4
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     assert compiled.valid == pytest.approx(eager.valid, rel=1e-3)
+    # the run's compiled graphs are gone with it: the next run in this process (a sweep's
+    # trial) compiles afresh rather than counting against dynamo's recompile limit (8)
+    assert _debug_get_cache_entry_list(TrainModule._dense_step.__code__) == []
 
 
 @pytest.mark.parametrize(
