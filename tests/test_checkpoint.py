@@ -80,7 +80,7 @@ def test_the_loops_own_collections_train_the_same_and_give_the_collector_back(
     tmp_path: Path, dataset: Path, straight: tuple[Config, TrainResult]
 ) -> None:
     """train.gc_every: Python's automatic collection is off in the loop, young collections
-    every N steps instead; the losses, weights and checkpoints are those of a plain run."""
+    every N steps instead; the losses and weights are those of a plain run."""
     _, full = straight
     assert gc.isenabled()
     run = train(config(tmp_path, dataset, "train.gc_every=2"))
