@@ -163,6 +163,30 @@ def test_state_from_other_settings_rejected(split):
         loader(split, "memory", batch_size=64).load_state_dict(state)
 
 
+def test_a_state_of_another_drop_last_is_refused_with_or_without_its_key(split):
+    """A checkpoint's position (``state_after(step)``) from a loader with another
+    ``drop_last``: refused by the recorded key, and, in a state written before the key was
+    recorded, by where the step falls once past the first epoch."""
+    kept = loader(split, batch_size=64)  # N rows: a short last batch
+    dropped = loader(split, batch_size=64, drop_last=True)
+    assert len(kept) == len(dropped) + 1
+    state = kept.state_after(len(kept) + 2)  # epoch 1, batch 2
+    with pytest.raises(ValueError, match="drop_last=False but this loader True"):
+        loader(split, batch_size=64, drop_last=True).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "drop_last"}
+    resumed = loader(split, batch_size=64, drop_last=True)
+    resumed.load_state_dict(older)
+    with pytest.raises(ValueError, match="train.drop_last"):
+        resumed.check_step(len(kept) + 2)
+    same = loader(split, batch_size=64)  # the saving loader's settings: where the step falls
+    same.load_state_dict(older)
+    same.check_step(len(kept) + 2)
+    # within the first epoch the two count the same steps: an older state resumes there
+    first_epoch = loader(split, batch_size=64, drop_last=True)
+    first_epoch.load_state_dict({k: v for k, v in kept.state_after(2).items() if k != "drop_last"})
+    first_epoch.check_step(2)
+
+
 def test_a_loader_held_on_a_device_yields_the_same_batches(split):
     """``train.loader = "device"``: the rows held where training runs (here the CPU; on a GPU
     tests/test_gpu.py checks the same), permuted and cut there, batch for batch as in memory."""

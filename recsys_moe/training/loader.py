@@ -148,6 +148,20 @@ class _Position:
             raise ValueError(f"loader state: batches={state['batches']} outside [0, {len(self)}]")
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
 
+    def check_step(self, step: int) -> None:
+        """After ``load_state_dict`` of a checkpoint's ``state_after(step)``: the position is
+        where ``step`` batches of this loader end. A state saved with another count of batches
+        per epoch (another ``drop_last``; states before 2026-12-02 do not record it) is not,
+        once past its first epoch."""
+        if self.epoch * len(self) + self.batches != step:
+            raise ValueError(
+                f"loader state: epoch {self.epoch}, batch {self.batches} is not where step "
+                f"{step} falls with {len(self)} batches per epoch; the checkpoint was written "
+                "with another count of batches per epoch: resume with the saved run's "
+                "train.drop_last (auto: true with train.compile, which is 'step' by default "
+                "on one GPU)"
+            )
+
 
 class ParquetLoader(_Position):
     """Iterable of ``Batch`` over Parquet files (see the module docstring for order, sharding,

@@ -209,6 +209,7 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResul
             resume_from, model=dmp, optimizer=optimizer, scheduler=state.scheduler
         )
         loader.load_state_dict(start.data)  # checks seed, batch size, ranks and rows match
+        loader.check_step(start.step)  # and the batches per epoch, where the state cannot say
         log.info("resumed from %s at step %d", resume_from, start.step)
 
     # ---- tracking ----------------------------------------------------------------------------
