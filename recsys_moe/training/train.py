@@ -110,17 +110,17 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
     this rank's own. ``parent_run_id`` makes the MLflow run a child of that run (sweeps).
     """
     info = setup(cfg.train.dist_timeout_s)
-    compiled = bool(compile_mode(cfg, info))
+    mode = compile_mode(cfg, info)  # train.compile's auto resolved, once
     before = torch.get_num_threads()
     threads = cpu_threads(cfg.train.cpu_threads, info.device)
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train(cfg, info, parent_run_id)
+        return _train(cfg, info, parent_run_id, mode)
     finally:
         torch.set_num_threads(before)
         shutdown(info)
-        if compiled:
+        if mode:
             # Each run compiles its own modules. The ended run's graphs in dynamo's cache only
             # count against its recompile limit (8 per function): the 9th compiled run in one
             # process (a sweep's trials) ran eager, with a warning only.
@@ -131,8 +131,8 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
         gc.collect()
 
 
-def _train(cfg: Config, info: DistInfo, parent_run_id: str | None) -> TrainResult:
-    t = replace(cfg.train, compile=compile_mode(cfg, info))  # train.compile's auto resolved
+def _train(cfg: Config, info: DistInfo, parent_run_id: str | None, mode: bool | str) -> TrainResult:
+    t = replace(cfg.train, compile=mode)  # train.compile as resolved (compile_mode)
     # ---- data: the mapped splits of the training set -----------------------------------------
     features = cfg.feature_set()
     manifest = check_dataset(cfg.dataset_dir, features, cfg.features_path)
