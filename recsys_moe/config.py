@@ -358,6 +358,11 @@ class TrainConfig:
     # topk_mmoe), else false (a CPU, several processes): the run's param
     # train.compile_effective says which
     compile: bool | CompileMode = "auto"
+    # where a compiled run keeps torch.compile's caches (relative to the workdir), so that the
+    # next run of the same model and batch loads its compiled code instead of compiling again
+    # (in a fresh process or container too); auto = TORCHINDUCTOR_CACHE_DIR where set, else
+    # <workdir>/compile-cache
+    compile_cache: str = "auto"
     # leave each epoch's short last batch out (fewer than batch_size rows; the shuffle differs
     # every epoch, so other rows each time); auto = true with a compiled step (train.compile
     # as resolved), else false

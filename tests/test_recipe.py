@@ -7,6 +7,7 @@ warm-up that reaches both optimizers (Adam on the dense part, the fused Adagrad 
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,13 +15,14 @@ import pytest
 import torch
 from fixtures import small_demo_work
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.utils import counters
 
 from pipelines.training_set import load_manifest
 from recsys_moe.config import DEMO_CONFIG, Config, TrainConfig, load_config
 from recsys_moe.training.loggers import TrainingDiverged
 from recsys_moe.training.module import TrainModule
 from recsys_moe.training.recipe import build_scheduler, scaled_rates, schedule_factor
-from recsys_moe.training.train import train
+from recsys_moe.training.train import CACHE_ENV, _torch_cache_dir, compile_cache, train
 
 SMALL = [
     "synth.users=150", "synth.items=60", "synth.days=4",
@@ -190,3 +192,61 @@ def test_a_diverging_run_stops_with_a_clear_error(work: Path, log_every: int, se
     last = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])[0]
     assert last.info.status == "FAILED"
     assert not (cfg.path("models") / last.info.run_id).exists()
+
+
+@pytest.mark.slow
+def test_a_compiled_run_keeps_its_compiled_code_for_the_next_run(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.compile_cache: torch.compile's caches go to the directory given; the next run of
+    the same model loads the compiled graphs from there (inductor's cache hits, no miss) and
+    trains the same steps. The environment is the caller's again after each run."""
+    for name in CACHE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    cache = tmp_path / "cc"
+    sets = ("train.compile=true", "train.epochs=1", f"train.compile_cache={cache}")
+    counters.clear()
+    first = train(config(work, *sets))
+    assert counters["inductor"]["fxgraph_cache_miss"] > 0
+    assert counters["inductor"]["fxgraph_cache_hit"] == 0
+    assert any((cache / "fxgraph").rglob("*")), "nothing cached in train.compile_cache"
+    assert not {*CACHE_ENV} & set(os.environ)
+    counters.clear()
+    second = train(config(work, *sets))
+    assert counters["inductor"]["fxgraph_cache_hit"] > 0
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    assert second.losses == first.losses
+    assert not {*CACHE_ENV} & set(os.environ)
+
+
+def test_the_compile_cache_is_the_workdirs_unless_the_environment_names_one(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(work)
+    cpu = torch.device("cpu")
+    for name in CACHE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with compile_cache(cfg, False, cpu) as path:  # nothing compiled: nothing set
+        assert path is None and CACHE_ENV[0] not in os.environ
+    with compile_cache(cfg, "step", cpu) as path:
+        assert path == (work / "compile-cache").resolve()
+        assert os.environ[CACHE_ENV[0]] == str(path)
+        assert os.environ[CACHE_ENV[1]] == str(path / "triton" / "0")
+    assert not {*CACHE_ENV} & set(os.environ)
+    # torch puts its own default into the environment (importing torchrec does): not the user's
+    monkeypatch.setenv(CACHE_ENV[0], _torch_cache_dir())
+    with compile_cache(cfg, "step", cpu) as path:
+        assert path == (work / "compile-cache").resolve()
+    assert os.environ[CACHE_ENV[0]] == _torch_cache_dir()
+    monkeypatch.setenv(CACHE_ENV[0], "/somewhere/else")
+    with compile_cache(cfg, True, cpu) as path:  # auto: the environment's, left as it is
+        assert path is None and os.environ[CACHE_ENV[0]] == "/somewhere/else"
+    given = config(work, "train.compile_cache=my-cache")
+    with compile_cache(given, True, cpu) as path:  # a setting wins over the environment
+        assert path == (work / "my-cache").resolve()
+        assert os.environ[CACHE_ENV[0]] == str(path)
+    assert os.environ[CACHE_ENV[0]] == "/somewhere/else"
+    bad = config(work, f"train.compile_cache={cfg.dataset_dir / 'cache'}")
+    refused = pytest.raises(ValueError, match="train.compile_cache .* sits inside the training set")
+    with refused, compile_cache(bad, True, cpu):
+        pass

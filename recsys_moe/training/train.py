@@ -21,9 +21,14 @@ loader``), so all ranks take the same steps.
 from __future__ import annotations
 
 import gc
+import getpass
 import logging
+import os
+import re
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from feature_store import FeatureSet
+from pipelines.atomic import check_output
 from pipelines.training_set import load_manifest, load_split, mapped_files
 from recsys_moe.bundle import save_bundle
 from recsys_moe.config import Config, TrainConfig, label_columns
@@ -116,7 +122,8 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> TrainResult:
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train(cfg, info, parent_run_id, mode)
+        with compile_cache(cfg, mode, info.device):
+            return _train(cfg, info, parent_run_id, mode)
     finally:
         torch.set_num_threads(before)
         shutdown(info)
@@ -425,6 +432,64 @@ def compile_mode(cfg: Config, info: DistInfo) -> bool | str:
         return t.compile
     graphable = cfg.model.mixture != "topk_mmoe" and t.pipeline != "sparse_dist"
     return "step" if info.device.type == "cuda" and info.world_size == 1 and graphable else False
+
+
+CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+@contextmanager
+def compile_cache(cfg: Config, mode: bool | str, device: torch.device) -> Iterator[Path | None]:
+    """Where a compiled run (``mode``: ``train.compile`` resolved) keeps torch.compile's caches
+    (inductor's graphs and kernels, AOTAutograd's, Triton's): ``train.compile_cache``, a
+    directory relative to the workdir; ``auto`` = the environment's ``TORCHINDUCTOR_CACHE_DIR``
+    where set (left as it is), else ``<workdir>/compile-cache``. A later run of the same model and
+    shapes, in a fresh process or on another machine with the workdir, then loads the compiled
+    code instead of compiling it again (torch's own default, a folder in /tmp, is lost with the
+    machine). The environment is restored on the way out. The directory yielded, or None where
+    nothing is compiled or the environment's is used."""
+    setting = cfg.train.compile_cache
+    index = 0
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    default = _torch_cache_dir()
+    # torch writes its default into the environment itself (importing torchrec does): a value
+    # that is torch's default, or the Triton folder it derives from it, was not the user's
+    users = {
+        k: v
+        for k, v in ((k, os.environ.get(k)) for k in CACHE_ENV)
+        if v and v not in (default, os.path.join(default, "triton", str(index)))
+    }
+    if not mode or (setting == "auto" and CACHE_ENV[0] in users):
+        yield None
+        return
+    path = cfg.path("compile-cache" if setting == "auto" else setting).resolve()
+    check_output(path, what="train.compile_cache", inputs=cfg.protected_paths(),
+                 roots={"workdir": Path(cfg.workdir)})  # fmt: skip
+    saved = {k: os.environ.get(k) for k in CACHE_ENV}
+    os.environ[CACHE_ENV[0]] = str(path)
+    if CACHE_ENV[1] not in users:
+        # inductor's own rule (its cache dir's triton/<device>), which it would otherwise fix
+        # in the environment at the first kernel, for the rest of the process
+        os.environ[CACHE_ENV[1]] = str(path / "triton" / str(index))
+    try:
+        yield path
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _torch_cache_dir() -> str:
+    """torch.compile's default cache folder (a folder in the temporary directory, by user)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except ImportError:  # (its place in torch 2.11 and 2.13; the same rule, should it move)
+        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+        return os.path.abspath(os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
 
 
 class LoopGc:
