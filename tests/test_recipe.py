@@ -200,7 +200,9 @@ def test_a_compiled_run_keeps_its_compiled_code_for_the_next_run(
 ) -> None:
     """train.compile_cache: torch.compile's caches go to the directory given; the next run of
     the same model loads the compiled graphs from there (inductor's cache hits, no miss) and
-    trains the same steps. The environment is the caller's again after each run."""
+    its traced forward and backward (AOTAutograd's cache hits: the dense step's autocast no
+    longer makes it bypass the cache), and trains the same steps. The environment is the
+    caller's again after each run."""
     for name in CACHE_ENV:
         monkeypatch.delenv(name, raising=False)
     cache = tmp_path / "cc"
@@ -209,12 +211,16 @@ def test_a_compiled_run_keeps_its_compiled_code_for_the_next_run(
     first = train(config(work, *sets))
     assert counters["inductor"]["fxgraph_cache_miss"] > 0
     assert counters["inductor"]["fxgraph_cache_hit"] == 0
+    assert counters["aot_autograd"]["autograd_cache_saved"] > 0
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
     assert any((cache / "fxgraph").rglob("*")), "nothing cached in train.compile_cache"
     assert not {*CACHE_ENV} & set(os.environ)
     counters.clear()
     second = train(config(work, *sets))
     assert counters["inductor"]["fxgraph_cache_hit"] > 0
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    assert counters["aot_autograd"]["autograd_cache_hit"] > 0
+    assert counters["aot_autograd"]["autograd_cache_miss"] == 0
     assert second.losses == first.losses
     assert not {*CACHE_ENV} & set(os.environ)
 

@@ -143,11 +143,36 @@ def compile_dense(module: TrainModule, mode: bool | str = True) -> None:
     # TorchRec 1.6's pipeline fx-traces through the step (1.8 too, into a compiled function):
     # let the trace, which only finds the sharded modules' inputs, run the eager code
     torch._dynamo.config.error_on_nested_fx_trace = False
+    mark_autocast_cacheable()
     graphs = mode == "cudagraphs"  # ("step": kernels, which step_graph.StepGraph captures)
     module.dense_step = torch.compile(
         module._dense_step, dynamic=False, mode="reduce-overhead" if graphs else None
     )
     module.graphed = graphs
+
+
+AUTOCAST_NODES = (
+    "torch.amp.autocast_mode._enter_autocast",
+    "torch.amp.autocast_mode._exit_autocast",
+)
+
+
+def mark_autocast_cacheable() -> None:
+    """Let AOTAutograd's cache keep a graph that enters autocast (the dense step does, for its
+    bf16 part, and on the CPU with autocast off). torch 2.13's allowlist lacks autocast's enter
+    and exit nodes (torch 2.11 on the H200 cached the graph without this mark), so such a graph
+    bypasses the cache and every run traces the forward and backward again and
+    re-partitions them (pytorch/pytorch#191106). They are safe to cache: what they do is fixed
+    by their arguments, constants of the graph that the cache key hashes. Marked through
+    inductor's ``unsafe_marked_cacheable_functions``, keyed by torch's version."""
+    import torch._inductor.config
+
+    marked = getattr(torch._inductor.config, "unsafe_marked_cacheable_functions", None)
+    if marked is None:  # (a torch without the setting: the cache is bypassed, as before)
+        return
+    torch._inductor.config.unsafe_marked_cacheable_functions = marked | {
+        name: torch.__version__ for name in AUTOCAST_NODES
+    }
 
 
 def label_scales(tasks: list[TaskConfig], label_stats: dict) -> dict[str, float]:
