@@ -201,8 +201,8 @@ def test_a_compiled_run_keeps_its_compiled_code_for_the_next_run(
     """train.compile_cache: torch.compile's caches go to the directory given; the next run of
     the same model loads the compiled graphs from there (inductor's cache hits, no miss) and
     its traced forward and backward (AOTAutograd's cache hits: the dense step's autocast no
-    longer makes it bypass the cache), and trains the same steps. The environment is the
-    caller's again after each run."""
+    longer makes it bypass the cache), and trains the same steps; a run with other rates loads
+    them too. The environment is the caller's again after each run."""
     for name in CACHE_ENV:
         monkeypatch.delenv(name, raising=False)
     cache = tmp_path / "cc"
@@ -223,6 +223,12 @@ def test_a_compiled_run_keeps_its_compiled_code_for_the_next_run(
     assert counters["aot_autograd"]["autograd_cache_miss"] == 0
     assert second.losses == first.losses
     assert not {*CACHE_ENV} & set(os.environ)
+    counters.clear()  # a run that differs in its rates alone (a sweep's trial) shares them
+    third = train(config(work, *sets, "train.lr=0.003", "train.embedding_lr=0.07"))
+    assert counters["inductor"]["fxgraph_cache_hit"] > 0
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    assert counters["aot_autograd"]["autograd_cache_hit"] > 0
+    assert third.losses[1:] != first.losses[1:]  # (other rates: other steps)
 
 
 def test_the_compile_cache_is_the_workdirs_unless_the_environment_names_one(
