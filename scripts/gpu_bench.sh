@@ -15,12 +15,7 @@
 # compiled.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site2
-export PYTHONPATH=/tmp/site:$PWD:/tmp/site2 NCCL_NVLS_ENABLE=0 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
-# the device sets PYTHONDONTWRITEBYTECODE=1 and the unpacked bundle has no .pyc: without this
-# every process compiles its imports' source again (12-15 s of a 38 s demo run; 2.4 s once here),
-# which an installed environment (pip writes .pyc) does not pay (benchmarks/README, session 15)
-python -m compileall -q -j 0 /tmp/site /tmp/site2 recsys_moe pipelines feature_store serving \
-  benchmarks >/dev/null 2>&1 || true
+. scripts/device_env.sh  # PYTHONPATH and the rest; the packages' .pyc
 W=/tmp/bench
 nvidia-smi -L | tee -a "$OUT/gpus.txt"
 if [ "${BENCH_PREP:-1}" = 1 ] && [ ! -f $W/dataset/manifest.json ]; then

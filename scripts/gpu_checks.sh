@@ -19,12 +19,7 @@ for whl in .devextra/*.whl; do
   case $mod in python_dateutil) mod=dateutil ;; lightning_utilities) mod=lightning_utilities ;; esac
   PYTHONPATH=/tmp/site python -c "import $mod" 2>/dev/null || python -m zipfile -e "$whl" /tmp/site2
 done
-export PYTHONPATH=/tmp/site:$PWD:/tmp/site2 NCCL_NVLS_ENABLE=0 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
-# the device sets PYTHONDONTWRITEBYTECODE=1 and the unpacked bundle has no .pyc: without this
-# every process compiles its imports' source again (12-15 s of a 38 s demo run; 2.4 s once here),
-# which an installed environment (pip writes .pyc) does not pay (benchmarks/README, session 15)
-python -m compileall -q -j 0 /tmp/site /tmp/site2 recsys_moe pipelines feature_store serving \
-  benchmarks >/dev/null 2>&1 || true
+. scripts/device_env.sh  # PYTHONPATH and the rest; the packages' .pyc
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python -c "import torch, torchrec, fbgemm_gpu, polars, mlflow, pandas, torchmetrics; print(torch.__version__, torchrec.__version__, polars.__version__, mlflow.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpus.txt"
 if [ "${GPU_TESTS:-1}" = 1 ]; then
