@@ -60,6 +60,7 @@ def higher_is_better(metric: str) -> bool:
 
 LrSchedule = Literal["constant", "linear", "auto"]
 LrScaling = Literal["none", "sqrt", "linear", "auto"]
+DenseOptimizer = Literal["adam", "muon", "auto"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
 LoaderKind = Literal["auto", "memory", "device", "stream"]
 CompileMode = Literal["kernels", "cudagraphs", "step", "auto"]
@@ -288,8 +289,17 @@ class TrainConfig:
     # decide; measured: census-income 0.9457 test AUC vs 0.9427 with 3 epochs, a numeric-only
     # set 7.2 vs 16.0 test RMSE (README "Real data", "Your own data"); shipped configs set theirs
     epochs: int = 20
-    lr: float = 2e-3  # dense parameters: Adam
+    lr: float = 2e-3  # dense parameters: Adam (and Muon's rate times muon_lr_scale)
     weight_decay: float = 0.0
+    # the dense part's optimizer: adam (every parameter), muon (training/muon.py: the matrices'
+    # updates orthogonalised, Adam on the vectors and single-output layers), auto = muon where
+    # the global batch is beyond 16x lr_reference_batch (demo at 32768: it closed most of Adam's
+    # gap to batch 512 in the same epochs; at 8192 level with Adam: benchmarks/README.md), else
+    # adam. Muon's rate is lr (as scaled) x muon_lr_scale, its update scaled to Adam's RMS;
+    # its momentum muon_momentum (demo at 32768, 3 seeds: 0.9 over 0.95 and 0.8)
+    dense_optimizer: DenseOptimizer = "auto"
+    muon_lr_scale: float = 4.0
+    muon_momentum: float = 0.9
     embedding_lr: float = 0.05  # embedding tables: embedding_optimizer's rate
     embedding_weight_decay: float = 0.0
     # the tables' optimizer, fused into their backward by fbgemm: rowwise_adagrad (one
@@ -303,8 +313,9 @@ class TrainConfig:
     # lr_reference_batch rows; another batch size (batch_size x ranks) multiplies them by
     # r ** 0.5 (sqrt) or r ** 1 (linear), r = batch / reference, or leaves them (none); auto =
     # linear up to r = 16, sqrt beyond; a run whose rates were raised warms every rate up
-    # linearly over warmup_steps (auto: 5 % of the steps). The defaults were measured
-    # (benchmarks/README.md): the tables' Adagrad auto (x16 at 8192, x32 at 32768), Adam's as it is
+    # linearly over warmup_steps (auto: 5 % of the steps; none under Muon). The defaults were
+    # measured (benchmarks/README.md): the tables' Adagrad auto (x16 at 8192, x32 at 32768),
+    # Adam's as it is
     lr_reference_batch: int = 512
     lr_scaling: LrScaling = "none"
     embedding_lr_scaling: LrScaling = "auto"
@@ -355,8 +366,8 @@ class TrainConfig:
     # training/step_graph.py). Costs a compile at the start (tens of seconds) and
     # once more for a last, smaller batch; measured in benchmarks/README.md. auto = "step" in
     # one process on CUDA (plain steps, a mixture without data-dependent routing: not
-    # topk_mmoe), else false (a CPU, several processes): the run's param
-    # train.compile_effective says which
+    # topk_mmoe, the dense part on Adam: dense_optimizer as resolved), else false (a CPU,
+    # several processes): the run's param train.compile_effective says which
     compile: bool | CompileMode = "auto"
     # where a compiled run keeps torch.compile's caches (relative to the workdir), so that the
     # next run of the same model and batch loads its compiled code instead of compiling again
@@ -397,10 +408,12 @@ class TrainConfig:
                   patience=(self.patience, 0), min_delta=(self.min_delta, 0.0))  # fmt: skip
         if self.warmup_steps != "auto":
             at_least("train", warmup_steps=(self.warmup_steps, 0))
-        for name in ("lr", "embedding_lr"):
+        for name in ("lr", "embedding_lr", "muon_lr_scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"train.{name} must be a finite number > 0, got {value}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if self.compile == "step" and self.pipeline == "sparse_dist":
             raise ValueError(
                 "train.compile = 'step' (the dense step as one CUDA graph) takes plain steps: "

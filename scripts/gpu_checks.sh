@@ -9,7 +9,9 @@
 # Sections (environment, 1 = on): GPU_TESTS=1 `pytest -m gpu`; GPU_DEMO=1 the demo;
 # GPU_BF16_PROBE=0 valid AUC with and without bf16; GPU_TPUT=1 throughput at batch 8192 and 32768
 # on 1 and 2 GPUs, or with GPU_LOADERS=1 instead: train.loader memory vs stream (1 and 2 GPUs);
-# GPU_STEP=0 batch-512 step time under thread, pipeline and sharding-type settings.
+# GPU_STEP=0 batch-512 step time under thread, pipeline and sharding-type settings;
+# GPU_RECIPE=0 the demo at batch 512 and 32768 (Muon, the default there, and Adam), seeds
+# GPU_RECIPE_SEEDS (0 1 2), 3 epochs.
 # Later calls in the same lease skip the unpack: /tmp/site stays while the machine is warm.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,6 +39,32 @@ if [ "${GPU_BF16_PROBE:-0}" = 1 ]; then  # valid AUC with and without bf16 autoc
     python -m recsys_moe.cli train --workdir $W $S --set train.batch_size=2048 --set train.bf16=$bf 2>&1 \
       | grep -a "trained run" | cut -c1-120 | sed "s/^/1 GPU bf16=$bf: /" | tee -a "$OUT/bf16.txt"
   done
+fi
+if [ "${GPU_RECIPE:-0}" = 1 ]; then  # large batches: 512 vs 32768 (Muon, auto) vs 32768 on Adam
+  W=/tmp/gpu-recipe
+  python -m recsys_moe.cli data synth --out $W/data >/dev/null 2>&1
+  python -m recsys_moe.cli features build --workdir $W >/dev/null 2>&1
+  for SEED in ${GPU_RECIPE_SEEDS:-0 1 2}; do
+    for RUN in "512" "32768" "32768 --set train.dense_optimizer=adam"; do
+      set -- $RUN; B=$1; shift
+      python -m recsys_moe.cli train --workdir $W -q --set train.batch_size=$B --set train.seed=$SEED \
+        "$@" 2>&1 | grep -a "trained run" | cut -c1-120 | sed "s/^/seed $SEED, batch $B $*: /" \
+        | tee -a "$OUT/recipe.txt"
+    done
+  done
+  python - "$W/mlflow.db" > "$OUT/recipe.jsonl" <<'PY'  # each run: settings, epoch curve
+import json, sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+for (run,) in db.execute("select run_uuid from runs order by start_time"):
+    p = dict(db.execute("select key, value from params where run_uuid=?", (run,)))
+    m = lambda k: [v for (v,) in db.execute(  # noqa: E731
+        "select value from metrics where run_uuid=? and key=? order by step", (run, k))]
+    keep = [k for k in p if k.endswith("_effective") or k in ("train.batch_size", "train.seed")]
+    print(json.dumps({"run": run, **{k: p[k] for k in keep}, "click_auc": m("valid/click_auc"),
+                      "watch_time_rmse_log": m("valid/watch_time_rmse_log"),
+                      "selected_epoch": m("train/selected_epoch"),
+                      "samples_per_s_steady": m("train/samples_per_s_steady")}))
+PY
 fi
 if [ "${GPU_STEP:-0}" = 1 ]; then  # batch-512 step time: what costs the most on one GPU
   W=/tmp/gpu-step; S="--set train.epochs=1 --set train.batch_size=512"

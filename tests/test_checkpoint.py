@@ -76,6 +76,27 @@ def test_resume_continues_exactly(straight: tuple[Config, TrainResult]) -> None:
 
 
 @pytest.mark.slow
+def test_resume_continues_exactly_under_muon(tmp_path: Path, dataset: Path) -> None:
+    """train.dense_optimizer = muon: its momentum buffers are in the checkpoint (a third part of
+    the combined optimizer), so a resumed run takes the straight run's steps."""
+    muon = "train.dense_optimizer=muon"
+    cfg = config(tmp_path, dataset, muon)
+    full = train(cfg)
+    params = client_for(cfg).get_run(full.run_id).data.params
+    assert params["train.dense_optimizer_effective"] == "muon"
+    assert float(params["train.muon_lr_effective"]) == pytest.approx(4 * cfg.train.lr)
+    run_dir = cfg.path("checkpoints") / full.run_id
+    resumed = train(config(tmp_path, dataset, muon, f"train.resume={run_dir}/ckpt-3"))
+    assert resumed.losses == full.losses[3:]
+    assert_same_weights(resumed.model, full.model)
+    # the same checkpoint resumed by Adam: refused by name, not a half-loaded optimizer
+    with pytest.raises(ValueError, match=r"ckpt-3 has no optimizer\.state\.dense\.model\.mixture"
+                       r".*another model or other optimizers \(train.dense_optimizer"):  # fmt: skip
+        train(config(tmp_path, dataset, "train.dense_optimizer=adam",
+                     f"train.resume={run_dir}/ckpt-3"))  # fmt: skip
+
+
+@pytest.mark.slow
 def test_the_loops_own_collections_train_the_same_and_give_the_collector_back(
     tmp_path: Path, dataset: Path, straight: tuple[Config, TrainResult]
 ) -> None:

@@ -4,7 +4,7 @@ Layout, one folder per MLflow run::
 
     <train.checkpoint.dir>/<run id>/
         ckpt-<step>/
-            *.distcp, .metadata    DCP: model (sharded tables as shards) and both optimizers
+            *.distcp, .metadata    DCP: model (sharded tables as shards) and the optimizers
             rank-<r>.pt            per rank: torch (and CUDA) RNG state, LR scheduler state
             .complete              JSON loop state: step, run id, the loader's position
         LATEST                     "ckpt-<step>": the newest complete checkpoint
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 LATEST = "LATEST"
 BEST_WEIGHTS = "best-weights-rank{rank}.pt"
 COMPLETE = ".complete"
+# DCP's error for a key the checkpoint lacks (another model or optimizer than the one saved)
+MISSING_KEY = re.compile(r"Error: Missing key in checkpoint state_dict: (\S+?)\.?$", re.M)
 # Test hook: "<step>" makes the process exit after writing ckpt-<step>, before committing it.
 FAULT_ENV = "RECSYS_MOE_CHECKPOINT_FAULT"
 
@@ -99,7 +102,18 @@ def load(ckpt: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any) 
     # A fresh optimizer has no state: loading into its state_dict() would drop Adam's moments.
     optimizer.init_state()
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt))
+    try:
+        dcp.load(state, checkpoint_id=str(ckpt))
+    except dcp.CheckpointException as e:  # each rank's error, with its traceback
+        missing = MISSING_KEY.search(str(e))
+        if missing is None:
+            raise
+        raise ValueError(
+            f"checkpoint {ckpt} has no {missing.group(1)}: it was written by a run with another "
+            "model or other optimizers (train.dense_optimizer, which auto picks from the batch "
+            "size; train.embedding_optimizer; model.*). Resume with the settings it was trained "
+            "with, or start a new run without train.resume"
+        ) from None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     rank_file = ckpt / f"rank-{dist.get_rank()}.pt"

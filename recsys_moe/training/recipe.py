@@ -62,6 +62,17 @@ class Rates(NamedTuple):
     global_batch: int
     scale: float  # the dense rate's factor (lr / train.lr)
     schedule: str  # train.lr_schedule resolved: constant | linear
+    dense_optimizer: str = "adam"  # train.dense_optimizer resolved: adam | muon
+    muon_lr: float = 0.0  # Muon's rate (its matrices), lr x train.muon_lr_scale; 0 under adam
+
+
+def dense_optimizer(t: TrainConfig, world_size: int) -> str:
+    """``train.dense_optimizer`` resolved: auto = muon where the global batch is beyond
+    ``AUTO_LINEAR_UP_TO`` times the reference (where Adam fell short), else adam."""
+    if t.dense_optimizer != "auto":
+        return t.dense_optimizer
+    ratio = t.batch_size * world_size / t.lr_reference_batch
+    return "muon" if ratio > AUTO_LINEAR_UP_TO else "adam"
 
 
 def rate_scale(scaling: str, ratio: float) -> float:
@@ -81,15 +92,20 @@ def scaled_rates(t: TrainConfig, world_size: int, total_steps: int) -> Rates:
     ratio = batch / t.lr_reference_batch
     scale = rate_scale(t.lr_scaling, ratio)
     embedding_scale = rate_scale(t.embedding_lr_scaling, ratio)
+    optimizer = dense_optimizer(t, world_size)
     if t.warmup_steps == "auto":
         scaled_up = scale > 1.0 or embedding_scale > 1.0
-        warmup = math.ceil(AUTO_WARMUP_SHARE * total_steps) if scaled_up else 0
+        wanted = scaled_up and optimizer == "adam"  # Muon: none (measured: better without)
+        warmup = math.ceil(AUTO_WARMUP_SHARE * total_steps) if wanted else 0
     else:
         warmup = int(t.warmup_steps)
     schedule = t.lr_schedule
     if schedule == "auto":
         schedule = "constant" if ratio > 1.0 else "linear"
-    return Rates(t.lr * scale, t.embedding_lr * embedding_scale, warmup, batch, scale, schedule)
+    lr = t.lr * scale
+    muon_lr = lr * t.muon_lr_scale if optimizer == "muon" else 0.0
+    return Rates(lr, t.embedding_lr * embedding_scale, warmup, batch, scale, schedule,
+                 optimizer, muon_lr)  # fmt: skip
 
 
 def schedule_factor(step: int, schedule: str, total_steps: int, warmup_steps: int) -> float:

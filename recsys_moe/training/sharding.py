@@ -2,7 +2,8 @@
 
     module (embedding tables on "meta") ─► fuse row-wise Adagrad into the tables' backward
         ─► planner (Topology, per-table sharding types) ─► DistributedModelParallel
-        ─► CombinedOptimizer(fused table optimizer, Adam over the rest)
+        ─► CombinedOptimizer(fused table optimizer, Adam over the rest; with
+            train.dense_optimizer muon, Muon over the dense matrices)
 
 Also: the train step (TorchRec's ``TrainPipelineSparseDist`` on CUDA, a plain loop on CPU) and
 the full, unsharded state dict on rank 0 for the model bundle.
@@ -44,6 +45,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_moe.config import ShardingConfig
+from recsys_moe.training.muon import Muon, is_matrix
 from recsys_moe.training.step_graph import StepGraph
 
 log = logging.getLogger(__name__)
@@ -306,17 +308,33 @@ def plan_summary(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
     return out
 
 
-def build_optimizer(model: DistributedModelParallel, lr: float, weight_decay: float) -> Any:
+def build_optimizer(
+    model: DistributedModelParallel,
+    lr: float,
+    weight_decay: float,
+    *,
+    muon_lr: float = 0.0,
+    muon_momentum: float = 0.95,
+) -> Any:
     """The fused table optimizer and Adam over every parameter not optimized in backward
-    (``fused=True``: one kernel over all dense parameters, ~8 % of a small CPU step)."""
+    (``fused=True``: one kernel over all dense parameters, ~8 % of a small CPU step).
+    ``muon_lr`` > 0 (``train.dense_optimizer`` muon): the dense matrices (``muon.is_matrix``)
+    are Muon's at that rate, a third part "muon"; Adam keeps the rest."""
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
-    return CombinedOptimizer(
-        [
-            ("sparse", model.fused_optimizer),
-            ("dense", KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(
-                ps, lr=lr, weight_decay=weight_decay, fused=True))),
-        ]
-    )  # fmt: skip
+    matrices = {k: p for k, p in dense.items() if muon_lr > 0 and is_matrix(p)}
+    rest = {k: p for k, p in dense.items() if k not in matrices}
+    parts: list[tuple[str, Any]] = [
+        ("sparse", model.fused_optimizer),
+        ("dense", KeyedOptimizerWrapper(rest, lambda ps: torch.optim.Adam(
+            ps, lr=lr, weight_decay=weight_decay, fused=True))),
+    ]  # fmt: skip
+
+    def muon(ps: list[torch.Tensor]) -> Muon:
+        return Muon(ps, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay)
+
+    if matrices:
+        parts.append(("muon", KeyedOptimizerWrapper(matrices, muon)))
+    return CombinedOptimizer(parts)
 
 
 def train_step(
