@@ -39,6 +39,13 @@ seed 0: 0.7561 at 512, 0.7545 at 8192, 0.7304 at 32768; benchmarks/README.md.) W
   betas (0.8, 0.99) (+0.0008 / +0.0006: noise), or 4x or 1/4 the rate for the gates alone, 4x for
   the heads (within 0.004, s0);
 - warm-up: 0, 5 and 15 steps at 32768 within 0.004 of each other (s0).
+
+What closed most of the 32768 gap was the dense optimizer, not a rate (session 16,
+benchmarks/README.md): Muon (``training/muon.py``) on the dense matrices at 4x the dense rate,
+momentum 0.9, no warm-up: 0.7548 / 0.7546 / 0.7527 on the CPU (512 here: 0.7579 / 0.7561 /
+0.7587), 0.7542 / 0.7507 / 0.7457 on one H200 (512: 0.7575 / 0.7580 / 0.7570). ``train.
+dense_optimizer = "auto"`` takes it beyond ``AUTO_LINEAR_UP_TO`` times the reference batch; at
+8192 it was level with Adam (0.7552 / 0.7548, s0), so Adam stays there.
 """
 
 from __future__ import annotations
