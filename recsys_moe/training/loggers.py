@@ -345,8 +345,9 @@ class TrainingDiverged(ValueError):
     def __init__(self, what: str) -> None:
         super().__init__(
             f"training diverged: {what}. Lower the learning rates (train.lr, train.embedding_lr, "
-            "or their scaling: train.lr_scaling, train.embedding_lr_scaling); the run's "
-            "effective rates are its params train.lr_effective and train.embedding_lr_effective"
+            "or their scaling: train.lr_scaling, train.embedding_lr_scaling, and under Muon "
+            "train.muon_lr_scale); the run's effective rates are its params "
+            "train.lr_effective, train.embedding_lr_effective and train.muon_lr_effective"
         )
 
 
