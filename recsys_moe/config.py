@@ -58,7 +58,7 @@ def higher_is_better(metric: str) -> bool:
     return not ends(LOWER_IS_BETTER)
 
 
-LrSchedule = Literal["constant", "linear", "auto"]
+LrSchedule = Literal["constant", "linear", "wsd", "auto"]
 LrScaling = Literal["none", "sqrt", "linear", "auto"]
 DenseOptimizer = Literal["adam", "muon", "auto"]
 Pipeline = Literal["auto", "sparse_dist", "plain"]
@@ -306,9 +306,12 @@ class TrainConfig:
     # accumulator per row), adagrad, sgd; on CUDA only (fbgemm-gpu-cpu has no kernel): adam,
     # rowwise_adam (Adam, its second moment per row), lamb, rowwise_lamb
     embedding_optimizer: EmbeddingOptimizer = "rowwise_adagrad"
-    # constant | linear (decays every learning rate to 0 at the end) | auto (linear at global
-    # batches up to lr_reference_batch, constant above: few steps need the whole rate)
+    # constant | linear (decays every learning rate to 0 at the end) | wsd (constant, then a
+    # linear cool-down to 0 over the last lr_cooldown_share of the steps) | auto (linear at
+    # global batches up to lr_reference_batch; above it wsd under Muon, constant under Adam:
+    # few steps need the whole rate)
     lr_schedule: LrSchedule = "constant"
+    lr_cooldown_share: float = 0.2
     # large batches (training/recipe.py): lr and embedding_lr are for global batches of
     # lr_reference_batch rows; another batch size (batch_size x ranks) multiplies them by
     # r ** 0.5 (sqrt) or r ** 1 (linear), r = batch / reference, or leaves them (none); auto =
@@ -360,14 +363,15 @@ class TrainConfig:
     # one graph; the tables stay fbgemm's): true / "kernels" = fused kernels, "cudagraphs" =
     # those replayed as CUDA graphs forward and backward (mode reduce-overhead: a few launches
     # a step instead of hundreds, where the host's launching holds a GPU back; no effect on a
-    # CPU); "step" = the fused kernels, their backward and Adam's update captured as one CUDA
+    # CPU); "step" = the fused kernels, their backward and the dense optimizers' update (Adam,
+    # and Muon's under dense_optimizer muon) captured as one CUDA
     # graph, replayed each step (plain steps; with several processes the graph also averages the
     # dense gradients over the ranks; no effect on a CPU beyond the kernels:
     # training/step_graph.py). Costs a compile at the start (tens of seconds) and
     # once more for a last, smaller batch; measured in benchmarks/README.md. auto = "step" in
     # one process on CUDA (plain steps, a mixture without data-dependent routing: not
-    # topk_mmoe, the dense part on Adam: dense_optimizer as resolved), else false (a CPU,
-    # several processes): the run's param train.compile_effective says which
+    # topk_mmoe), else false (a CPU, several processes): the run's param
+    # train.compile_effective says which
     compile: bool | CompileMode = "auto"
     # where a compiled run keeps torch.compile's caches (relative to the workdir), so that the
     # next run of the same model and batch loads its compiled code instead of compiling again
@@ -412,6 +416,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"train.{name} must be a finite number > 0, got {value}")
+        if not 0.0 < self.lr_cooldown_share <= 1.0:
+            raise ValueError(
+                f"train.lr_cooldown_share must be in (0, 1] (the share of the steps the wsd "
+                f"schedule decays over), got {self.lr_cooldown_share}"
+            )
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ValueError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if self.compile == "step" and self.pipeline == "sparse_dist":

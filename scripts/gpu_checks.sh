@@ -11,7 +11,8 @@
 # on 1 and 2 GPUs, or with GPU_LOADERS=1 instead: train.loader memory vs stream (1 and 2 GPUs);
 # GPU_STEP=0 batch-512 step time under thread, pipeline and sharding-type settings;
 # GPU_RECIPE=0 the demo at batch 512 and 32768 (Muon, the default there, and Adam), seeds
-# GPU_RECIPE_SEEDS (0 1 2), 3 epochs.
+# GPU_RECIPE_SEEDS (0 1 2), 3 epochs; GPU_RECIPE_RUNS: other runs ("batch [--set ..]",
+# separated by |).
 # Later calls in the same lease skip the unpack: /tmp/site stays while the machine is warm.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -45,7 +46,8 @@ if [ "${GPU_RECIPE:-0}" = 1 ]; then  # large batches: 512 vs 32768 (Muon, auto) 
   python -m recsys_moe.cli data synth --out $W/data >/dev/null 2>&1
   python -m recsys_moe.cli features build --workdir $W >/dev/null 2>&1
   for SEED in ${GPU_RECIPE_SEEDS:-0 1 2}; do
-    for RUN in "512" "32768" "32768 --set train.dense_optimizer=adam"; do
+    RUNS=${GPU_RECIPE_RUNS:-512|32768|32768 --set train.dense_optimizer=adam}
+    IFS='|'; set -f; for RUN in $RUNS; do unset IFS; set +f
       set -- $RUN; B=$1; shift
       python -m recsys_moe.cli train --workdir $W -q --set train.batch_size=$B --set train.seed=$SEED \
         "$@" 2>&1 | grep -a "trained run" | cut -c1-120 | sed "s/^/seed $SEED, batch $B $*: /" \

@@ -93,18 +93,24 @@ def test_the_tables_gpu_only_optimizers_train(dataset: Path, name: str, lr: floa
     print(f"\n{name}: valid click AUC {result.valid['click_auc']:.4f}")
 
 
-def test_muon_trains_the_dense_part_on_the_gpu(dataset: Path, trained: SimpleNamespace) -> None:
-    """``train.dense_optimizer = muon`` on CUDA (bf16 autocast, Muon's Newton-Schulz in float32):
-    compile auto leaves the step graph to Adam, the loss falls, and the run learns about as the
-    eager Adam run does (the demo's large-batch study: Muon ahead at 32768 rows, level at 8192)."""
-    cfg = _config(dataset, ["train.dense_optimizer=muon", "mlflow.experiment=gpu-muon"])
+@pytest.mark.parametrize(("compile_", "effective"), [("auto", "step"), ("false", "false")])
+def test_muon_trains_the_dense_part_on_the_gpu(
+    dataset: Path, trained: SimpleNamespace, compile_: str, effective: str
+) -> None:
+    """``train.dense_optimizer = muon`` on CUDA (bf16 autocast, Muon's Newton-Schulz in float32),
+    its update captured in the step graph (compile auto) or eager: the loss falls, and the run
+    learns about as the eager Adam run does (the demo's large-batch study: Muon ahead at 32768
+    rows, level at 8192)."""
+    cfg = _config(dataset, ["train.dense_optimizer=muon", f"train.compile={compile_}",
+                            "mlflow.experiment=gpu-muon"])  # fmt: skip
     result = train(cfg)
     params = client_for(cfg).get_run(result.run_id).data.params
     assert params["train.dense_optimizer_effective"] == "muon"
-    assert params["train.compile_effective"] == "false"
+    assert params["train.compile_effective"] == effective
     assert np.mean(result.losses[-5:]) < 0.9 * np.mean(result.losses[:5])
     adam = trained.result.valid["click_auc"]
-    print(f"\nvalid click AUC: Muon {result.valid['click_auc']:.4f}, Adam (eager) {adam:.4f}")
+    print(f"\nvalid click AUC: Muon ({effective}) {result.valid['click_auc']:.4f}, "
+          f"Adam (eager) {adam:.4f}")  # fmt: skip
     assert result.valid["click_auc"] > adam - 0.03
 
 

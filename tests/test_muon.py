@@ -102,15 +102,32 @@ def test_the_recipe_turns_muon_on_beyond_16x_the_reference_batch() -> None:
         TrainConfig(muon_lr_scale=0.0)
 
 
-def test_the_step_graph_is_left_to_adam() -> None:
-    """compile auto on one GPU is the step graph, which captures Adam's update: a run that
-    resolves to Muon compiles nothing instead (resolved without a GPU: only the device's type
-    is read)."""
+def test_compile_auto_captures_muon_in_the_step_graph() -> None:
+    """compile auto on one GPU is the step graph for Adam and for Muon alike (the graph holds
+    both updates; resolved without a GPU: only the device's type is read)."""
     cuda = DistInfo(0, 1, 0, torch.device("cuda", 0), owns_group=False)
     demo = load_config(DEMO_CONFIG)
     assert compile_mode(demo, cuda) == "step"
     big = replace(demo, train=replace(demo.train, batch_size=32768))
-    assert compile_mode(big, cuda) is False
+    assert compile_mode(big, cuda) == "step"
     assert compile_mode(replace(big, train=replace(big.train, dense_optimizer="adam")), cuda) == (
         "step"
     )
+
+
+def test_a_tensor_rate_takes_the_floats_steps() -> None:
+    """A CUDA graph's rate is a device tensor (step_graph.py): the same updates as the float,
+    weight decay included."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 8, 5, generator=g)
+    grads = [torch.randn(3, 8, 5, generator=g) for _ in range(4)]
+    weights = []
+    for lr in (0.02, torch.tensor(0.02)):
+        p = torch.nn.Parameter(start.clone())
+        opt = Muon([p], lr=lr, momentum=0.9, weight_decay=0.1)  # type: ignore[arg-type]
+        for grad in grads:
+            p.grad = grad.clone()
+            opt.step()
+        weights.append(p.detach())
+    assert not torch.equal(weights[0], start)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-6, atol=1e-7)

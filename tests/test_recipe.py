@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,7 +75,10 @@ def test_auto_recipe_follows_the_batch_size() -> None:
     assert at(128) == pytest.approx((5e-3, 0.025, 0, "linear"))  # smaller: linear down, decay
     assert at(2048) == pytest.approx((5e-3, 0.4, 5, "constant"))
     assert at(8192, steps=372) == pytest.approx((5e-3, 1.6, 19, "constant"))
-    assert at(32768) == pytest.approx((5e-3, 3.2, 0, "constant"))  # Muon: no warm-up (test_muon)
+    # Muon: no warm-up (test_muon), a cool-down over the last 20 % of the steps
+    assert at(32768) == pytest.approx((5e-3, 3.2, 0, "wsd"))
+    adam = replace(demo, batch_size=32768, dense_optimizer="adam")
+    assert scaled_rates(adam, 1, 93).schedule == "constant"  # Adam above the reference: none
     assert at(16384, world_size=2) == at(32768)  # the global batch counts
     assert at(131072)[1] == pytest.approx(0.1 * 16 * 4**1.0)  # sqrt beyond 16x: x64 at 256x
     # continuous where linear hands over to sqrt
@@ -88,7 +92,7 @@ def test_auto_recipe_follows_the_batch_size() -> None:
     assert scaled_rates(TrainConfig(batch_size=8192, lr_schedule="linear"), 1, 9).schedule == (
         "linear"
     )
-    with pytest.raises(ValueError, match="lr schedule 'auto': expected constant or linear"):
+    with pytest.raises(ValueError, match="lr schedule 'auto': expected one of constant, linear"):
         schedule_factor(0, "auto", 10, 0)
 
 
@@ -97,14 +101,40 @@ def test_schedule_warms_up_then_decays() -> None:
     assert f[:4] == pytest.approx([0.25 * 1.0, 0.5 * 0.9, 0.75 * 0.8, 1.0 * 0.7])
     assert f[4:] == pytest.approx([0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
     assert [schedule_factor(s, "constant", 10, 0) for s in range(3)] == [1.0, 1.0, 1.0]
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
-    sched = build_scheduler(opt, "constant", 10, warmup_steps=4)
+    seen = _rates_seen(0.4, 6, "constant", 10, warmup_steps=4)
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+
+
+def _rates_seen(lr: float, steps: int, *args: Any, **kwargs: Any) -> list[float]:
+    """The rate each of ``steps`` optimizer steps takes under ``build_scheduler(opt, *args)``."""
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = build_scheduler(opt, *args, **kwargs)
     seen = []
-    for _ in range(6):
+    for _ in range(steps):
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+    return seen
+
+
+def test_wsd_holds_the_rate_then_cools_down_over_the_last_share() -> None:
+    """wsd: 1 until the last cooldown_share of the steps, then linear to 0 at the end (its last
+    step at 1/cooldown of the rate); a warm-up multiplies it as it does the others."""
+    f = [schedule_factor(s, "wsd", 10, 0, cooldown_share=0.3) for s in range(10)]
+    assert f == pytest.approx([1.0] * 8 + [2 / 3, 1 / 3])
+    assert schedule_factor(10, "wsd", 10, 0, cooldown_share=0.3) == 0.0
+    assert [schedule_factor(s, "wsd", 93, 0) for s in (0, 74, 75, 92)] == pytest.approx(
+        [1.0, 1.0, 18 / 18.6, 1 / 18.6]
+    )
+    warm = [schedule_factor(s, "wsd", 10, 4, cooldown_share=0.5) for s in range(10)]
+    assert warm[:6] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert warm[6:] == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    # a run shorter than the cool-down: at least one step's decay, never a factor above 1
+    assert schedule_factor(0, "wsd", 1, 0) == 1.0
+    seen = _rates_seen(1.0, 5, "wsd", 5, cooldown_share=0.4)
+    assert seen == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.5])
+    with pytest.raises(ValueError, match=r"train.lr_cooldown_share must be in \(0, 1\]"):
+        TrainConfig(lr_cooldown_share=0.0)
 
 
 def test_bad_recipe_settings_are_refused() -> None:

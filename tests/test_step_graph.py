@@ -53,11 +53,13 @@ def _batches(dmp: Any, sizes: list[int], seed: int = 3) -> list[Batch]:
     return out
 
 
-def _train(tmp_path: Path, graphed: bool, sizes: list[int]) -> tuple[list, dict, StepGraph | None]:
-    """Steps over batches of ``sizes`` rows with rates that change every third step (Adam's
-    and the tables'); the logged losses and every weight after."""
-    with _one_process_dmp(tmp_path / f"{graphed}.init", []) as dmp:
-        optimizer = build_optimizer(dmp, 1e-2, 0.0)
+def _train(
+    tmp_path: Path, graphed: bool, sizes: list[int], muon_lr: float = 0.0
+) -> tuple[list, dict, StepGraph | None]:
+    """Steps over batches of ``sizes`` rows with rates that change every third step (Adam's,
+    Muon's where ``muon_lr`` > 0, and the tables'); the logged losses and every weight after."""
+    with _one_process_dmp(tmp_path / f"{graphed}-{muon_lr}.init", []) as dmp:
+        optimizer = build_optimizer(dmp, 1e-2, 0.0, muon_lr=muon_lr, muon_momentum=0.9)
         # rates held for a few steps, then changed (the tables' rate reaches fbgemm only when
         # it changes)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s // 3))
@@ -106,6 +108,24 @@ def test_the_step_graphs_body_trains_the_plain_steps_bit_for_bit(tmp_path: Path)
     _, untouched, _ = _train(tmp_path / "none", False, [])
     moved = {k for k, v in untouched.items() if not torch.equal(v, plain_weights[k])}
     assert any("ebc" in k for k in moved) and any("mixture" in k for k in moved)
+
+
+def test_the_step_graphs_body_trains_muons_plain_steps_bit_for_bit(tmp_path: Path) -> None:
+    """Under ``train.dense_optimizer`` muon the body steps Muon (the matrices) and Adam (the
+    rest): the same losses and weights as the plain step, bit for bit, a batch of another size
+    included; the matrices moved by Muon's update."""
+    sizes = [64, 64, 64, 40, 64, 64]
+    plain_losses, plain_weights, _ = _train(tmp_path, False, sizes, muon_lr=4e-2)
+    graph_losses, graph_weights, step = _train(tmp_path, True, sizes, muon_lr=4e-2)
+    assert step is not None and len(step.dense) == 2  # Adam and Muon
+    muon = step.dense[1]
+    assert type(muon).__name__ == "Muon" and muon.state  # its momentum made by the steps
+    assert graph_losses == plain_losses
+    for k, v in plain_weights.items():
+        assert torch.equal(graph_weights[k], v), k
+    _, adam_weights, _ = _train(tmp_path, False, sizes)  # the same steps under Adam alone
+    experts = [k for k in plain_weights if "mixture" in k and plain_weights[k].dim() == 3]
+    assert experts and all(not torch.equal(adam_weights[k], plain_weights[k]) for k in experts)
 
 
 def test_step_graph_settings_are_checked(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ on Adam (``sharding.build_optimizer``).
 torch has ``torch.optim.Muon`` (2.9+), for 2-D parameters only; the mixture keeps its experts as
 one ``[experts, in, out]`` tensor (one batched matmul), which this class orthogonalises expert
 by expert (the Newton-Schulz iterations batched over the leading dimension). On a 2-D parameter
-it takes the same steps as torch's (``tests/test_muon.py``).
+it takes the same steps as torch's (``tests/test_muon.py``). A group's rate may be a tensor on
+the parameters' device (``step_graph.StepGraph`` captures the step in a CUDA graph and refills
+it before each replay).
 
 Measured (demo model, batch 32768, 93 steps; benchmarks/README.md session 16): the dense part
 learns faster per step than under Adam, which with few steps is what closes a large batch's gap.
@@ -98,5 +100,9 @@ class Muon(torch.optim.Optimizer):
                 scale = 0.2 * math.sqrt(max(p.shape[-2], p.shape[-1]))
                 if wd:
                     p.mul_(1 - lr * wd)
-                p.add_(orthogonalize(update).to(p.dtype), alpha=-lr * scale)
+                ortho = orthogonalize(update).to(p.dtype)
+                if isinstance(lr, torch.Tensor):  # a CUDA graph's rate (step_graph.py)
+                    p.sub_(ortho.mul_(lr * scale))
+                else:
+                    p.add_(ortho, alpha=-lr * scale)
         return loss

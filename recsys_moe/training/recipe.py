@@ -1,7 +1,8 @@
 """The learning-rate recipe: rates scaled from the batch size, warm-up, decay.
 
     rates = scaled_rates(t, world_size, total_steps)  # Rates(lr, embedding_lr, warmup_steps, ..)
-    scheduler = build_scheduler(optimizer, rates.schedule, total_steps, rates.warmup_steps)
+    scheduler = build_scheduler(optimizer, rates.schedule, total_steps, rates.warmup_steps,
+                                rates.cooldown_share)
 
 ``train.lr`` and ``train.embedding_lr`` are given for batches of ``train.lr_reference_batch`` rows
 (all ranks together). A run whose global batch ``B = batch_size * world_size`` differs uses them
@@ -60,6 +61,8 @@ from recsys_moe.config import TrainConfig
 EXPONENT = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 AUTO_LINEAR_UP_TO = 16.0  # scaling auto: linear up to this batch ratio, sqrt beyond
 AUTO_WARMUP_SHARE = 0.05
+DEFAULT_COOLDOWN = 0.2  # train.lr_cooldown_share's default
+SCHEDULES = ("constant", "linear", "wsd")
 
 
 class Rates(NamedTuple):
@@ -68,9 +71,10 @@ class Rates(NamedTuple):
     warmup_steps: int
     global_batch: int
     scale: float  # the dense rate's factor (lr / train.lr)
-    schedule: str  # train.lr_schedule resolved: constant | linear
+    schedule: str  # train.lr_schedule resolved: constant | linear | wsd
     dense_optimizer: str = "adam"  # train.dense_optimizer resolved: adam | muon
     muon_lr: float = 0.0  # Muon's rate (its matrices), lr x train.muon_lr_scale; 0 under adam
+    cooldown_share: float = DEFAULT_COOLDOWN  # wsd: the share of the steps it decays over
 
 
 def dense_optimizer(t: TrainConfig, world_size: int) -> str:
@@ -107,29 +111,51 @@ def scaled_rates(t: TrainConfig, world_size: int, total_steps: int) -> Rates:
     else:
         warmup = int(t.warmup_steps)
     schedule = t.lr_schedule
-    if schedule == "auto":
-        schedule = "constant" if ratio > 1.0 else "linear"
+    if schedule == "auto":  # Adam above the reference: constant (a cool-down measured level)
+        above = "wsd" if optimizer == "muon" else "constant"
+        schedule = "linear" if ratio <= 1.0 else above
     lr = t.lr * scale
     muon_lr = lr * t.muon_lr_scale if optimizer == "muon" else 0.0
     return Rates(lr, t.embedding_lr * embedding_scale, warmup, batch, scale, schedule,
-                 optimizer, muon_lr)  # fmt: skip
+                 optimizer, muon_lr, t.lr_cooldown_share)  # fmt: skip
 
 
-def schedule_factor(step: int, schedule: str, total_steps: int, warmup_steps: int) -> float:
+def schedule_factor(
+    step: int,
+    schedule: str,
+    total_steps: int,
+    warmup_steps: int,
+    cooldown_share: float = DEFAULT_COOLDOWN,
+) -> float:
     """The multiplier of every learning rate before optimizer step ``step + 1`` (0-based);
-    ``schedule`` constant or linear (``auto`` is resolved by ``scaled_rates``)."""
-    if schedule not in ("constant", "linear"):
-        raise ValueError(f"lr schedule {schedule!r}: expected constant or linear")
-    decay = max(0.0, 1.0 - step / max(1, total_steps)) if schedule == "linear" else 1.0
+    ``schedule`` constant, linear (to 0 at ``total_steps``) or wsd (1 until the last
+    ``cooldown_share`` of the steps, then linear to 0 at ``total_steps``); ``auto`` is resolved
+    by ``scaled_rates``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    total = max(1, total_steps)
+    if schedule == "linear":
+        decay = max(0.0, 1.0 - step / total)
+    elif schedule == "wsd":
+        cooldown = max(1.0, cooldown_share * total)  # steps of the decay
+        decay = min(1.0, max(0.0, (total - step) / cooldown))
+    else:
+        decay = 1.0
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     return warm * decay
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    cooldown_share: float = DEFAULT_COOLDOWN,
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """``schedule`` (constant, or linear decay of every learning rate to 0 at the end; ``Rates.
-    schedule``, train.lr_schedule resolved) times a linear warm-up over ``warmup_steps`` steps."""
+    """``schedule`` (``Rates.schedule``, train.lr_schedule resolved: constant, linear decay of
+    every learning rate to 0 at the end, or wsd: constant then a linear cool-down to 0 over the
+    last ``cooldown_share`` of the steps) times a linear warm-up over ``warmup_steps`` steps."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: schedule_factor(step, schedule, total_steps, warmup_steps)
+        optimizer,
+        lambda step: schedule_factor(step, schedule, total_steps, warmup_steps, cooldown_share),
     )

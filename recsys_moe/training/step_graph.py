@@ -1,13 +1,16 @@
-"""The dense part of a training step, with its backward and Adam's update, as one CUDA graph
+"""The dense part of a training step, with its backward and the dense optimizers' update (Adam,
+and Muon's on the matrices where ``train.dense_optimizer`` resolves to muon), as one CUDA graph
 (``train.compile = "step"``: CUDA, plain steps, one process or several).
 
-    step = StepGraph(module, sparse_optimizers, adam, device)
+    step = StepGraph(module, sparse_optimizers, [adam, muon], device)
     output = step(batch)        # batch on the device; returns the step's (loss, per task)
 
 Each step runs the tables' lookups eagerly (fbgemm's kernels, their row ids vary in number),
 copies their pooled output and the batch's dense features and labels into fixed buffers and
 replays one graph: the tower's averaging and concat, the mixture, the heads, the losses, their
-backward down to the pooled lookups, and Adam's update of every dense parameter. The gradient
+backward down to the pooled lookups, and the update of every dense parameter (Adam's; Muon's
+momentum, Newton-Schulz iterations and update on its matrices: a hundred small kernels a step
+eagerly, one launch in the graph). The gradient
 the graph leaves for the pooled lookups then goes through the tables' backward, which applies
 their fused optimizer (eager, as in a plain step).
 
@@ -29,10 +32,12 @@ What the graph needs, and how it is kept:
 - fixed shapes: the batch size is fixed (``train.drop_last``'s auto leaves the short last
   batch out with a compiled step); a batch of another shape takes an eager step;
 - fixed addresses: the gradients of the dense parameters are the graph's own tensors (made by
-  the captured backward) and stay the parameters' ``.grad``; Adam's state is updated in place;
-- the learning rate as a device tensor: during the capture Adam's groups hold one (and
-  ``capturable``), refilled from the scheduler's float before each replay; outside it they hold
-  the float, so checkpoints and the scheduler see the usual optimizer;
+  the captured backward) and stay the parameters' ``.grad``; Adam's and Muon's state is updated
+  in place (made by the eager warm-up steps);
+- the learning rate as a device tensor: during the capture every dense optimizer's groups hold
+  one (Adam's also ``capturable``; Muon multiplies by it), refilled from the scheduler's float
+  before each replay; outside it they hold the float, so checkpoints and the scheduler see the
+  usual optimizers;
 - no host sync in the dense step: ``train`` refuses "step" for ``model.mixture =
   "topk_mmoe"``, whose experts take the rows routed to them (``nonzero``); any other step that
   reads a value back fails at the capture, with a message that names the other modes.
@@ -69,15 +74,16 @@ class StepGraph:
     ``module``: the sharded model's ``TrainModule`` (unwrapped: with several processes the
     dense gradients are averaged here, not by DDP);
     ``sparse``: the tables' fused optimizers (their ``zero_grad`` hands the scheduled rate to
-    fbgemm's kernels); ``adam``: torch's Adam over every dense parameter; ``warmup``: eager
-    steps before the capture (compiles the dense step, makes Adam's state; on a side stream,
-    as CUDA graph capture asks)."""
+    fbgemm's kernels); ``dense``: the optimizers of every dense parameter (torch's Adam, and
+    ``muon.Muon`` over the matrices; one optimizer or several); ``warmup``: eager steps before
+    the capture (compiles the dense step, makes the optimizers' state; on a side stream, as
+    CUDA graph capture asks)."""
 
     def __init__(
         self,
         module: TrainModule,
         sparse: list[torch.optim.Optimizer],
-        adam: torch.optim.Optimizer,
+        dense: torch.optim.Optimizer | list[torch.optim.Optimizer],
         device: torch.device,
         *,
         warmup: int = 3,
@@ -87,9 +93,11 @@ class StepGraph:
             raise ValueError(f"a CUDA graph of the step needs a CUDA device, not {device}")
         if warmup < 1:
             raise ValueError(f"StepGraph: warmup must be >= 1 (Adam's state), not {warmup}")
-        self.module, self.sparse, self.adam = module, sparse, adam
+        self.dense = dense if isinstance(dense, list) else [dense]
+        self.module, self.sparse = module, sparse
         self.device, self.warmup, self.use_graph = device, warmup, graph
-        self.params = [p for g in adam.param_groups for p in g["params"]]
+        self.groups = [g for opt in self.dense for g in opt.param_groups]
+        self.params = [p for g in self.groups for p in g["params"]]
         tables = {id(p) for m in module.modules() if isinstance(m, ShardedModule)
                   for p in m.parameters()}  # fmt: skip
         if any(id(p) in tables for p in self.params):
@@ -105,8 +113,8 @@ class StepGraph:
         self.static: Args | None = None
         self.out: tuple[Tensor, dict[str, Tensor]] | None = None
         # each group's rate as a device tensor, read by the captured update
-        self.lr = [torch.tensor(float(g["lr"]), device=device) for g in adam.param_groups]
-        self.lr_set = [float(g["lr"]) for g in adam.param_groups]
+        self.lr = [torch.tensor(float(g["lr"]), device=device) for g in self.groups]
+        self.lr_set = [float(g["lr"]) for g in self.groups]
         self.side = torch.cuda.Stream(device) if graph else None
         self.sparse_lr: list[list[float] | None] = [None] * len(sparse)
         self.stepped: Any = None  # an optimizer to mark as stepped (``of``)
@@ -117,10 +125,12 @@ class StepGraph:
     ) -> StepGraph:
         """For a sharded model (``DistributedModelParallel`` around a ``TrainModule``; its
         ``module`` is the unwrapped one) and its ``sharding.build_optimizer``: TorchRec's
-        ``CombinedOptimizer`` of the tables' fused optimizer ("sparse") and Adam ("dense")."""
+        ``CombinedOptimizer`` of the tables' fused optimizer ("sparse"), Adam ("dense") and,
+        under ``train.dense_optimizer`` muon, Muon ("muon")."""
         parts = dict(optimizer.optimizers)
         sparse = [parts["sparse"]] if "sparse" in parts else []
-        step = cls(model.module, sparse, parts["dense"]._optimizer, device, graph=graph)
+        dense = [parts[k]._optimizer for k in ("dense", "muon") if k in parts]
+        step = cls(model.module, sparse, dense, device, graph=graph)
         # the combined optimizer steps through its parts (Adam in the graph, the tables in their
         # backward), never through its own step(): torch's LR scheduler, which checks that one
         # was called before its own first step, is told so (else it warns on every run)
@@ -147,7 +157,7 @@ class StepGraph:
         if self.graph is None and self.use_graph and self.steps > self.warmup:
             self._capture()
         if self.graph is not None:
-            for i, g in enumerate(self.adam.param_groups):
+            for i, g in enumerate(self.groups):
                 lr = float(g["lr"])
                 if lr != self.lr_set[i]:
                     self.lr[i].fill_(lr)
@@ -169,13 +179,14 @@ class StepGraph:
 
     def _body(self, args: Args) -> LossOutput:
         """What the graph holds (on the buffers): the dense step, its backward, the gradients'
-        mean over the ranks, Adam's update. On a batch's own tensors (``_plain``) the backward
-        goes on through the tables'."""
+        mean over the ranks, the dense optimizers' update. On a batch's own tensors
+        (``_plain``) the backward goes on through the tables'."""
         loss, output = self.module.dense_step(*args)
         loss.backward()
         if self.world > 1:
             self._average_grads()
-        self.adam.step()
+        for opt in self.dense:
+            opt.step()
         return loss, output
 
     def _average_grads(self) -> None:
@@ -228,14 +239,16 @@ class StepGraph:
 
     def _capture(self) -> None:
         """Capture the body (fresh gradients: allocated by the captured backward, in the
-        graph's memory). Adam's groups hold the rate tensors and ``capturable`` meanwhile (their
-        values are set before each replay, this step's too)."""
+        graph's memory). The dense optimizers' groups hold the rate tensors (and Adam's
+        ``capturable``) meanwhile (their values are set before each replay, this step's too)."""
         assert self.static is not None
         self._clear_grads()
-        groups = self.adam.param_groups
-        saved = [(g["lr"], g.get("capturable", False)) for g in groups]
+        groups = self.groups
+        saved = [(g["lr"], g.get("capturable")) for g in groups]
         for g, lr in zip(groups, self.lr, strict=True):
-            g["lr"], g["capturable"] = lr, True
+            g["lr"] = lr
+            if "capturable" in g:  # Adam's (Muon takes a tensor rate as it is)
+                g["capturable"] = True
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the loaders' threads may allocate pinned memory meanwhile; only
@@ -251,7 +264,9 @@ class StepGraph:
             ) from e
         finally:
             for g, (lr, capturable) in zip(groups, saved, strict=True):
-                g["lr"], g["capturable"] = lr, capturable
+                g["lr"] = lr
+                if capturable is not None:
+                    g["capturable"] = capturable
         self.graph = graph
         log.info("train.compile = step: the dense step captured as one CUDA graph at step %d",
                  self.steps)  # fmt: skip

@@ -64,7 +64,7 @@ from recsys_moe.training.module import (
     init_head_biases,
 )
 from recsys_moe.training.profile import StepProfiler
-from recsys_moe.training.recipe import build_scheduler, dense_optimizer, scaled_rates
+from recsys_moe.training.recipe import build_scheduler, scaled_rates
 from recsys_moe.training.selection import Selection, selection_score
 from recsys_moe.training.validation import predict_sharded
 
@@ -192,12 +192,6 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None, mode: bool | 
             "its experts take the rows routed to them, a count read back to the host every "
             "step; use train.compile = 'cudagraphs' or true"
         )
-    if t.compile == "step" and info.device.type == "cuda" and rates.dense_optimizer == "muon":
-        raise ValueError(
-            "train.compile = 'step' captures Adam's update in its CUDA graph, not Muon's "
-            f"(train.dense_optimizer = {t.dense_optimizer!r}, global batch {rates.global_batch}): "
-            "set train.compile = true or 'cudagraphs', or train.dense_optimizer = 'adam'"
-        )
     if t.compile:
         compile_dense(module, t.compile)
     dmp, plan = sharding.shard(
@@ -214,7 +208,9 @@ def _train(cfg: Config, info: DistInfo, parent_run_id: str | None, mode: bool | 
     optimizer = sharding.build_optimizer(
         dmp, rates.lr, t.weight_decay, muon_lr=rates.muon_lr, muon_momentum=t.muon_momentum
     )
-    scheduler = build_scheduler(optimizer, rates.schedule, total_steps, rates.warmup_steps)
+    scheduler = build_scheduler(
+        optimizer, rates.schedule, total_steps, rates.warmup_steps, rates.cooldown_share
+    )
     state = TrainState(dmp, optimizer, scheduler, loader)
 
     # ---- resume ------------------------------------------------------------------------------
@@ -436,13 +432,12 @@ def _loop(
 def compile_mode(cfg: Config, info: DistInfo) -> bool | str:
     """``train.compile`` with ``auto`` resolved: "step" in one process on CUDA, under plain
     steps (``train.pipeline`` auto or plain), for a mixture without data-dependent routing
-    (every one but ``topk_mmoe``) trained by Adam (``train.dense_optimizer`` as resolved: the
-    graph captures Adam's update, not Muon's); else false. Any other setting is kept as given."""
+    (every one but ``topk_mmoe``; the graph holds Adam's update and Muon's); else false. Any
+    other setting is kept as given."""
     t = cfg.train
     if t.compile != "auto":
         return t.compile
     graphable = cfg.model.mixture != "topk_mmoe" and t.pipeline != "sparse_dist"
-    graphable = graphable and dense_optimizer(t, info.world_size) == "adam"  # Muon: not captured
     return "step" if info.device.type == "cuda" and info.world_size == 1 and graphable else False
 
 
