@@ -90,10 +90,30 @@ def test_resume_continues_exactly_under_muon(tmp_path: Path, dataset: Path) -> N
     assert resumed.losses == full.losses[3:]
     assert_same_weights(resumed.model, full.model)
     # the same checkpoint resumed by Adam: refused by name, not a half-loaded optimizer
-    with pytest.raises(ValueError, match=r"ckpt-3 has no optimizer\.state\.dense\.model\.mixture"
-                       r".*another model or other optimizers \(train.dense_optimizer"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"ckpt-3 has no optimizer\.state\.dense\.model\.\S+"
+                       r"weight\.exp_avg \(and \d+ more\): it was written by a run with another "
+                       r"model or other optimizers \(train.dense_optimizer"):  # fmt: skip
         train(config(tmp_path, dataset, "train.dense_optimizer=adam",
                      f"train.resume={run_dir}/ckpt-3"))  # fmt: skip
+
+
+def test_a_checkpoint_of_other_keys_is_refused_by_name(tmp_path: Path) -> None:
+    """``check_keys`` compares DCP's metadata with the state to load: a key this run needs and
+    the checkpoint lacks, or model weights this run's model lacks (which ``dcp.load`` would
+    leave unread: a smaller model would resume silently), is named; equal keys pass."""
+    import torch.distributed.checkpoint as dcp
+
+    t = torch.ones(2)
+    saved = {"model": {"a": t, "b": t}, "optimizer": {"state": {"a": {"m": t}}}}
+    dcp.save(saved, checkpoint_id=str(tmp_path / "ckpt-1"))
+    checkpoint.check_keys(tmp_path / "ckpt-1", saved)
+    smaller = {"model": {"a": t}, "optimizer": saved["optimizer"]}
+    with pytest.raises(ValueError, match=r"ckpt-1 holds model\.b, which this run's model lacks"):
+        checkpoint.check_keys(tmp_path / "ckpt-1", smaller)
+    other = {"model": saved["model"], "optimizer": {"state": {"a": {"v": t, "w": t}}}}
+    with pytest.raises(ValueError, match=r"ckpt-1 has no optimizer\.state\.a\.v \(and 1 "
+                       r"more\): it was written by a run with another model or other"):  # fmt: skip
+        checkpoint.check_keys(tmp_path / "ckpt-1", other)
 
 
 @pytest.mark.slow

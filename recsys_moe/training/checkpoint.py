@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
 from pipelines.atomic import write_text_atomic
 
@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 LATEST = "LATEST"
 BEST_WEIGHTS = "best-weights-rank{rank}.pt"
 COMPLETE = ".complete"
-# DCP's error for a key the checkpoint lacks (another model or optimizer than the one saved)
-MISSING_KEY = re.compile(r"Error: Missing key in checkpoint state_dict: (\S+?)\.?$", re.M)
 # Test hook: "<step>" makes the process exit after writing ckpt-<step>, before committing it.
 FAULT_ENV = "RECSYS_MOE_CHECKPOINT_FAULT"
 
@@ -102,18 +100,8 @@ def load(ckpt: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any) 
     # A fresh optimizer has no state: loading into its state_dict() would drop Adam's moments.
     optimizer.init_state()
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    try:
-        dcp.load(state, checkpoint_id=str(ckpt))
-    except dcp.CheckpointException as e:  # each rank's error, with its traceback
-        missing = MISSING_KEY.search(str(e))
-        if missing is None:
-            raise
-        raise ValueError(
-            f"checkpoint {ckpt} has no {missing.group(1)}: it was written by a run with another "
-            "model or other optimizers (train.dense_optimizer, which auto picks from the batch "
-            "size; train.embedding_optimizer; model.*). Resume with the settings it was trained "
-            "with, or start a new run without train.resume"
-        ) from None
+    check_keys(ckpt, state)
+    dcp.load(state, checkpoint_id=str(ckpt))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     rank_file = ckpt / f"rank-{dist.get_rank()}.pt"
@@ -122,6 +110,36 @@ def load(ckpt: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any) 
     else:  # more ranks than when saved: no RNG state for this one
         log.warning("checkpoint %s has no %s; RNG not restored", ckpt, rank_file.name)
     return loop
+
+
+def check_keys(ckpt: Path, state: dict[str, Any]) -> None:
+    """Refuse, by name, a checkpoint whose keys are not ``state``'s: one this run needs and the
+    checkpoint lacks (another optimizer, another model), or model weights this run's model
+    lacks (a smaller model would load the rest silently). The keys compared are DCP's own: its
+    metadata's, and ``state`` flattened as ``dcp.load`` flattens it (which otherwise fails
+    with a ``CheckpointException``, a BaseException, per rank)."""
+    saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    wanted = set(flatten_state_dict(state)[0])
+    # weights first, then the optimizers' state (the telling keys), then their settings
+    order = ("model.", "optimizer.state.", "")
+    missing = sorted(wanted - saved, key=lambda k: (next(i for i, o in enumerate(order)
+                                                         if k.startswith(o)), k))  # fmt: skip
+    extra = sorted(k for k in saved - wanted if k.startswith("model."))
+    if not missing and not extra:
+        return
+    what = []
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        what.append(f"has no {missing[0]}{more}")
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        what.append(f"holds {extra[0]}{more}, which this run's model lacks")
+    raise ValueError(
+        f"checkpoint {ckpt} {' and '.join(what)}: it was written by a run with another model "
+        "or other optimizers (train.dense_optimizer, which auto picks from the batch size; "
+        "train.embedding_optimizer; model.*). Resume with the settings it was trained with, "
+        "or start a new run without train.resume"
+    )
 
 
 def _rank_state(scheduler: Any) -> dict[str, Any]:
