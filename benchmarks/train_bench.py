@@ -147,8 +147,9 @@ def ours_dmp(cfg, features, total_steps: int):
         module, cfg.train.sharding, device=cpu, embedding_lr=cfg.train.embedding_lr
     )
     optimizer = sharding.build_optimizer(dmp, cfg.train.lr, cfg.train.weight_decay)
-    schedule = scaled_rates(cfg.train, 1, total_steps).schedule  # lr_schedule auto resolved
-    scheduler = build_scheduler(optimizer, schedule, total_steps)
+    rates = scaled_rates(cfg.train, 1, total_steps)  # lr_schedule auto resolved
+    scheduler = build_scheduler(optimizer, rates.schedule, total_steps,
+                                cooldown_share=rates.cooldown_share)  # fmt: skip
     progress, _ = sharding.train_step(dmp, optimizer, cpu, pipeline=cfg.train.pipeline)
     dmp.train()
 

@@ -45,8 +45,8 @@ if [ "${GPU_RECIPE:-0}" = 1 ]; then  # large batches: 512 vs 32768 (Muon, auto) 
   W=/tmp/gpu-recipe
   python -m recsys_moe.cli data synth --out $W/data >/dev/null 2>&1
   python -m recsys_moe.cli features build --workdir $W >/dev/null 2>&1
+  RUNS=${GPU_RECIPE_RUNS:-512|32768|32768 --set train.dense_optimizer=adam}
   for SEED in ${GPU_RECIPE_SEEDS:-0 1 2}; do
-    RUNS=${GPU_RECIPE_RUNS:-512|32768|32768 --set train.dense_optimizer=adam}
     IFS='|'; set -f; for RUN in $RUNS; do unset IFS; set +f
       set -- $RUN; B=$1; shift
       python -m recsys_moe.cli train --workdir $W -q --set train.batch_size=$B --set train.seed=$SEED \

@@ -66,7 +66,7 @@ from recsys_moe.config import TrainConfig
 EXPONENT = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 AUTO_LINEAR_UP_TO = 16.0  # scaling auto: linear up to this batch ratio, sqrt beyond
 AUTO_WARMUP_SHARE = 0.05
-DEFAULT_COOLDOWN = 0.2  # train.lr_cooldown_share's default
+DEFAULT_COOLDOWN = TrainConfig.lr_cooldown_share  # the config's default (wsd's last 20 %)
 SCHEDULES = ("constant", "linear", "wsd")
 
 
@@ -77,18 +77,9 @@ class Rates(NamedTuple):
     global_batch: int
     scale: float  # the dense rate's factor (lr / train.lr)
     schedule: str  # train.lr_schedule resolved: constant | linear | wsd
-    dense_optimizer: str = "adam"  # train.dense_optimizer resolved: adam | muon
-    muon_lr: float = 0.0  # Muon's rate (its matrices), lr x train.muon_lr_scale; 0 under adam
-    cooldown_share: float = DEFAULT_COOLDOWN  # wsd: the share of the steps it decays over
-
-
-def dense_optimizer(t: TrainConfig, world_size: int) -> str:
-    """``train.dense_optimizer`` resolved: auto = muon where the global batch is beyond
-    ``AUTO_LINEAR_UP_TO`` times the reference (where Adam fell short), else adam."""
-    if t.dense_optimizer != "auto":
-        return t.dense_optimizer
-    ratio = t.batch_size * world_size / t.lr_reference_batch
-    return "muon" if ratio > AUTO_LINEAR_UP_TO else "adam"
+    dense_optimizer: str  # train.dense_optimizer resolved: adam | muon
+    muon_lr: float  # Muon's rate (its matrices), lr x train.muon_lr_scale; 0 under adam
+    cooldown_share: float  # wsd: the share of the steps it decays over
 
 
 def rate_scale(scaling: str, ratio: float) -> float:
@@ -108,7 +99,11 @@ def scaled_rates(t: TrainConfig, world_size: int, total_steps: int) -> Rates:
     ratio = batch / t.lr_reference_batch
     scale = rate_scale(t.lr_scaling, ratio)
     embedding_scale = rate_scale(t.embedding_lr_scaling, ratio)
-    optimizer = dense_optimizer(t, world_size)
+    # train.dense_optimizer resolved: auto = muon beyond AUTO_LINEAR_UP_TO times the reference
+    # batch (where Adam fell short), else adam
+    optimizer = t.dense_optimizer
+    if optimizer == "auto":
+        optimizer = "muon" if ratio > AUTO_LINEAR_UP_TO else "adam"
     if t.warmup_steps == "auto":
         scaled_up = scale > 1.0 or embedding_scale > 1.0
         wanted = scaled_up and optimizer == "adam"  # Muon: none (measured: better without)

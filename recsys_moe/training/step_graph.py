@@ -92,7 +92,7 @@ class StepGraph:
         if graph and device.type != "cuda":
             raise ValueError(f"a CUDA graph of the step needs a CUDA device, not {device}")
         if warmup < 1:
-            raise ValueError(f"StepGraph: warmup must be >= 1 (Adam's state), not {warmup}")
+            raise ValueError(f"StepGraph: warmup must be >= 1 (optimizer state), not {warmup}")
         self.dense = dense if isinstance(dense, list) else [dense]
         self.module, self.sparse = module, sparse
         self.device, self.warmup, self.use_graph = device, warmup, graph
